@@ -1,0 +1,80 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * natfix_flow.h - natfix's own flow table: filled on egress (and from
+ * conntrack by userspace), consulted on ingress by the guard.
+ *
+ * An entry admits replies while its last_seen_ns is younger than the
+ * configured idle timeout. Both directions refresh it, as conntrack does,
+ * but at most once per NATFIX_FLOW_REFRESH_NS to keep the cache line quiet.
+ */
+#ifndef NATFIX_FLOW_H
+#define NATFIX_FLOW_H
+
+#include "natfix_common.h"
+#include "natfix_parse.h"
+#include "natfix_guard.h"
+
+#define NATFIX_FLOW_REFRESH_NS 1000000000ULL
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* the loader sets --flow-table-size */
+	__type(key, struct natfix_flow_key);
+	__type(value, struct natfix_flow_value);
+} guard_flows SEC(".maps") __weak;
+
+static __always_inline void flow_key_fill(struct natfix_flow_key *key, __u8 family,
+					  const __u32 *local, __u16 lport,
+					  const __u32 *remote, __u16 rport)
+{
+	__builtin_memcpy(key->local_addr, local, sizeof(key->local_addr));
+	__builtin_memcpy(key->remote_addr, remote, sizeof(key->remote_addr));
+	key->local_port = lport;
+	key->remote_port = rport;
+	key->family = family;
+}
+
+static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
+{
+	__builtin_memset(key->remote_addr, 0, sizeof(key->remote_addr));
+	key->remote_port = 0;
+}
+
+/* Ingress: does this packet answer a flow we saw leave (and is it still live)? */
+static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt, __u64 now)
+{
+	struct natfix_flow_key key = {};
+	struct natfix_flow_value *v;
+
+	flow_key_fill(&key, pkt->family, pkt->daddr, pkt->dport, pkt->saddr, pkt->sport);
+	v = bpf_map_lookup_elem(&guard_flows, &key);
+	if (!v && (natfix_guard_cfg.flags & NATFIX_GUARD_F_ENDPOINT_INDEP)) {
+		flow_key_wildcard(&key);
+		v = bpf_map_lookup_elem(&guard_flows, &key);
+	}
+	if (!v)
+		return 0;
+	if (now - v->last_seen_ns > natfix_guard_cfg.flow_timeout_ns)
+		return 0;
+	if (now - v->last_seen_ns > NATFIX_FLOW_REFRESH_NS)
+		v->last_seen_ns = now;
+	return 1;
+}
+
+/* Egress: record or refresh one key; returns the counter id for it. */
+static __always_inline int flow_own_learn_key(struct natfix_flow_key *key, __u64 now)
+{
+	struct natfix_flow_value *v = bpf_map_lookup_elem(&guard_flows, key);
+	struct natfix_flow_value fresh = { .last_seen_ns = now };
+
+	if (v) {
+		if (now - v->last_seen_ns > NATFIX_FLOW_REFRESH_NS)
+			v->last_seen_ns = now;
+		return NATFIX_CNT_FLOW_REFRESHED;
+	}
+	if (bpf_map_update_elem(&guard_flows, key, &fresh, BPF_ANY))
+		return NATFIX_CNT_FLOW_LEARN_FAILED;
+	return NATFIX_CNT_FLOW_LEARNED;
+}
+
+#endif /* NATFIX_FLOW_H */

@@ -1,0 +1,181 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * natfix_parse.h - packet parsing shared by the XDP and tc programs.
+ *
+ * Contract: natfix_parse_udp() reads only between data and data_end, checks
+ * bounds once per header before reading it, never writes the packet, and
+ * returns an enum natfix_parse_result. On NATFIX_PARSE_UDP the struct
+ * natfix_pkt is filled; otherwise its contents are unspecified.
+ *
+ * Decisions (mirrored by the Rust model in natfix/src/model/parse.rs):
+ *  - Only untagged Ethernet frames are parsed. VLAN-tagged frames are OTHER:
+ *    natfix belongs on the VLAN device that owns the addresses.
+ *  - IPv4: version must be 4, IHL >= 5, total length >= header length, and the
+ *    header must fit. Options are skipped. A non-first fragment of UDP is
+ *    FRAGMENT (its ports are unknowable); a first fragment is parsed as UDP,
+ *    so dropping it makes reassembly fail and conntrack never sees the datagram.
+ *  - IPv6: up to NATFIX_MAX_EXTHDRS extension headers (hop-by-hop, routing,
+ *    destination options, fragment, AH) are walked; a longer chain is MALFORMED.
+ *  - UDP: the 8-byte header must fit and its length field must be >= 8.
+ */
+#ifndef NATFIX_PARSE_H
+#define NATFIX_PARSE_H
+
+#include "natfix_common.h"
+
+#define NATFIX_MAX_EXTHDRS 8
+
+enum natfix_parse_result {
+	NATFIX_PARSE_UDP = 0,   /* UDP over IPv4/IPv6: natfix_pkt filled */
+	NATFIX_PARSE_OTHER,     /* not IP, not UDP, or VLAN-tagged */
+	NATFIX_PARSE_FRAGMENT,  /* UDP fragment other than the first */
+	NATFIX_PARSE_MALFORMED, /* truncated or invalid headers */
+};
+
+struct natfix_pkt {
+	__u32 saddr[4]; /* network byte order; IPv4 uses [0] */
+	__u32 daddr[4];
+	__u16 sport;    /* network byte order */
+	__u16 dport;
+	__u16 l3_off;   /* offset of the IP header from data */
+	__u16 l4_off;   /* offset of the UDP header from data */
+	__u8 family;    /* NATFIX_FAMILY_V4 or _V6 */
+};
+
+static __always_inline int natfix_parse_udp_hdr(void *data, void *data_end, __u32 off,
+						struct natfix_pkt *pkt)
+{
+	struct udphdr *udp = data + off;
+
+	if ((void *)(udp + 1) > data_end)
+		return NATFIX_PARSE_MALFORMED;
+	if (bpf_ntohs(udp->len) < sizeof(*udp))
+		return NATFIX_PARSE_MALFORMED;
+	pkt->sport = udp->source;
+	pkt->dport = udp->dest;
+	pkt->l4_off = off;
+	return NATFIX_PARSE_UDP;
+}
+
+static __always_inline int natfix_parse_ipv4(void *data, void *data_end, __u32 off,
+					     struct natfix_pkt *pkt)
+{
+	struct iphdr *iph = data + off;
+	__u32 hlen;
+
+	if ((void *)(iph + 1) > data_end)
+		return NATFIX_PARSE_MALFORMED;
+	if (iph->version != 4 || iph->ihl < 5)
+		return NATFIX_PARSE_MALFORMED;
+	hlen = iph->ihl * 4;
+	if (bpf_ntohs(iph->tot_len) < hlen)
+		return NATFIX_PARSE_MALFORMED;
+	if (data + off + hlen > data_end)
+		return NATFIX_PARSE_MALFORMED;
+	if (iph->protocol != IPPROTO_UDP)
+		return NATFIX_PARSE_OTHER;
+	if (iph->frag_off & bpf_htons(0x1fff))
+		return NATFIX_PARSE_FRAGMENT;
+
+	pkt->family = NATFIX_FAMILY_V4;
+	pkt->saddr[0] = iph->saddr;
+	pkt->daddr[0] = iph->daddr;
+	pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
+	pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+	pkt->l3_off = off;
+	return natfix_parse_udp_hdr(data, data_end, off + hlen, pkt);
+}
+
+struct natfix_ipv6_opt_hdr {
+	__u8 nexthdr;
+	__u8 hdrlen;
+};
+
+struct natfix_ipv6_frag_hdr {
+	__u8 nexthdr;
+	__u8 reserved;
+	__be16 frag_off;
+	__be32 identification;
+};
+
+static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 off,
+					     struct natfix_pkt *pkt)
+{
+	struct ipv6hdr *ip6 = data + off;
+	__u8 nexthdr;
+	int i;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return NATFIX_PARSE_MALFORMED;
+	if (ip6->version != 6)
+		return NATFIX_PARSE_MALFORMED;
+
+	pkt->family = NATFIX_FAMILY_V6;
+	__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
+	pkt->l3_off = off;
+	nexthdr = ip6->nexthdr;
+	off += sizeof(*ip6);
+
+#pragma unroll
+	for (i = 0; i < NATFIX_MAX_EXTHDRS; i++) {
+		switch (nexthdr) {
+		case IPPROTO_UDP:
+			return natfix_parse_udp_hdr(data, data_end, off, pkt);
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS: {
+			struct natfix_ipv6_opt_hdr *opt = data + off;
+
+			if ((void *)(opt + 1) > data_end)
+				return NATFIX_PARSE_MALFORMED;
+			nexthdr = opt->nexthdr;
+			off += (opt->hdrlen + 1) * 8;
+			break;
+		}
+		case IPPROTO_AH: {
+			struct natfix_ipv6_opt_hdr *ah = data + off;
+
+			if ((void *)(ah + 1) > data_end)
+				return NATFIX_PARSE_MALFORMED;
+			nexthdr = ah->nexthdr;
+			off += (ah->hdrlen + 2) * 4;
+			break;
+		}
+		case IPPROTO_FRAGMENT: {
+			struct natfix_ipv6_frag_hdr *frag = data + off;
+
+			if ((void *)(frag + 1) > data_end)
+				return NATFIX_PARSE_MALFORMED;
+			if (frag->frag_off & bpf_htons(0xfff8))
+				return frag->nexthdr == IPPROTO_UDP ? NATFIX_PARSE_FRAGMENT
+								    : NATFIX_PARSE_OTHER;
+			nexthdr = frag->nexthdr;
+			off += sizeof(*frag);
+			break;
+		}
+		default:
+			return NATFIX_PARSE_OTHER;
+		}
+	}
+	return NATFIX_PARSE_MALFORMED;
+}
+
+/* Parse an Ethernet frame down to its UDP header. */
+static __always_inline int natfix_parse_udp(void *data, void *data_end, struct natfix_pkt *pkt)
+{
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return NATFIX_PARSE_MALFORMED;
+	switch (eth->h_proto) {
+	case bpf_htons(ETH_P_IP):
+		return natfix_parse_ipv4(data, data_end, sizeof(*eth), pkt);
+	case bpf_htons(ETH_P_IPV6):
+		return natfix_parse_ipv6(data, data_end, sizeof(*eth), pkt);
+	default:
+		return NATFIX_PARSE_OTHER;
+	}
+}
+
+#endif /* NATFIX_PARSE_H */

@@ -1,0 +1,155 @@
+//! `#[repr(C)]` mirrors of `bpf-headers/natfix_abi.h`. Keep in sync: the size
+//! asserts at the bottom catch layout drift at compile time.
+
+/// Counter slots (enum natfix_counter). Stable: never renumber or reuse.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Counter {
+    GuardOutOfScope = 0,
+    GuardPassSolicited = 1,
+    GuardDropUnsolicited = 2,
+    GuardWouldDrop = 3,
+    GuardExemptPort = 4,
+    GuardExemptSrc = 5,
+    GuardMalformed = 6,
+    GuardFragment = 7,
+    FlowLearned = 8,
+    FlowRefreshed = 9,
+    FlowLearnFailed = 10,
+    FlowOutOfScope = 11,
+}
+
+/// Number of slots in the counters map (NATFIX_CNT_MAX).
+pub const COUNTER_SLOTS: u32 = 32;
+
+impl Counter {
+    pub const ALL: [Self; 12] = [
+        Self::GuardOutOfScope,
+        Self::GuardPassSolicited,
+        Self::GuardDropUnsolicited,
+        Self::GuardWouldDrop,
+        Self::GuardExemptPort,
+        Self::GuardExemptSrc,
+        Self::GuardMalformed,
+        Self::GuardFragment,
+        Self::FlowLearned,
+        Self::FlowRefreshed,
+        Self::FlowLearnFailed,
+        Self::FlowOutOfScope,
+    ];
+
+    /// Which program family the counter belongs to.
+    #[must_use]
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::FlowLearned | Self::FlowRefreshed | Self::FlowLearnFailed | Self::FlowOutOfScope => "flow",
+            _ => "guard",
+        }
+    }
+
+    /// The reason, as printed by `natfix stats` and used as a metrics label.
+    #[must_use]
+    pub const fn reason(self) -> &'static str {
+        match self {
+            Self::GuardOutOfScope | Self::FlowOutOfScope => "out_of_scope",
+            Self::GuardPassSolicited => "passed_solicited",
+            Self::GuardDropUnsolicited => "dropped_unsolicited",
+            Self::GuardWouldDrop => "would_drop",
+            Self::GuardExemptPort => "exempt_port",
+            Self::GuardExemptSrc => "exempt_src",
+            Self::GuardMalformed => "malformed",
+            Self::GuardFragment => "fragment",
+            Self::FlowLearned => "learned",
+            Self::FlowRefreshed => "refreshed",
+            Self::FlowLearnFailed => "learn_failed",
+        }
+    }
+
+    #[must_use]
+    pub fn from_slot(slot: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| *c as u32 == slot)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub const MAX_PORT_RANGES: usize = 16;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+pub const GUARD_F_DRY_RUN: u32 = 1 << 0;
+pub const GUARD_F_ENDPOINT_INDEP: u32 = 1 << 1;
+pub const GUARD_F_ALLOW_PORTS: u32 = 1 << 2;
+pub const GUARD_F_ALLOW_SRC: u32 = 1 << 3;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    pub ranges: [PortRange; MAX_PORT_RANGES],
+    pub nr_ranges: u32,
+    pub flags: u32,
+    pub flow_timeout_ns: u64,
+}
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub last_seen_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LpmV4 {
+    pub prefixlen: u32,
+    pub addr: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LpmV6 {
+    pub prefixlen: u32,
+    pub addr: [u32; 4],
+}
+
+// SAFETY: all are #[repr(C)] plain integers/arrays without padding holes the
+// kernel could leak or reject (FlowKey's pad is explicit).
+unsafe impl aya::Pod for CounterValue {}
+unsafe impl aya::Pod for GuardConfig {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowValue {}
+unsafe impl aya::Pod for LpmV4 {}
+unsafe impl aya::Pod for LpmV6 {}
+
+const _: () = {
+    assert!(size_of::<CounterValue>() == 16);
+    assert!(size_of::<PortRange>() == 4);
+    assert!(size_of::<GuardConfig>() == 80);
+    assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<FlowValue>() == 8);
+    assert!(size_of::<LpmV4>() == 8);
+    assert!(size_of::<LpmV6>() == 20);
+};

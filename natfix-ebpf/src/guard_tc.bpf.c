@@ -1,0 +1,47 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * guard_tc.bpf.c - tc ingress twin of guard_xdp.bpf.c, for devices where XDP
+ * is not wanted (--guard-hook tc). Same decision, same counters.
+ */
+#include "natfix_common.h"
+#include "natfix_counters.h"
+#include "natfix_parse.h"
+#include "natfix_guard.h"
+#ifdef NATFIX_FLOW_CONNTRACK
+#include "natfix_ct.h"
+#else
+#include "natfix_flow.h"
+#endif
+
+/* Enough linear data for Ethernet + IPv6 + a few extension headers + UDP. */
+#define GUARD_TC_PULL_LEN 256
+
+SEC("classifier")
+int natfix_guard_tc(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct natfix_pkt pkt;
+	int rc, why;
+
+	if (data_end - data < GUARD_TC_PULL_LEN && skb->len > data_end - data) {
+		/* Headers may sit in paged data; failure just leaves less to parse. */
+		bpf_skb_pull_data(skb, skb->len < GUARD_TC_PULL_LEN ? skb->len : GUARD_TC_PULL_LEN);
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	rc = natfix_parse_udp(data, data_end, &pkt);
+	why = guard_classify(rc, &pkt);
+	if (why == GUARD_NEED_FLOW) {
+#ifdef NATFIX_FLOW_CONNTRACK
+		int solicited = NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt);
+#else
+		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_ns());
+#endif
+		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
+	}
+	natfix_count(why, skb->len);
+	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED ? TC_ACT_SHOT : NATFIX_TC_NEXT;
+}
+
+char LICENSE[] SEC("license") = "GPL";

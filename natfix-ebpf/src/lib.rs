@@ -1,0 +1,39 @@
+//! natfix's data plane as Rust sees it: the compiled eBPF objects (C, built by
+//! `build.rs`) and `#[repr(C)]` mirrors of the ABI in `bpf-headers/natfix_abi.h`.
+
+pub mod abi;
+
+/// Object bytes, aligned for aya's ELF parser.
+pub mod objects {
+    /// Guard with natfix's own flow table: `natfix_guard_xdp`, `natfix_guard_tc`
+    /// (ingress) and `natfix_flow_egress`, sharing maps.
+    pub static GUARD_OWN: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard.bpf.o"));
+    /// Guard using the conntrack lookup kfunc, XDP flavour (`natfix_guard_xdp`).
+    pub static GUARD_XDP_CT: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard_xdp_ct.bpf.o"));
+    /// Guard using the conntrack lookup kfunc, tc flavour (`natfix_guard_tc`).
+    pub static GUARD_TC_CT: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard_tc_ct.bpf.o"));
+    /// Empty `natfix_empty_xdp` and `natfix_empty_tc`: benchmark baselines.
+    pub static BENCH_EMPTY: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench_empty.bpf.o"));
+}
+
+/// Program names (C function names) as aya looks them up.
+pub mod programs {
+    pub const GUARD_XDP: &str = "natfix_guard_xdp";
+    pub const GUARD_TC: &str = "natfix_guard_tc";
+    pub const FLOW_EGRESS: &str = "natfix_flow_egress";
+    pub const EMPTY_XDP: &str = "natfix_empty_xdp";
+    pub const EMPTY_TC: &str = "natfix_empty_tc";
+}
+
+/// Map and global names as they appear in the objects.
+pub mod maps {
+    pub const COUNTERS: &str = "natfix_counters";
+    pub const GUARD_FLOWS: &str = "guard_flows";
+    pub const GUARD_ALLOW_PORTS: &str = "guard_allow_ports";
+    pub const GUARD_ALLOW_SRC4: &str = "guard_allow_src4";
+    pub const GUARD_ALLOW_SRC6: &str = "guard_allow_src6";
+    pub const GUARD_CONFIG: &str = "natfix_guard_cfg";
+}

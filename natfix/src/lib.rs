@@ -1,0 +1,13 @@
+//! natfix userspace: loader, CLI, daemon and the tools around them.
+
+pub mod cli;
+pub mod daemon;
+pub mod error;
+pub mod features;
+pub mod kfunc;
+pub mod loader;
+pub mod netns;
+pub mod pins;
+pub mod stats;
+
+pub use natfix_ebpf::abi;

@@ -1,0 +1,497 @@
+//! Loads natfix's eBPF objects, configures them, attaches them inside a
+//! namespace, and undoes all of it (on detach, or when attach fails midway).
+
+use std::{ffi::CString, net::IpAddr, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLinkId, qdisc_add_clsact},
+        xdp::XdpLinkId,
+    },
+};
+use tracing::{info, warn};
+
+use crate::{
+    abi::{self, GuardConfig, LpmV4, LpmV6, PortRange},
+    cli::{Filtering, FlowSource, GuardArgs, GuardHook, XdpModeArg},
+    error::UserError,
+    features::{self, CtKfuncs},
+    kfunc,
+    netns::Netns,
+    pins::{self, AttachmentMeta, GuardMeta, PinDir, ProgramMeta},
+};
+use natfix_ebpf::{maps as map_names, objects, programs as prog_names};
+
+/// The flow source after `auto` was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedFlowSource {
+    Own,
+    Conntrack,
+}
+
+impl ResolvedFlowSource {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Own => "own",
+            Self::Conntrack => "conntrack",
+        }
+    }
+}
+
+/// Everything needed to load and attach the guard, validated.
+#[derive(Debug, Clone)]
+pub struct GuardPlan {
+    pub config: GuardConfig,
+    pub hook: GuardHook,
+    pub xdp_mode: XdpModeArg,
+    pub source: ResolvedFlowSource,
+    pub source_reason: String,
+    pub flow_table_size: u32,
+    pub allow_ports: Vec<u16>,
+    pub allow_src: Vec<crate::cli::Cidr>,
+    pub meta: GuardMeta,
+}
+
+/// Builds the `const volatile` configuration of the guard.
+#[must_use]
+pub fn guard_config(ranges: &[PortRange], flags: u32, flow_timeout: Duration) -> GuardConfig {
+    let mut cfg = GuardConfig {
+        nr_ranges: u32::try_from(ranges.len().min(abi::MAX_PORT_RANGES)).unwrap_or(0),
+        flags,
+        flow_timeout_ns: u64::try_from(flow_timeout.as_nanos()).unwrap_or(u64::MAX),
+        ..GuardConfig::default()
+    };
+    for (slot, r) in cfg.ranges.iter_mut().zip(ranges) {
+        *slot = *r;
+    }
+    cfg
+}
+
+/// Validates the guard options and decides the flow source.
+pub fn plan_guard(args: &GuardArgs) -> Result<GuardPlan> {
+    crate::cli::validate_guard(args).map_err(UserError::Usage)?;
+    let ct = features::ct_kfuncs();
+    let (source, source_reason) = match args.flow_source {
+        FlowSource::Own => (ResolvedFlowSource::Own, "requested with --flow-source own".to_owned()),
+        FlowSource::Conntrack => match features::ct_kfuncs_unavailable_reason(&ct) {
+            None => (ResolvedFlowSource::Conntrack, "requested with --flow-source conntrack".to_owned()),
+            Some(why) => bail!(UserError::Unsupported(format!(
+                "--flow-source conntrack is not possible on this kernel: {why}; use --flow-source own"
+            ))),
+        },
+        FlowSource::Auto => match ct {
+            CtKfuncs::Vmlinux => (
+                ResolvedFlowSource::Conntrack,
+                "auto: the kernel's vmlinux BTF has bpf_xdp_ct_lookup".to_owned(),
+            ),
+            other => (
+                ResolvedFlowSource::Own,
+                format!(
+                    "auto: {}",
+                    features::ct_kfuncs_unavailable_reason(&other).unwrap_or_default()
+                ),
+            ),
+        },
+    };
+    let mut flags = 0;
+    if args.dry_run {
+        flags |= abi::GUARD_F_DRY_RUN;
+    }
+    if args.filtering == Filtering::EndpointIndependent {
+        if source == ResolvedFlowSource::Conntrack {
+            bail!(UserError::Usage(
+                "--filtering endpoint-independent needs --flow-source own (conntrack matches exact tuples)".into()
+            ));
+        }
+        flags |= abi::GUARD_F_ENDPOINT_INDEP;
+    }
+    if !args.allow_ports.is_empty() {
+        flags |= abi::GUARD_F_ALLOW_PORTS;
+    }
+    if !args.allow_src.is_empty() {
+        flags |= abi::GUARD_F_ALLOW_SRC;
+    }
+    let meta = GuardMeta {
+        ranges: args
+            .ranges
+            .iter()
+            .map(|r| if r.first == r.last { r.first.to_string() } else { format!("{}-{}", r.first, r.last) })
+            .collect(),
+        flow_source: source.name().into(),
+        flow_source_reason: source_reason.clone(),
+        filtering: match args.filtering {
+            Filtering::PortRestricted => "port-restricted".into(),
+            Filtering::EndpointIndependent => "endpoint-independent".into(),
+        },
+        dry_run: args.dry_run,
+        allow_ports: args.allow_ports.clone(),
+        allow_src: args.allow_src.iter().map(ToString::to_string).collect(),
+    };
+    Ok(GuardPlan {
+        config: guard_config(&args.ranges, flags, args.flow_timeout),
+        hook: args.guard_hook,
+        xdp_mode: args.xdp_mode,
+        source,
+        source_reason,
+        flow_table_size: args.flow_table_size,
+        allow_ports: args.allow_ports.clone(),
+        allow_src: args.allow_src.clone(),
+        meta,
+    })
+}
+
+/// Loads the guard object for `source`/`hook` with its configuration and
+/// exemption maps filled; programs are not loaded yet.
+pub fn load_guard_object(plan: &GuardPlan) -> Result<Ebpf> {
+    let bytes = match (plan.source, plan.hook) {
+        (ResolvedFlowSource::Own, _) => objects::GUARD_OWN.to_vec(),
+        (ResolvedFlowSource::Conntrack, GuardHook::Xdp) => kfunc::relocate_kfuncs(objects::GUARD_XDP_CT)?,
+        (ResolvedFlowSource::Conntrack, GuardHook::Tc) => kfunc::relocate_kfuncs(objects::GUARD_TC_CT)?,
+    };
+    let mut loader = EbpfLoader::new();
+    loader.override_global(map_names::GUARD_CONFIG, &plan.config, true);
+    if plan.source == ResolvedFlowSource::Own {
+        loader.map_max_entries(map_names::GUARD_FLOWS, plan.flow_table_size);
+    }
+    let mut ebpf = loader.load(&bytes).context("cannot load the guard's eBPF object")?;
+
+    if !plan.allow_ports.is_empty() {
+        let mut ports: BpfHashMap<&mut MapData, u16, u8> =
+            BpfHashMap::try_from(ebpf.map_mut(map_names::GUARD_ALLOW_PORTS).context("allow-ports map missing")?)?;
+        for port in &plan.allow_ports {
+            ports.insert(port.to_be(), 1, 0)?;
+        }
+    }
+    for cidr in &plan.allow_src {
+        match cidr.addr {
+            IpAddr::V4(a) => {
+                let mut trie: LpmTrie<&mut MapData, LpmV4Key, u8> =
+                    LpmTrie::try_from(ebpf.map_mut(map_names::GUARD_ALLOW_SRC4).context("allow-src4 map missing")?)?;
+                trie.insert(&Key::new(u32::from(cidr.prefix_len), u32::from_ne_bytes(a.octets())), 1, 0)?;
+            }
+            IpAddr::V6(a) => {
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> =
+                    LpmTrie::try_from(ebpf.map_mut(map_names::GUARD_ALLOW_SRC6).context("allow-src6 map missing")?)?;
+                trie.insert(&Key::new(u32::from(cidr.prefix_len), a.octets()), 1, 0)?;
+            }
+        }
+    }
+    Ok(ebpf)
+}
+
+// The LPM key types of the C side are {prefixlen, addr}; aya's Key<K> adds
+// the prefix itself, so K is just the address bytes.
+type LpmV4Key = u32;
+const _: () = assert!(size_of::<Key<LpmV4Key>>() == size_of::<LpmV4>());
+const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<LpmV6>());
+
+/// Loads one program of the object by its C name, with the verifier's log on failure.
+pub fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from object"))?
+        .try_into()?;
+    prog.load().map_err(verifier_context(name))?;
+    Ok(prog)
+}
+
+pub fn load_tc<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from object"))?
+        .try_into()?;
+    prog.load().map_err(verifier_context(name))?;
+    Ok(prog)
+}
+
+fn verifier_context(name: &str) -> impl FnOnce(aya::programs::ProgramError) -> anyhow::Error + '_ {
+    move |e| {
+        if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = &e {
+            tracing::debug!("verifier log for {name}:\n{verifier_log}");
+            return anyhow::anyhow!(
+                "the kernel rejected program {name}: {io_error} (run with --log debug for the verifier log)"
+            );
+        }
+        anyhow::Error::from(e).context(format!("cannot load program {name}"))
+    }
+}
+
+enum LinkRef {
+    Xdp(XdpLinkId),
+    Tc(SchedClassifierLinkId),
+}
+
+/// A live attachment: the loaded object owns the links; dropping it detaches.
+pub struct Attachment {
+    pub netns: Netns,
+    pub iface: String,
+    pub pin_dir: PinDir,
+    pub meta: AttachmentMeta,
+    ebpf: Ebpf,
+    links: Vec<(String, LinkRef)>,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment").field("meta", &self.meta).finish_non_exhaustive()
+    }
+}
+
+/// What to attach.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub netns: Netns,
+    pub iface: String,
+    pub guard: GuardPlan,
+    pub pin: bool,
+}
+
+/// Attaches inside the request's namespace. On failure, everything done so
+/// far is undone before the error is returned.
+pub fn attach(req: AttachRequest) -> Result<Attachment> {
+    pins::require_bpffs()?;
+    let netns = req.netns.clone();
+    netns.run(move || attach_here(req))
+}
+
+fn ifindex(iface: &str, netns: &Netns) -> Result<u32> {
+    let c = CString::new(iface).map_err(|_| UserError::Usage(format!("bad interface name {iface:?}")))?;
+    // SAFETY: plain libc call on a valid C string.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        let names: Vec<String> = nix::net::if_::if_nameindex()
+            .map(|list| list.iter().map(|i| i.name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        bail!(UserError::NotFound(format!(
+            "no interface `{iface}` in namespace `{}` (it has: {})",
+            netns.spec,
+            names.join(", ")
+        )));
+    }
+    Ok(idx)
+}
+
+fn attach_here(req: AttachRequest) -> Result<Attachment> {
+    let ifindex = ifindex(&req.iface, &req.netns)?;
+    let pin_dir = PinDir::new(req.netns.inode, &req.iface);
+    if pin_dir.meta_path().exists() {
+        match pin_dir.read_meta() {
+            Ok(old) if old.is_live() => bail!(UserError::Conflict(format!(
+                "natfix is already attached to {} in namespace `{}` ({}); run `natfix detach --iface {}{}` first",
+                req.iface,
+                req.netns.spec,
+                old.pid.map_or_else(|| "pinned".to_owned(), |p| format!("owned by pid {p}")),
+                req.iface,
+                if req.netns.spec == "self" { String::new() } else { format!(" --netns {}", req.netns.spec) }
+            ))),
+            _ => {
+                info!("removing the stale record of an attachment whose process is gone: {}", pin_dir.path.display());
+                pin_dir.remove()?;
+            }
+        }
+    }
+
+    let mut att = Attachment {
+        meta: AttachmentMeta {
+            natfix_version: env!("CARGO_PKG_VERSION").into(),
+            netns: req.netns.spec.clone(),
+            netns_path: req.netns.path.display().to_string(),
+            netns_inode: req.netns.inode,
+            iface: req.iface.clone(),
+            ifindex,
+            pid: if req.pin { None } else { Some(std::process::id()) },
+            pinned: req.pin,
+            created_unix: pins::now_unix(),
+            programs: Vec::new(),
+            guard: Some(req.guard.meta.clone()),
+            created_clsact: false,
+        },
+        ebpf: load_guard_object(&req.guard)?,
+        links: Vec::new(),
+        netns: req.netns.clone(),
+        iface: req.iface.clone(),
+        pin_dir,
+    };
+    match att.attach_guard(&req.guard).and_then(|()| att.publish(req.pin)) {
+        Ok(()) => {
+            info!(
+                iface = %att.iface, netns = %att.netns.spec, flow_source = req.guard.source.name(),
+                "attached: {}", att.meta.programs.iter().map(|p| format!("{} ({} {})", p.name, p.hook, p.mode)).collect::<Vec<_>>().join(", ")
+            );
+            info!("flow source {}: {}", req.guard.source.name(), req.guard.source_reason);
+            Ok(att)
+        }
+        Err(e) => {
+            att.teardown_here();
+            Err(e)
+        }
+    }
+}
+
+impl Attachment {
+    fn ensure_clsact(&mut self) -> Result<()> {
+        if features::has_tcx() || self.meta.created_clsact {
+            return Ok(());
+        }
+        match qdisc_add_clsact(&self.iface) {
+            Ok(()) => {
+                self.meta.created_clsact = true;
+                Ok(())
+            }
+            Err(e) if matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) => Ok(()),
+            Err(e) => Err(e).context("cannot add the clsact qdisc"),
+        }
+    }
+
+    fn attach_tc(&mut self, name: &str, attach_type: TcAttachType) -> Result<()> {
+        self.ensure_clsact()?;
+        let iface = self.iface.clone();
+        let prog = load_tc(&mut self.ebpf, name)?;
+        let id = prog
+            .attach(&iface, attach_type)
+            .with_context(|| format!("cannot attach {name} to tc {attach_type:?} of {iface}"))?;
+        let prog_id = prog.info()?.id();
+        self.links.push((name.to_owned(), LinkRef::Tc(id)));
+        self.meta.programs.push(ProgramMeta {
+            name: name.to_owned(),
+            hook: match attach_type {
+                TcAttachType::Egress => "tc-egress".into(),
+                _ => "tc-ingress".into(),
+            },
+            mode: if features::has_tcx() { "tcx".into() } else { "clsact".into() },
+            prog_id,
+        });
+        Ok(())
+    }
+
+    fn attach_xdp(&mut self, name: &str, mode: XdpModeArg) -> Result<()> {
+        let iface = self.iface.clone();
+        let prog = load_xdp(&mut self.ebpf, name)?;
+        let (id, used) = match mode {
+            XdpModeArg::Generic => (prog.attach(&iface, XdpMode::Skb), "generic"),
+            XdpModeArg::Native => (prog.attach(&iface, XdpMode::Driver), "native"),
+            XdpModeArg::Auto => match prog.attach(&iface, XdpMode::Driver) {
+                Ok(id) => (Ok(id), "native"),
+                Err(e) => {
+                    warn!("native XDP is not available on {iface} ({e}); using generic XDP, which runs later and costs more");
+                    (prog.attach(&iface, XdpMode::Skb), "generic")
+                }
+            },
+        };
+        let id = id.with_context(|| {
+            format!("cannot attach {name} to XDP ({used}) of {iface}; another XDP program may own it (`ip link show {iface}`)")
+        })?;
+        let prog_id = prog.info()?.id();
+        self.links.push((name.to_owned(), LinkRef::Xdp(id)));
+        self.meta.programs.push(ProgramMeta { name: name.to_owned(), hook: "xdp".into(), mode: used.into(), prog_id });
+        Ok(())
+    }
+
+    fn attach_guard(&mut self, plan: &GuardPlan) -> Result<()> {
+        // Learn before guarding, so replies to flows leaving meanwhile pass.
+        if plan.source == ResolvedFlowSource::Own {
+            self.attach_tc(prog_names::FLOW_EGRESS, TcAttachType::Egress)?;
+        }
+        match plan.hook {
+            GuardHook::Xdp => self.attach_xdp(prog_names::GUARD_XDP, plan.xdp_mode),
+            GuardHook::Tc => self.attach_tc(prog_names::GUARD_TC, TcAttachType::Ingress),
+        }
+    }
+
+    /// Pins maps (and links with --pin) and writes the record.
+    fn publish(&mut self, pin_links: bool) -> Result<()> {
+        self.pin_dir.create()?;
+        for (name, file) in [(map_names::COUNTERS, "counters"), (map_names::GUARD_FLOWS, "flows")] {
+            if let Some(map) = self.ebpf.map(name) {
+                let path = self.pin_dir.map(file);
+                map.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+            }
+        }
+        if pin_links {
+            for (name, link) in std::mem::take(&mut self.links) {
+                let fd_link = self.take_fd_link(&name, link)?;
+                let path = self.pin_dir.link(&name);
+                fd_link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+            }
+        }
+        self.pin_dir.write_meta(&self.meta)
+    }
+
+    fn take_fd_link(&mut self, name: &str, link: LinkRef) -> Result<FdLink> {
+        let program = self.ebpf.program_mut(name).context("program vanished")?;
+        let fd_link: Result<FdLink, _> = match link {
+            LinkRef::Xdp(id) => {
+                let prog: &mut Xdp = program.try_into()?;
+                prog.take_link(id)?.try_into()
+            }
+            LinkRef::Tc(id) => {
+                let prog: &mut SchedClassifier = program.try_into()?;
+                prog.take_link(id)?.try_into()
+            }
+        };
+        fd_link.map_err(|e| {
+            anyhow::Error::from(UserError::Unsupported(format!(
+                "--pin needs bpf_link attachments (XDP >= 5.9, tcx >= 6.6); this kernel attached {name} without one ({e})"
+            )))
+        })
+    }
+
+    /// Detaches, unpins, and removes what natfix created. Runs in the namespace.
+    pub fn detach(self) -> Result<()> {
+        let netns = self.netns.clone();
+        netns.run(move || {
+            self.teardown_here();
+            Ok(())
+        })
+    }
+
+    fn teardown_here(self) {
+        let Self { ebpf, pin_dir, meta, iface, .. } = self;
+        drop(ebpf); // closes link fds: the kernel detaches tcx and XDP links
+        if let Err(e) = pin_dir.remove() {
+            warn!("cleanup of {} incomplete: {e:#}", pin_dir.path.display());
+        }
+        if meta.created_clsact {
+            remove_clsact(&iface);
+        }
+    }
+}
+
+fn remove_clsact(iface: &str) {
+    // aya 0.14 can add clsact but not remove it; iproute2 can. The child
+    // inherits this thread's namespace.
+    let ok = std::process::Command::new("tc")
+        .args(["qdisc", "del", "dev", iface, "clsact"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        warn!("could not remove the clsact qdisc natfix added to {iface}");
+    }
+}
+
+/// Removes a pinned attachment (or one whose foreground owner died).
+pub fn detach_pinned(pin_dir: &PinDir, meta: &AttachmentMeta, netns: &Netns) -> Result<()> {
+    let dir = pin_dir.clone();
+    let meta = meta.clone();
+    netns.run(move || {
+        for p in &meta.programs {
+            let path = dir.link(&p.name);
+            if path.exists() {
+                // Unpinning drops the last reference: the kernel detaches the link.
+                let link = PinnedLink::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                drop(link.unpin().with_context(|| format!("cannot unpin {}", path.display()))?);
+            }
+        }
+        dir.remove()?;
+        if meta.created_clsact {
+            remove_clsact(&meta.iface);
+        }
+        Ok(())
+    })
+}

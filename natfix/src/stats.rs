@@ -1,0 +1,84 @@
+//! Reads the per-CPU counters of attachments and sums them per reason.
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, PerCpuArray};
+use serde::Serialize;
+
+use crate::{
+    abi::{Counter, CounterValue},
+    pins::{AttachmentMeta, PinDir},
+};
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CounterRow {
+    /// `guard` or `flow`.
+    pub program: &'static str,
+    pub reason: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachmentStats {
+    pub netns: String,
+    pub netns_inode: u64,
+    pub iface: String,
+    pub counters: Vec<CounterRow>,
+}
+
+/// Counter totals (summed over CPUs) from a pinned counters map.
+pub fn read_counters(dir: &PinDir, meta: &AttachmentMeta) -> Result<Vec<CounterRow>> {
+    let path = dir.map("counters");
+    let data = MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let map: PerCpuArray<MapData, CounterValue> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let has_flow = meta.programs.iter().any(|p| p.hook == "tc-egress");
+    let mut rows = Vec::new();
+    for counter in Counter::ALL {
+        if counter.program() == "flow" && !has_flow {
+            continue;
+        }
+        let per_cpu = map.get(&(counter as u32), 0)?;
+        let total = per_cpu.iter().fold(CounterValue::default(), |acc, v| CounterValue {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+        });
+        rows.push(CounterRow {
+            program: counter.program(),
+            reason: counter.reason(),
+            packets: total.packets,
+            bytes: total.bytes,
+        });
+    }
+    Ok(rows)
+}
+
+/// Stats of every recorded attachment matching the filters.
+pub fn collect(iface: Option<&str>, netns_inode: Option<u64>) -> Result<Vec<AttachmentStats>> {
+    let mut out = Vec::new();
+    for dir in PinDir::list_all() {
+        let meta = dir.read_meta()?;
+        if iface.is_some_and(|i| i != meta.iface) || netns_inode.is_some_and(|n| n != meta.netns_inode) {
+            continue;
+        }
+        out.push(AttachmentStats {
+            counters: read_counters(&dir, &meta)?,
+            netns: meta.netns,
+            netns_inode: meta.netns_inode,
+            iface: meta.iface,
+        });
+    }
+    Ok(out)
+}
+
+#[must_use]
+pub fn render_table(stats: &[AttachmentStats]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    for a in stats {
+        let _ = writeln!(s, "{} (netns {}, inode {})", a.iface, a.netns, a.netns_inode);
+        for r in &a.counters {
+            let _ = writeln!(s, "  {:<6} {:<20} {:>14} pkts {:>16} bytes", r.program, r.reason, r.packets, r.bytes);
+        }
+    }
+    s
+}
