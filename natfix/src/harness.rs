@@ -1,0 +1,270 @@
+//! Runs natfix's programs on crafted packets with `BPF_PROG_TEST_RUN`: the
+//! bench and the test_run/differential tests share it.
+
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+
+use crate::{
+    abi::{Counter, CounterValue, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue},
+    cli::GuardHook,
+    loader::{self, GuardPlan},
+};
+use natfix_ebpf::{maps as map_names, programs as prog_names};
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_SHOT: u32 = 2;
+/// TC_ACT_UNSPEC (-1): "next", natfix's pass verdict in tc.
+pub const TC_NEXT: u32 = u32::MAX;
+
+/// The guard object loaded with one configuration, programs loaded, nothing attached.
+pub struct GuardHarness {
+    ebpf: Ebpf,
+    pub hook: GuardHook,
+}
+
+impl GuardHarness {
+    pub fn load(plan: &GuardPlan) -> Result<Self> {
+        let mut ebpf = loader::load_guard_object(plan)?;
+        match plan.hook {
+            GuardHook::Xdp => {
+                loader::load_xdp(&mut ebpf, prog_names::GUARD_XDP)?;
+            }
+            GuardHook::Tc => {
+                loader::load_tc(&mut ebpf, prog_names::GUARD_TC)?;
+            }
+        }
+        if ebpf.program(prog_names::FLOW_EGRESS).is_some() {
+            loader::load_tc(&mut ebpf, prog_names::FLOW_EGRESS)?;
+        }
+        Ok(Self { ebpf, hook: plan.hook })
+    }
+
+    /// Runs the ingress guard once; returns the program's return value.
+    pub fn run_ingress(&self, frame: &[u8]) -> Result<u32> {
+        Ok(self.run_ingress_repeat(frame, 1)?.0)
+    }
+
+    /// Runs the ingress guard `repeat` times; returns the verdict and the mean ns per run.
+    pub fn run_ingress_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
+        let opts = || TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
+        let result = match self.hook {
+            GuardHook::Xdp => {
+                let p: &Xdp = self.ebpf.program(prog_names::GUARD_XDP).context("no xdp")?.try_into()?;
+                p.test_run(opts())?
+            }
+            GuardHook::Tc => {
+                let p: &SchedClassifier = self.ebpf.program(prog_names::GUARD_TC).context("no tc")?.try_into()?;
+                p.test_run(opts())?
+            }
+        };
+        Ok((result.return_value, result.duration.as_nanos() as f64))
+    }
+
+    /// Runs the egress flow learner once (own flow table only).
+    pub fn run_egress(&self, frame: &[u8]) -> Result<u32> {
+        let p: &SchedClassifier =
+            self.ebpf.program(prog_names::FLOW_EGRESS).context("no flow learner in this object")?.try_into()?;
+        Ok(p.test_run(TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() })?.return_value)
+    }
+
+    /// Counter totals, summed over CPUs, indexed by slot.
+    pub fn counters(&self) -> Result<Vec<CounterValue>> {
+        let map: PerCpuArray<&MapData, CounterValue> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::COUNTERS).context("no counters map")?)?;
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let v = map.get(&(*c as u32), 0)?;
+                Ok(v.iter().fold(CounterValue::default(), |a, x| CounterValue {
+                    packets: a.packets + x.packets,
+                    bytes: a.bytes + x.bytes,
+                }))
+            })
+            .collect()
+    }
+
+    /// Runs the ingress guard once and says which counter moved.
+    pub fn classify(&self, frame: &[u8]) -> Result<(u32, Option<Counter>)> {
+        let before = self.counters()?;
+        let verdict = self.run_ingress(frame)?;
+        let after = self.counters()?;
+        let moved = Counter::ALL
+            .iter()
+            .zip(before.iter().zip(&after))
+            .find(|(_, (b, a))| a.packets != b.packets)
+            .map(|(c, _)| *c);
+        Ok((verdict, moved))
+    }
+
+    /// Inserts an own-table flow with the given last-seen time.
+    pub fn insert_flow(&mut self, key: &FlowKey, last_seen_ns: u64) -> Result<()> {
+        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::GUARD_FLOWS).context("no flow table")?)?;
+        flows.insert(key, FlowValue { last_seen_ns }, 0)?;
+        Ok(())
+    }
+
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
+        let flows: BpfHashMap<&MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map(map_names::GUARD_FLOWS).context("no flow table")?)?;
+        match flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The pass verdict of this hook.
+    #[must_use]
+    pub const fn pass(&self) -> u32 {
+        match self.hook {
+            GuardHook::Xdp => XDP_PASS,
+            GuardHook::Tc => TC_NEXT,
+        }
+    }
+
+    #[must_use]
+    pub const fn drop_verdict(&self) -> u32 {
+        match self.hook {
+            GuardHook::Xdp => XDP_DROP,
+            GuardHook::Tc => TC_ACT_SHOT,
+        }
+    }
+}
+
+/// The own-table key for (local, lport) <- (remote, rport); `remote` None = wildcard.
+#[must_use]
+pub fn flow_key(local: IpAddr, local_port: u16, remote: Option<(IpAddr, u16)>) -> FlowKey {
+    let mut key = FlowKey { local_port: local_port.to_be(), ..FlowKey::default() };
+    let words = |ip: IpAddr| -> ([u32; 4], u8) {
+        match ip {
+            IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
+            IpAddr::V6(a) => {
+                let o = a.octets();
+                let mut w = [0u32; 4];
+                for (i, chunk) in o.chunks_exact(4).enumerate() {
+                    w[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                }
+                (w, FAMILY_V6)
+            }
+        }
+    };
+    let (l, family) = words(local);
+    key.local_addr = l;
+    key.family = family;
+    if let Some((r, rport)) = remote {
+        key.remote_addr = words(r).0;
+        key.remote_port = rport.to_be();
+    }
+    key
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
+/// Builders of test frames (Ethernet + IPv4/IPv6 + UDP), checksums left zero.
+pub mod packet {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const ETH: [u8; 12] = [0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
+
+    #[must_use]
+    pub fn udp_header(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
+        let len = u16::try_from(8 + payload_len).unwrap_or(u16::MAX);
+        let mut h = Vec::with_capacity(8);
+        h.extend_from_slice(&sport.to_be_bytes());
+        h.extend_from_slice(&dport.to_be_bytes());
+        h.extend_from_slice(&len.to_be_bytes());
+        h.extend_from_slice(&[0, 0]);
+        h
+    }
+
+    /// IPv4 header with options (`options.len()` a multiple of 4) and frag field.
+    #[must_use]
+    pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, options: &[u8], frag: u16, l4_len: usize) -> Vec<u8> {
+        let ihl = 5 + options.len() / 4;
+        let total = u16::try_from(ihl * 4 + l4_len).unwrap_or(u16::MAX);
+        let mut h = vec![0x40 | u8::try_from(ihl).unwrap_or(15), 0];
+        h.extend_from_slice(&total.to_be_bytes());
+        h.extend_from_slice(&[0x12, 0x34]);
+        h.extend_from_slice(&frag.to_be_bytes());
+        h.extend_from_slice(&[64, proto, 0, 0]);
+        h.extend_from_slice(&src.octets());
+        h.extend_from_slice(&dst.octets());
+        h.extend_from_slice(options);
+        h
+    }
+
+    #[must_use]
+    pub fn eth(proto: u16, l3: &[u8]) -> Vec<u8> {
+        let mut f = ETH.to_vec();
+        f.extend_from_slice(&proto.to_be_bytes());
+        f.extend_from_slice(l3);
+        f
+    }
+
+    /// A well-formed UDP/IPv4 frame.
+    #[must_use]
+    pub fn udp4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut l3 = ipv4_header(src, dst, 17, &[], 0, 8 + payload.len());
+        l3.extend(udp_header(sport, dport, payload.len()));
+        l3.extend_from_slice(payload);
+        eth(0x0800, &l3)
+    }
+
+    /// IPv6 extension header bytes: (type, body) where body fills to the header's length.
+    #[must_use]
+    pub fn udp6_with_ext(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, exts: &[(u8, Vec<u8>)], payload: &[u8]) -> Vec<u8> {
+        let mut chain = Vec::new();
+        let first = exts.first().map_or(17, |e| e.0);
+        for (i, (_, body)) in exts.iter().enumerate() {
+            let next = exts.get(i + 1).map_or(17, |e| e.0);
+            let mut h = vec![next];
+            h.extend_from_slice(body);
+            chain.extend(h);
+        }
+        let mut l4 = udp_header(sport, dport, payload.len());
+        l4.extend_from_slice(payload);
+        let plen = u16::try_from(chain.len() + l4.len()).unwrap_or(u16::MAX);
+        let mut l3 = vec![0x60, 0, 0, 0];
+        l3.extend_from_slice(&plen.to_be_bytes());
+        l3.extend_from_slice(&[first, 64]);
+        l3.extend_from_slice(&src.octets());
+        l3.extend_from_slice(&dst.octets());
+        l3.extend(chain);
+        l3.extend(l4);
+        eth(0x86dd, &l3)
+    }
+
+    #[must_use]
+    pub fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+        udp6_with_ext(src, sport, dst, dport, &[], payload)
+    }
+
+    /// Body of a hop-by-hop/destination-options header of 8 bytes (after next-header).
+    #[must_use]
+    pub fn opts_body() -> Vec<u8> {
+        vec![0, 1, 4, 0, 0, 0, 0] // hdrlen 0, PadN
+    }
+
+    /// Body of a fragment header (after next-header) with offset (in 8-byte units) and M flag.
+    #[must_use]
+    pub fn frag_body(offset_units: u16, more: bool) -> Vec<u8> {
+        let fo = (offset_units << 3) | u16::from(more);
+        let mut b = vec![0];
+        b.extend_from_slice(&fo.to_be_bytes());
+        b.extend_from_slice(&[0, 0, 0, 1]);
+        b
+    }
+}
