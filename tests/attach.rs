@@ -1,0 +1,155 @@
+//! Attach, observe, detach: in a named namespace and in a Docker-style
+//! /var/run/docker/netns bind mount, checked against the kernel's own view.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use aya::programs::TcAttachType;
+use natfix_tests::{
+    Daemon, TestNs, ensure_bpffs, natfix, require_root, send_udp, stat, tcx_prog_ids, veth, xdp_prog_id,
+};
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn status_json() -> serde_json::Value {
+    serde_json::from_slice(&natfix(&["status", "--json"]).stdout).unwrap()
+}
+
+#[test]
+fn foreground_attach_in_named_netns_counts_and_cleans_up() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("host");
+    let peer = TestNs::new("peer");
+    veth(&host, "ga0", "10.61.0.1/24", &peer, "gb0", "10.61.0.2/24").unwrap();
+
+    let d = Daemon::start(&["--iface", "ga0", "--netns", &host.name, "--guard", "20000-30000", "--flow-source", "own"])
+        .unwrap();
+
+    // Kernel's view: XDP and tcx egress on ga0 in `host`, nothing on the peer's side.
+    let xdp = xdp_prog_id(&host, "ga0").unwrap().expect("XDP program on ga0");
+    let egress = tcx_prog_ids(&host, "ga0", TcAttachType::Egress).unwrap();
+    assert_eq!(egress.len(), 1, "one tcx egress program");
+    let st = status_json();
+    let rec = st["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "ga0").unwrap().clone();
+    let ids: Vec<u64> = rec["programs"].as_array().unwrap().iter().map(|p| p["prog_id"].as_u64().unwrap()).collect();
+    assert!(ids.contains(&xdp) && ids.contains(&u64::from(egress[0])), "status matches the kernel: {rec}");
+    assert_eq!(rec["state"], "running");
+    assert_eq!(xdp_prog_id(&peer, "gb0").unwrap(), None, "nothing on the peer");
+    assert!(tcx_prog_ids(&peer, "gb0", TcAttachType::Ingress).unwrap().is_empty());
+
+    // Counters move with traffic through the veth.
+    send_udp(&peer, addr("10.61.0.2:7000"), addr("10.61.0.1:25000"), 5).unwrap();
+    send_udp(&peer, addr("10.61.0.2:7000"), addr("10.61.0.1:40000"), 3).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(stat("ga0", "guard", "dropped_unsolicited"), 5);
+    assert!(stat("ga0", "guard", "out_of_scope") >= 3);
+
+    let exit = d.stop().unwrap();
+    assert!(exit.success(), "SIGTERM exits cleanly: {exit}");
+    assert_eq!(xdp_prog_id(&host, "ga0").unwrap(), None, "XDP detached");
+    assert!(tcx_prog_ids(&host, "ga0", TcAttachType::Egress).unwrap().is_empty(), "tcx detached");
+    assert!(!status_json()["attachments"].as_array().unwrap().iter().any(|a| a["iface"] == "ga0"), "record gone");
+    let pin_root = Path::new("/sys/fs/bpf/natfix").join(host.netns().inode.to_string());
+    assert!(!pin_root.exists(), "pins removed: {}", pin_root.display());
+}
+
+/// A bind mount under /var/run/docker/netns, as Docker makes them; removed on drop.
+struct DockerNs {
+    path: std::path::PathBuf,
+}
+
+impl DockerNs {
+    fn new(of: &TestNs) -> Self {
+        let dir = Path::new("/var/run/docker/netns");
+        std::fs::create_dir_all(dir).unwrap();
+        let path = dir.join(format!("1-{}", &of.name.replace('-', "")[..10.min(of.name.len())]));
+        std::fs::write(&path, b"").unwrap();
+        natfix_tests::sh(&["mount", "--bind", of.path().to_str().unwrap(), path.to_str().unwrap()]).unwrap();
+        Self { path }
+    }
+
+    fn name(&self) -> &str {
+        self.path.file_name().unwrap().to_str().unwrap()
+    }
+}
+
+impl Drop for DockerNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.path).status();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[test]
+fn pinned_tc_attach_in_docker_netns_survives_exit_and_detaches() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("dock");
+    let peer = TestNs::new("dpeer");
+    veth(&host, "gd0", "10.62.0.1/24", &peer, "ge0", "10.62.0.2/24").unwrap();
+    let docker = DockerNs::new(&host);
+
+    let out = natfix(&[
+        "attach", "--iface", "gd0", "--netns", docker.name(), "--guard", "20000-30000", "--guard-hook", "tc",
+        "--flow-source", "own", "--pin",
+    ]);
+    assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The process is gone; the kernel still has both tcx programs in that namespace.
+    let ingress = tcx_prog_ids(&host, "gd0", TcAttachType::Ingress).unwrap();
+    let egress = tcx_prog_ids(&host, "gd0", TcAttachType::Egress).unwrap();
+    assert_eq!((ingress.len(), egress.len()), (1, 1));
+    assert_eq!(xdp_prog_id(&host, "gd0").unwrap(), None, "tc hook means no XDP");
+    let rec = status_json()["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "gd0").unwrap().clone();
+    assert_eq!(rec["state"], "pinned");
+    assert_eq!(rec["netns"], docker.name());
+
+    // Guarding works while natfix is not running.
+    send_udp(&peer, addr("10.62.0.2:7000"), addr("10.62.0.1:21000"), 4).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(stat("gd0", "guard", "dropped_unsolicited"), 4);
+
+    // A second attach on the same interface is refused while the first lives.
+    let again = natfix(&["attach", "--iface", "gd0", "--netns", docker.name(), "--guard", "1000"]);
+    assert_eq!(again.status.code(), Some(6), "{}", String::from_utf8_lossy(&again.stderr));
+
+    let out = natfix(&["detach", "--iface", "gd0", "--netns", docker.name()]);
+    assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(tcx_prog_ids(&host, "gd0", TcAttachType::Ingress).unwrap().is_empty());
+    assert!(tcx_prog_ids(&host, "gd0", TcAttachType::Egress).unwrap().is_empty());
+    assert!(!status_json()["attachments"].as_array().unwrap().iter().any(|a| a["iface"] == "gd0"));
+}
+
+#[test]
+fn kill_9_fails_open_and_next_attach_succeeds() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("k9");
+    let peer = TestNs::new("k9p");
+    veth(&host, "gk0", "10.63.0.1/24", &peer, "gl0", "10.63.0.2/24").unwrap();
+    let args = ["--iface", "gk0", "--netns", host.name.as_str(), "--guard", "20000-30000", "--flow-source", "own"];
+    let mut d = Daemon::start(&args).unwrap();
+    d.child.kill().unwrap();
+    d.child.wait().unwrap();
+    // Links were file descriptors of the dead process: the kernel detached them.
+    assert_eq!(xdp_prog_id(&host, "gk0").unwrap(), None);
+    assert!(tcx_prog_ids(&host, "gk0", TcAttachType::Egress).unwrap().is_empty());
+    let rec = status_json()["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "gk0").cloned();
+    assert_eq!(rec.map(|r| r["state"].clone()), Some("stale".into()), "the orphaned record shows as stale");
+    // Traffic to the guarded range flows again (fail-open).
+    let rx = natfix_tests::count_udp(&host, addr("10.63.0.1:25000"), Duration::from_millis(800)).unwrap();
+    send_udp(&peer, addr("10.63.0.2:7000"), addr("10.63.0.1:25000"), 3).unwrap();
+    assert_eq!(rx.join().unwrap().unwrap(), 3);
+    // The next attach takes over the stale record.
+    let d2 = Daemon::start(&args).unwrap();
+    assert!(xdp_prog_id(&host, "gk0").unwrap().is_some());
+    assert!(d2.stop().unwrap().success());
+}
