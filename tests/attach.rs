@@ -45,8 +45,8 @@ fn foreground_attach_in_named_netns_counts_and_cleans_up() {
     send_udp(&peer, addr("10.61.0.2:7000"), addr("10.61.0.1:25000"), 5).unwrap();
     send_udp(&peer, addr("10.61.0.2:7000"), addr("10.61.0.1:40000"), 3).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(stat("ga0", "guard", "dropped_unsolicited"), 5);
-    assert!(stat("ga0", "guard", "out_of_scope") >= 3);
+    assert_eq!(stat(&host.name, "ga0", "guard", "dropped_unsolicited"), 5);
+    assert!(stat(&host.name, "ga0", "guard", "out_of_scope") >= 3);
 
     let exit = d.stop().unwrap();
     assert!(exit.success(), "SIGTERM exits cleanly: {exit}");
@@ -113,7 +113,7 @@ fn pinned_tc_attach_in_docker_netns_survives_exit_and_detaches() {
     // Guarding works while natfix is not running.
     send_udp(&peer, addr("10.62.0.2:7000"), addr("10.62.0.1:21000"), 4).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(stat("gd0", "guard", "dropped_unsolicited"), 4);
+    assert_eq!(stat(&host.name, "gd0", "guard", "dropped_unsolicited"), 4);
 
     // A second attach on the same interface is refused while the first lives.
     let again = natfix(&["attach", "--iface", "gd0", "--netns", docker.name(), "--guard", "1000"]);

@@ -1,6 +1,8 @@
 //! `#[repr(C)]` mirrors of `bpf-headers/natfix_abi.h`. Keep in sync: the size
 //! asserts at the bottom catch layout drift at compile time.
 
+use std::net::IpAddr;
+
 /// Counter slots (enum natfix_counter). Stable: never renumber or reuse.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -113,6 +115,29 @@ pub struct FlowKey {
     pub remote_port: u16,
     pub family: u8,
     pub pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of replies from `remote` to our `local`:`local_port`
+    /// (`remote` None: the endpoint-independent wildcard). Byte order as the kernel's.
+    #[must_use]
+    pub fn new(local: IpAddr, local_port: u16, remote: Option<(IpAddr, u16)>) -> Self {
+        let (local_addr, family) = addr_words(local);
+        let (remote_addr, remote_port) = remote.map_or(([0; 4], 0), |(ip, port)| (addr_words(ip).0, port.to_be()));
+        Self { local_addr, remote_addr, local_port: local_port.to_be(), remote_port, family, pad: [0; 3] }
+    }
+}
+
+/// An address as the C side stores it: network-order bytes, IPv4 in the first word.
+fn addr_words(ip: IpAddr) -> ([u32; 4], u8) {
+    match ip {
+        IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(a) => {
+            let o = a.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([word(0), word(4), word(8), word(12)], FAMILY_V6)
+        }
+    }
 }
 
 #[repr(C)]

@@ -63,12 +63,18 @@ pub struct StatsArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LabArgs {
-    /// Keep the namespaces after the run (remove them with `natfix lab --cleanup`).
-    #[arg(long)]
-    pub keep: bool,
-    /// Only remove namespaces left by an earlier `--keep` run.
-    #[arg(long)]
-    pub cleanup: bool,
+    /// Which seed problem to reproduce and fix.
+    #[arg(long, value_enum, default_value_t = LabScenario::All)]
+    pub scenario: LabScenario,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LabScenario {
+    /// Seed 000: unsolicited UDP steals a container's NAT port.
+    Guard,
+    /// Seed 001: encrypted overlay through 1:1 NAT.
+    Overlay,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]

@@ -3,12 +3,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
-    cli::{AttachArgs, StatsArgs, TargetArgs},
+    cli::{AttachArgs, LabArgs, LabScenario, StatsArgs, TargetArgs},
+    lab,
     error::UserError,
     features,
+    flowsync::FlowSync,
     loader::{self, AttachRequest},
     netns::Netns,
     pins::{self, AttachmentMeta, PinDir},
@@ -22,13 +24,27 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     features::require_privileges(args.target.netns.is_some())?;
     let netns = Netns::resolve(args.target.netns.as_deref())?;
     let plan = loader::plan_guard(&args.guard)?;
+    let own_flows = plan.source == loader::ResolvedFlowSource::Own;
+    let eif = plan.config.flags & crate::abi::GUARD_F_ENDPOINT_INDEP != 0;
     let att = loader::attach(AttachRequest {
-        netns,
+        netns: netns.clone(),
         iface: args.target.iface.clone(),
         guard: plan,
         pin: args.pin,
     })?;
+    // The own flow table also learns from conntrack (flows older than natfix,
+    // or leaving by another interface).
+    let sync = if own_flows {
+        let mut sync = FlowSync::open(&att.pin_dir.map("flows"), args.guard.ranges.clone(), eif)?;
+        let stream = sync.subscribe_and_seed(&netns)?;
+        Some((sync, stream))
+    } else {
+        None
+    };
     if args.pin {
+        if own_flows {
+            warn!("--pin: the own flow table was seeded from conntrack once; it keeps learning from egress only");
+        }
         println!("natfix pinned on {} ({}); remove with `natfix detach`", att.iface, att.pin_dir.path.display());
         // Links and maps live on in bpffs; dropping our handles keeps them.
         drop(att);
@@ -38,7 +54,15 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(wait_for_shutdown())?;
+    runtime.block_on(async {
+        match sync {
+            Some((sync, stream)) => tokio::select! {
+                r = wait_for_shutdown() => r,
+                r = sync.follow(stream, netns) => r.context("conntrack sync stopped"),
+            },
+            None => wait_for_shutdown().await,
+        }
+    })?;
     info!("detaching from {}", att.iface);
     att.detach()
 }
@@ -155,4 +179,21 @@ pub fn stats(args: &StatsArgs) -> Result<()> {
         let Some(every) = args.watch else { return Ok(()) };
         std::thread::sleep(every);
     }
+}
+
+pub fn lab(args: &LabArgs) -> Result<()> {
+    features::require_privileges(true)?;
+    pins::require_bpffs()?;
+    let mut ok = true;
+    if matches!(args.scenario, LabScenario::Guard | LabScenario::All) {
+        ok &= lab::run_guard_lab()?;
+    }
+    if matches!(args.scenario, LabScenario::Overlay | LabScenario::All) {
+        ok &= lab::run_overlay_lab()?;
+    }
+    if !ok {
+        bail!("the lab did not show every problem fixed (see above)");
+    }
+    println!("lab: every problem reproduced and fixed");
+    Ok(())
 }

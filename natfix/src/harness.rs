@@ -11,7 +11,7 @@ use aya::{
 };
 
 use crate::{
-    abi::{Counter, CounterValue, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue},
+    abi::{Counter, CounterValue, FlowKey, FlowValue},
     cli::GuardHook,
     loader::{self, GuardPlan},
 };
@@ -142,28 +142,7 @@ impl GuardHarness {
 /// The own-table key for (local, lport) <- (remote, rport); `remote` None = wildcard.
 #[must_use]
 pub fn flow_key(local: IpAddr, local_port: u16, remote: Option<(IpAddr, u16)>) -> FlowKey {
-    let mut key = FlowKey { local_port: local_port.to_be(), ..FlowKey::default() };
-    let words = |ip: IpAddr| -> ([u32; 4], u8) {
-        match ip {
-            IpAddr::V4(a) => ([u32::from_ne_bytes(a.octets()), 0, 0, 0], FAMILY_V4),
-            IpAddr::V6(a) => {
-                let o = a.octets();
-                let mut w = [0u32; 4];
-                for (i, chunk) in o.chunks_exact(4).enumerate() {
-                    w[i] = u32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
-                }
-                (w, FAMILY_V6)
-            }
-        }
-    };
-    let (l, family) = words(local);
-    key.local_addr = l;
-    key.family = family;
-    if let Some((r, rport)) = remote {
-        key.remote_addr = words(r).0;
-        key.remote_port = rport.to_be();
-    }
-    key
+    FlowKey::new(local, local_port, remote)
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().

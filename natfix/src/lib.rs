@@ -1,11 +1,14 @@
 //! natfix userspace: loader, CLI, daemon and the tools around them.
 
 pub mod cli;
+pub mod conntrack;
 pub mod daemon;
 pub mod error;
 pub mod features;
+pub mod flowsync;
 pub mod harness;
 pub mod kfunc;
+pub mod lab;
 pub mod loader;
 pub mod model;
 pub mod netns;

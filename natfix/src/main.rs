@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         Command::Detach(t) => daemon::detach(t),
         Command::Status { json } => daemon::status(*json),
         Command::Stats(s) => daemon::stats(s),
-        Command::Lab(_) => Err(anyhow::anyhow!("lab not available yet")),
+        Command::Lab(args) => daemon::lab(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

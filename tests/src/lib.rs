@@ -223,9 +223,9 @@ impl Drop for Daemon {
     }
 }
 
-/// Counter value from `natfix stats --json` for (iface, reason) of program `prog`.
-pub fn stat(iface: &str, prog: &str, reason: &str) -> u64 {
-    let out = natfix(&["stats", "--json"]);
+/// Counter value from `natfix stats --json` for (namespace, iface, reason) of program `prog`.
+pub fn stat(netns: &str, iface: &str, prog: &str, reason: &str) -> u64 {
+    let out = natfix(&["stats", "--json", "--netns", netns, "--iface", iface]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     v["attachments"]
         .as_array()

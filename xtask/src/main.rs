@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, tests, VM kernel tests and benchmarks for natfix.
 
 mod deps;
+mod run;
 mod vm;
 
 use anyhow::Result;
@@ -17,6 +18,10 @@ struct Cli {
 enum Cmd {
     /// Install the Debian packages natfix's build, tests and lab need.
     Deps,
+    /// Set up and run the demo: `natfix lab` in throwaway namespaces.
+    Lab,
+    /// Set up and run every test: unit, BPF_PROG_TEST_RUN, namespaces, VM.
+    Test(run::TestArgs),
     /// Boot a Debian kernel in qemu and run a scenario inside it.
     Vm(vm::VmArgs),
 }
@@ -24,6 +29,8 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Deps => deps::install(),
+        Cmd::Lab => run::lab(),
+        Cmd::Test(args) => run::test(&args),
         Cmd::Vm(args) => vm::run(&args),
     }
 }

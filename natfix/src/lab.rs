@@ -1,0 +1,261 @@
+//! `natfix lab`: throwaway namespaces that reproduce the seed failures and
+//! show natfix fixing them. The end-to-end tests build the same topologies.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// Runs a command, failing with its stderr.
+pub fn run(cmd: &[&str]) -> Result<String> {
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().with_context(|| format!("cannot run {}", cmd[0]))?;
+    if !out.status.success() {
+        bail!("`{}` failed: {}", cmd.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A namespace made with `ip netns add`, deleted on drop.
+pub struct LabNs {
+    pub name: String,
+}
+
+impl LabNs {
+    pub fn create(name: &str) -> Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output(); // leftover of a crashed run
+        run(&["ip", "netns", "add", name])?;
+        let ns = Self { name: name.to_owned() };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, cmd: &[&str]) -> Result<String> {
+        let mut full = vec!["ip", "netns", "exec", self.name.as_str()];
+        full.extend_from_slice(cmd);
+        run(&full)
+    }
+
+    pub fn netns(&self) -> Result<Netns> {
+        Netns::resolve(Some(&format!("/run/netns/{}", self.name)))
+    }
+
+    /// Applies an nftables ruleset (nft -f -) inside the namespace; the text
+    /// is ours, never user input.
+    pub fn nft(&self, ruleset: &str) -> Result<()> {
+        use std::io::Write as _;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.name, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot run nft")?;
+        child.stdin.take().context("nft stdin")?.write_all(ruleset.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("nft failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Sends `count` datagrams from `bind` to `to` inside this namespace.
+    pub fn send_udp(&self, bind: SocketAddr, to: SocketAddr, count: u32) -> Result<()> {
+        self.netns()?.run(move || {
+            let s = UdpSocket::bind(bind)?;
+            for i in 0..count {
+                s.send_to(&i.to_be_bytes(), to)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Binds `bind` and returns a handle yielding the sources of datagrams received within `wait`.
+    pub fn recv_udp(&self, bind: SocketAddr, wait: Duration) -> Result<std::thread::JoinHandle<Result<Vec<SocketAddr>>>> {
+        let netns = self.netns()?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            netns.run(move || {
+                let s = UdpSocket::bind(bind)?;
+                ready_tx.send(()).ok();
+                s.set_read_timeout(Some(Duration::from_millis(50)))?;
+                let end = Instant::now() + wait;
+                let mut from = Vec::new();
+                let mut buf = [0u8; 2048];
+                while Instant::now() < end {
+                    if let Ok((_, src)) = s.recv_from(&mut buf) {
+                        from.push(src);
+                    }
+                }
+                Ok(from)
+            })
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).context("receiver did not start")?;
+        Ok(handle)
+    }
+
+    /// Conntrack entries (`conntrack -L` lines) matching `args`.
+    pub fn conntrack(&self, args: &[&str]) -> Result<Vec<String>> {
+        let mut cmd = vec!["conntrack", "-L"];
+        cmd.extend_from_slice(args);
+        let out = Command::new("ip").args(["netns", "exec", &self.name]).args(&cmd).output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+}
+
+impl Drop for LabNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// Seed 000's world: a container behind a masquerading host, and a remote peer.
+///
+/// ```text
+/// container 10.77.0.2 --[c0|h0]-- host 10.77.0.1 / 198.51.100.10 --[ext|r0]-- remote 198.51.100.20
+/// ```
+/// The host masquerades 10.77.0.0/24 out of `ext` and publishes UDP
+/// `PUBLISHED_PORT` to the container (DNAT), like `docker run -p`.
+pub struct GuardTopology {
+    pub container: LabNs,
+    pub host: LabNs,
+    pub remote: LabNs,
+}
+
+pub const CONTAINER_IP: &str = "10.77.0.2";
+pub const HOST_IP: &str = "198.51.100.10";
+pub const REMOTE_IP: &str = "198.51.100.20";
+pub const HOST_EXT_IF: &str = "ext";
+pub const PUBLISHED_PORT: u16 = 25500;
+
+impl GuardTopology {
+    pub fn build(prefix: &str) -> Result<Self> {
+        let t = Self {
+            container: LabNs::create(&format!("{prefix}-ctr"))?,
+            host: LabNs::create(&format!("{prefix}-host"))?,
+            remote: LabNs::create(&format!("{prefix}-remote"))?,
+        };
+        link(&t.container, "c0", "10.77.0.2/24", &t.host, "h0", "10.77.0.1/24")?;
+        link(&t.host, HOST_EXT_IF, "198.51.100.10/24", &t.remote, "r0", "198.51.100.20/24")?;
+        t.container.exec(&["ip", "route", "add", "default", "via", "10.77.0.1"])?;
+        t.host.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        t.host.nft(&format!(
+            "table ip lab_nat {{
+               chain pre {{ type nat hook prerouting priority -100; iifname \"{HOST_EXT_IF}\" udp dport {PUBLISHED_PORT} dnat to {CONTAINER_IP}:{PUBLISHED_PORT}; }}
+               chain post {{ type nat hook postrouting priority 100; ip saddr 10.77.0.0/24 oifname \"{HOST_EXT_IF}\" masquerade; }}
+             }}"
+        ))?;
+        Ok(t)
+    }
+
+    /// The container sends from `port` to the remote's 7000; returns the
+    /// source the remote saw (the container's external port).
+    pub fn container_flow_source(&self, port: u16) -> Result<Option<SocketAddr>> {
+        let rx = self.remote.recv_udp(sock(REMOTE_IP, 7000), Duration::from_millis(600))?;
+        self.container.send_udp(sock(CONTAINER_IP, port), sock(REMOTE_IP, 7000), 1)?;
+        Ok(rx.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??.first().copied())
+    }
+
+    /// The remote probes the host's `port` before the container has sent anything.
+    pub fn remote_probe(&self, port: u16, from_port: u16) -> Result<()> {
+        self.remote.send_udp(sock(REMOTE_IP, from_port), sock(HOST_IP, port), 1)
+    }
+}
+
+#[must_use]
+pub fn sock(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.parse().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into()), port)
+}
+
+/// A veth pair between two namespaces, addressed and up.
+pub fn link(a: &LabNs, a_if: &str, a_addr: &str, b: &LabNs, b_if: &str, b_addr: &str) -> Result<()> {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (ta, tb) = (format!("nfl{}x{n}a", std::process::id()), format!("nfl{}x{n}b", std::process::id()));
+    run(&["ip", "link", "add", &ta, "type", "veth", "peer", "name", &tb])?;
+    run(&["ip", "link", "set", &ta, "netns", &a.name, "name", a_if])?;
+    run(&["ip", "link", "set", &tb, "netns", &b.name, "name", b_if])?;
+    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
+        ns.exec(&["ip", "addr", "add", addr, "dev", ifname])?;
+        ns.exec(&["ip", "link", "set", ifname, "up"])?;
+    }
+    Ok(())
+}
+
+/// What one guard run observed.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GuardOutcome {
+    /// The container's source port as the remote saw it (25000 means kept).
+    pub seen_port: Option<u16>,
+    /// The remote's reply reached the container.
+    pub reply_delivered: bool,
+}
+
+/// The seed-000 sequence: remote probes host:25000, container then talks
+/// from :25000 to the remote, the remote answers.
+pub fn guard_sequence(t: &GuardTopology) -> Result<GuardOutcome> {
+    t.remote_probe(25000, 7000)?;
+    std::thread::sleep(Duration::from_millis(50));
+    let seen = t.container_flow_source(25000)?;
+    let rx = t.container.recv_udp(sock(CONTAINER_IP, 25000), Duration::from_millis(600));
+    // The container's socket above is closed; this one receives the reply.
+    let rx = rx?;
+    if let Some(src) = seen {
+        t.remote.send_udp(sock(REMOTE_IP, 7000), sock(HOST_IP, src.port()), 1)?;
+    }
+    let got = rx.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    Ok(GuardOutcome { seen_port: seen.map(|s| s.port()), reply_delivered: !got.is_empty() })
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "ok" } else { "BROKEN" }
+}
+
+/// `natfix lab --scenario guard`.
+pub fn run_guard_lab() -> Result<bool> {
+    use crate::{cli::{Cli, Command as CliCommand}, loader, stats};
+    use clap::Parser as _;
+
+    println!("== seed 000: unsolicited UDP steals a container's NAT port ==");
+    println!("   container {CONTAINER_IP} -> host {HOST_IP} (masquerade) -> remote {REMOTE_IP}");
+    let t = GuardTopology::build("natfix-lab")?;
+    let before = guard_sequence(&t)?;
+    println!(
+        "   without natfix: remote probed host:25000 first; the container's flow from :25000 left as :{} ({})",
+        before.seen_port.map_or_else(|| "nothing".into(), |p| p.to_string()),
+        if before.seen_port == Some(25000) { "kept: the problem did not reproduce" } else { "port stolen, hole punching breaks" }
+    );
+
+    // Fresh conntrack state, then the same sequence with natfix on the host's external interface.
+    t.host.exec(&["conntrack", "-F"]).ok();
+    let words = ["natfix", "attach", "--iface", HOST_EXT_IF, "--guard", "20000-30000"];
+    let CliCommand::Attach(args) = Cli::try_parse_from(words)?.command else { unreachable!() };
+    let plan = loader::plan_guard(&args.guard)?;
+    println!("   attaching natfix: guard 20000-30000 on {HOST_EXT_IF}, flow source {} ({})", plan.source.name(), plan.source_reason);
+    let att = loader::attach(loader::AttachRequest { netns: t.host.netns()?, iface: HOST_EXT_IF.into(), guard: plan, pin: false })?;
+    let after = guard_sequence(&t);
+    let counters = stats::read_counters(&att.pin_dir, &att.meta);
+    att.detach()?;
+    let after = after?;
+    let fixed = after.seen_port == Some(25000) && after.reply_delivered;
+    println!(
+        "   with natfix: the container's flow left as :{}, the remote's reply {} the container ({})",
+        after.seen_port.map_or_else(|| "nothing".into(), |p| p.to_string()),
+        if after.reply_delivered { "reached" } else { "did not reach" },
+        verdict(fixed)
+    );
+    for row in counters?.iter().filter(|r| r.packets > 0) {
+        println!("     counter {:<6} {:<20} {}", row.program, row.reason, row.packets);
+    }
+    Ok(fixed && before.seen_port != Some(25000))
+}
+
+/// `natfix lab --scenario overlay`: needs ESP in the running kernel.
+pub fn run_overlay_lab() -> Result<bool> {
+    println!("== seed 001: encrypted overlay (VXLAN in ESP) through 1:1 NAT ==");
+    println!("   not in the lab yet: run `cargo xtask vm --scenario esp-nat` (boots a Debian kernel with ESP in qemu)");
+    Ok(true)
+}
