@@ -28,7 +28,15 @@ enum natfix_counter {
 	NATFIX_CNT_FLOW_LEARN_FAILED       = 10, /* map update failed */
 	NATFIX_CNT_FLOW_OUT_OF_SCOPE       = 11, /* egress packet not UDP from a guarded port */
 	/* 12..15 reserved for the guard */
-	/* 16..31 reserved for the overlay checksum fixer */
+	/* overlay checksum fixer (tc ingress on the underlay) */
+	NATFIX_CNT_OVERLAY_ZEROED          = 16, /* decrypted VXLAN: UDP checksum set to 0 */
+	NATFIX_CNT_OVERLAY_RECOMPUTED      = 17, /* decrypted VXLAN: UDP checksum recomputed */
+	NATFIX_CNT_OVERLAY_CLEARTEXT       = 18, /* VXLAN without xfrm secpath: untouched */
+	NATFIX_CNT_OVERLAY_NOT_VXLAN       = 19, /* not UDP to a VXLAN port: untouched */
+	NATFIX_CNT_OVERLAY_MALFORMED       = 20, /* headers or UDP length invalid: untouched */
+	NATFIX_CNT_OVERLAY_ERROR           = 21, /* a helper failed: untouched */
+	NATFIX_CNT_OVERLAY_OTHER_SA        = 22, /* decrypted by an SA with another reqid: untouched */
+	/* 23..31 reserved for the overlay checksum fixer */
 	NATFIX_CNT_MAX                     = 32,
 };
 
@@ -56,6 +64,21 @@ struct natfix_guard_config {
 	__u32 nr_ranges;
 	__u32 flags;
 	__u64 flow_timeout_ns; /* idle time after which an own-table flow no longer admits replies */
+};
+
+#define NATFIX_MAX_VXLAN_PORTS 8
+
+/* natfix_overlay_config.flags */
+#define NATFIX_OVERLAY_F_RECOMPUTE      (1U << 0) /* recompute (else zero IPv4, recompute IPv6) */
+#define NATFIX_OVERLAY_F_MATCH_REQID    (1U << 1) /* only packets decrypted by SAs with `reqid` */
+#define NATFIX_OVERLAY_F_NO_SECPATH     (1U << 2) /* TEST BUILDS ONLY: skip the xfrm secpath gate */
+
+struct natfix_overlay_config {
+	__u16 vxlan_ports[NATFIX_MAX_VXLAN_PORTS]; /* host byte order */
+	__u32 nr_ports;
+	__u32 flags;
+	__u32 reqid;
+	__u32 pad;
 };
 
 #define NATFIX_FAMILY_V4 4

@@ -46,13 +46,19 @@ static __always_inline int natfix_parse_udp_hdr(void *data, void *data_end, __u3
 						struct natfix_pkt *pkt)
 {
 	struct udphdr *udp = data + off;
+	__u16 sport, dport;
 
 	if ((void *)(udp + 1) > data_end)
 		return NATFIX_PARSE_MALFORMED;
 	if (bpf_ntohs(udp->len) < sizeof(*udp))
 		return NATFIX_PARSE_MALFORMED;
-	pkt->sport = udp->source;
-	pkt->dport = udp->dest;
+	sport = udp->source;
+	dport = udp->dest;
+	/* Keep the loaded values: clang may otherwise re-read the packet later
+	 * through a pointer the verifier no longer knows to be in bounds. */
+	asm volatile("" : "+r"(sport), "+r"(dport));
+	pkt->sport = sport;
+	pkt->dport = dport;
 	pkt->l4_off = off;
 	return NATFIX_PARSE_UDP;
 }

@@ -37,6 +37,12 @@ const OBJECTS: &[BpfObject] = &[
         sources: &["guard_tc"],
         defines: &["-DNATFIX_FLOW_CONNTRACK"],
     },
+    // Checksum repair of decrypted VXLAN (tc ingress on the underlay).
+    BpfObject {
+        name: "overlay",
+        sources: &["overlay_tc"],
+        defines: &[],
+    },
     // Empty programs: the baseline of every benchmark ratio.
     BpfObject {
         name: "bench_empty",

@@ -19,13 +19,20 @@ pub enum Counter {
     FlowRefreshed = 9,
     FlowLearnFailed = 10,
     FlowOutOfScope = 11,
+    OverlayZeroed = 16,
+    OverlayRecomputed = 17,
+    OverlayCleartext = 18,
+    OverlayNotVxlan = 19,
+    OverlayMalformed = 20,
+    OverlayError = 21,
+    OverlayOtherSa = 22,
 }
 
 /// Number of slots in the counters map (NATFIX_CNT_MAX).
 pub const COUNTER_SLOTS: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 19] = [
         Self::GuardOutOfScope,
         Self::GuardPassSolicited,
         Self::GuardDropUnsolicited,
@@ -38,6 +45,13 @@ impl Counter {
         Self::FlowRefreshed,
         Self::FlowLearnFailed,
         Self::FlowOutOfScope,
+        Self::OverlayZeroed,
+        Self::OverlayRecomputed,
+        Self::OverlayCleartext,
+        Self::OverlayNotVxlan,
+        Self::OverlayMalformed,
+        Self::OverlayError,
+        Self::OverlayOtherSa,
     ];
 
     /// Which program family the counter belongs to.
@@ -45,6 +59,13 @@ impl Counter {
     pub const fn program(self) -> &'static str {
         match self {
             Self::FlowLearned | Self::FlowRefreshed | Self::FlowLearnFailed | Self::FlowOutOfScope => "flow",
+            Self::OverlayZeroed
+            | Self::OverlayRecomputed
+            | Self::OverlayCleartext
+            | Self::OverlayNotVxlan
+            | Self::OverlayMalformed
+            | Self::OverlayError
+            | Self::OverlayOtherSa => "overlay",
             _ => "guard",
         }
     }
@@ -54,6 +75,13 @@ impl Counter {
     pub const fn reason(self) -> &'static str {
         match self {
             Self::GuardOutOfScope | Self::FlowOutOfScope => "out_of_scope",
+            Self::OverlayZeroed => "zeroed",
+            Self::OverlayRecomputed => "recomputed",
+            Self::OverlayCleartext => "cleartext_skipped",
+            Self::OverlayNotVxlan => "not_vxlan",
+            Self::OverlayMalformed => "malformed",
+            Self::OverlayError => "error",
+            Self::OverlayOtherSa => "other_sa",
             Self::GuardPassSolicited => "passed_solicited",
             Self::GuardDropUnsolicited => "dropped_unsolicited",
             Self::GuardWouldDrop => "would_drop",
@@ -101,6 +129,22 @@ pub struct GuardConfig {
     pub nr_ranges: u32,
     pub flags: u32,
     pub flow_timeout_ns: u64,
+}
+
+pub const MAX_VXLAN_PORTS: usize = 8;
+pub const OVERLAY_F_RECOMPUTE: u32 = 1 << 0;
+pub const OVERLAY_F_MATCH_REQID: u32 = 1 << 1;
+/// Test builds only: skip the xfrm secpath gate so BPF_PROG_TEST_RUN reaches the rewrite.
+pub const OVERLAY_F_NO_SECPATH: u32 = 1 << 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlayConfig {
+    pub vxlan_ports: [u16; MAX_VXLAN_PORTS],
+    pub nr_ports: u32,
+    pub flags: u32,
+    pub reqid: u32,
+    pub pad: u32,
 }
 
 pub const FAMILY_V4: u8 = 4;
@@ -164,6 +208,7 @@ pub struct LpmV6 {
 // kernel could leak or reject (FlowKey's pad is explicit).
 unsafe impl aya::Pod for CounterValue {}
 unsafe impl aya::Pod for GuardConfig {}
+unsafe impl aya::Pod for OverlayConfig {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowValue {}
 unsafe impl aya::Pod for LpmV4 {}
@@ -174,6 +219,7 @@ const _: () = {
     assert!(size_of::<PortRange>() == 4);
     assert!(size_of::<GuardConfig>() == 80);
     assert!(size_of::<FlowKey>() == 40);
+    assert!(size_of::<OverlayConfig>() == 32);
     assert!(size_of::<FlowValue>() == 8);
     assert!(size_of::<LpmV4>() == 8);
     assert!(size_of::<LpmV6>() == 20);

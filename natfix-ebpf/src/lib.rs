@@ -14,6 +14,8 @@ pub mod objects {
     /// Guard using the conntrack lookup kfunc, tc flavour (`natfix_guard_tc`).
     pub static GUARD_TC_CT: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard_tc_ct.bpf.o"));
+    /// Checksum repair of decrypted VXLAN: `natfix_overlay_tc` (tc ingress).
+    pub static OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
     /// Empty `natfix_empty_xdp` and `natfix_empty_tc`: benchmark baselines.
     pub static BENCH_EMPTY: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench_empty.bpf.o"));
@@ -24,6 +26,7 @@ pub mod programs {
     pub const GUARD_XDP: &str = "natfix_guard_xdp";
     pub const GUARD_TC: &str = "natfix_guard_tc";
     pub const FLOW_EGRESS: &str = "natfix_flow_egress";
+    pub const OVERLAY_TC: &str = "natfix_overlay_tc";
     pub const EMPTY_XDP: &str = "natfix_empty_xdp";
     pub const EMPTY_TC: &str = "natfix_empty_tc";
 }
@@ -36,4 +39,5 @@ pub mod maps {
     pub const GUARD_ALLOW_SRC4: &str = "guard_allow_src4";
     pub const GUARD_ALLOW_SRC6: &str = "guard_allow_src6";
     pub const GUARD_CONFIG: &str = "natfix_guard_cfg";
+    pub const OVERLAY_CONFIG: &str = "natfix_overlay_cfg";
 }

@@ -126,6 +126,86 @@ pub struct AttachArgs {
 
     #[command(flatten)]
     pub guard: GuardArgs,
+
+    #[command(flatten)]
+    pub overlay: OverlayArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CsumMode {
+    /// IPv4: set the UDP checksum to 0 (IPv6 is always recomputed).
+    Zero,
+    /// Recompute the UDP checksum (IPv4 and IPv6).
+    Recompute,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CsumBackend {
+    /// tc program plus the nftables rule for IPv4 packets that never reach tc (fragments).
+    Auto,
+    /// tc program only (needs the ESP GRO path: esp4_offload/esp6_offload and GRO).
+    Tc,
+    /// nftables rule only (IPv4).
+    Nft,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Encrypted-overlay checksum fix")]
+pub struct OverlayArgs {
+    /// Repair the UDP checksum of decrypted VXLAN (encrypted overlay behind 1:1 NAT).
+    #[arg(long)]
+    pub overlay_fix: bool,
+    /// VXLAN UDP port (repeatable, up to 8; default 4789).
+    #[arg(long = "vxlan-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub vxlan_ports: Vec<u16>,
+    /// Only packets decrypted by SAs with this reqid (Docker uses 0xD0C4E3).
+    #[arg(long, value_name = "REQID", value_parser = parse_u32_any_base)]
+    pub reqid: Option<u32>,
+    /// How the checksum is repaired.
+    #[arg(long, value_enum, default_value_t = CsumMode::Zero)]
+    pub csum: CsumMode,
+    /// Which mechanism repairs it.
+    #[arg(long, value_enum, default_value_t = CsumBackend::Auto)]
+    pub csum_backend: CsumBackend,
+}
+
+/// Default VXLAN port (IANA); Docker's data-path port may differ.
+pub const VXLAN_PORT: u16 = 4789;
+
+impl OverlayArgs {
+    #[must_use]
+    pub fn ports(&self) -> Vec<u16> {
+        if self.vxlan_ports.is_empty() { vec![VXLAN_PORT] } else { self.vxlan_ports.clone() }
+    }
+}
+
+/// `0xD0C4E3` or `13681891`.
+fn parse_u32_any_base(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not a number (decimal or 0x-hex)"))
+}
+
+/// Checks of the overlay options clap cannot express.
+pub fn validate_overlay(args: &OverlayArgs) -> Result<(), String> {
+    let touched = !args.vxlan_ports.is_empty()
+        || args.reqid.is_some()
+        || args.csum != CsumMode::Zero
+        || args.csum_backend != CsumBackend::Auto;
+    if touched && !args.overlay_fix {
+        return Err("--vxlan-port, --reqid, --csum and --csum-backend need --overlay-fix".into());
+    }
+    if args.vxlan_ports.len() > crate::abi::MAX_VXLAN_PORTS {
+        return Err(format!("at most {} --vxlan-port values", crate::abi::MAX_VXLAN_PORTS));
+    }
+    if args.csum_backend == CsumBackend::Nft && args.csum == CsumMode::Recompute {
+        return Err("--csum-backend nft can only zero the checksum (IPv4); use --csum zero or another backend".into());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]

@@ -18,24 +18,27 @@ use crate::{
 };
 
 pub fn attach(args: &AttachArgs) -> Result<()> {
-    if !args.guard.enabled() {
-        bail!(UserError::Usage("nothing to attach: give at least one --guard RANGE".into()));
+    if !args.guard.enabled() && !args.overlay.overlay_fix {
+        crate::cli::validate_overlay(&args.overlay).map_err(UserError::Usage)?;
+        bail!(UserError::Usage("nothing to attach: give --guard RANGE and/or --overlay-fix".into()));
     }
+    let overlay = loader::plan_overlay(&args.overlay)?;
+    let guard = if args.guard.enabled() { Some(loader::plan_guard(&args.guard)?) } else { None };
     features::require_privileges(args.target.netns.is_some())?;
     let netns = Netns::resolve(args.target.netns.as_deref())?;
-    let plan = loader::plan_guard(&args.guard)?;
-    let own_flows = plan.source == loader::ResolvedFlowSource::Own;
-    let eif = plan.config.flags & crate::abi::GUARD_F_ENDPOINT_INDEP != 0;
+    let own_flows = guard.as_ref().is_some_and(|g| g.source == loader::ResolvedFlowSource::Own);
+    let eif = guard.as_ref().is_some_and(|g| g.config.flags & crate::abi::GUARD_F_ENDPOINT_INDEP != 0);
     let att = loader::attach(AttachRequest {
         netns: netns.clone(),
         iface: args.target.iface.clone(),
-        guard: plan,
+        guard,
+        overlay,
         pin: args.pin,
     })?;
     // The own flow table also learns from conntrack (flows older than natfix,
     // or leaving by another interface).
     let sync = if own_flows {
-        let mut sync = FlowSync::open(&att.pin_dir.map("flows"), args.guard.ranges.clone(), eif)?;
+        let mut sync = FlowSync::open(&att.pin_dir.map(pins::GUARD_FLOWS), args.guard.ranges.clone(), eif)?;
         let stream = sync.subscribe_and_seed(&netns)?;
         Some((sync, stream))
     } else {
@@ -146,6 +149,15 @@ pub fn status(json: bool) -> Result<()> {
         );
         for p in &e.meta.programs {
             println!("  {:<20} {:<10} {:<8} prog id {}", p.name, p.hook, p.mode, p.prog_id);
+        }
+        if let Some(o) = &e.meta.overlay {
+            println!(
+                "  overlay vxlan ports {:?} csum {} backend {}{}",
+                o.vxlan_ports,
+                o.csum,
+                o.backend,
+                o.changes.nft_table.as_ref().map_or_else(String::new, |t| format!(" (nft table ip {t})"))
+            );
         }
         if let Some(g) = &e.meta.guard {
             println!(

@@ -235,7 +235,13 @@ pub fn run_guard_lab() -> Result<bool> {
     let CliCommand::Attach(args) = Cli::try_parse_from(words)?.command else { unreachable!() };
     let plan = loader::plan_guard(&args.guard)?;
     println!("   attaching natfix: guard 20000-30000 on {HOST_EXT_IF}, flow source {} ({})", plan.source.name(), plan.source_reason);
-    let att = loader::attach(loader::AttachRequest { netns: t.host.netns()?, iface: HOST_EXT_IF.into(), guard: plan, pin: false })?;
+    let att = loader::attach(loader::AttachRequest {
+        netns: t.host.netns()?,
+        iface: HOST_EXT_IF.into(),
+        guard: Some(plan),
+        overlay: None,
+        pin: false,
+    })?;
     let after = guard_sequence(&t);
     let counters = stats::read_counters(&att.pin_dir, &att.meta);
     att.detach()?;

@@ -12,6 +12,7 @@ pub mod lab;
 pub mod loader;
 pub mod model;
 pub mod netns;
+pub mod overlay;
 pub mod pins;
 pub mod stats;
 

@@ -17,13 +17,14 @@ use aya::{
 use tracing::{info, warn};
 
 use crate::{
-    abi::{self, GuardConfig, LpmV4, LpmV6, PortRange},
-    cli::{Filtering, FlowSource, GuardArgs, GuardHook, XdpModeArg},
+    abi::{self, GuardConfig, LpmV4, LpmV6, OverlayConfig, PortRange},
+    cli::{CsumBackend, CsumMode, Filtering, FlowSource, GuardArgs, GuardHook, OverlayArgs, XdpModeArg},
     error::UserError,
     features::{self, CtKfuncs},
     kfunc,
     netns::Netns,
-    pins::{self, AttachmentMeta, GuardMeta, PinDir, ProgramMeta},
+    overlay::{self, OverlayChanges},
+    pins::{self, AttachmentMeta, GuardMeta, OverlayMeta, PinDir, ProgramMeta},
 };
 use natfix_ebpf::{maps as map_names, objects, programs as prog_names};
 
@@ -185,6 +186,73 @@ pub fn load_guard_object(plan: &GuardPlan) -> Result<Ebpf> {
     Ok(ebpf)
 }
 
+/// Everything needed to load and attach the overlay fix, validated.
+#[derive(Debug, Clone)]
+pub struct OverlayPlan {
+    pub config: OverlayConfig,
+    pub backend: CsumBackend,
+    pub ports: Vec<u16>,
+    pub meta: OverlayMeta,
+}
+
+impl OverlayPlan {
+    #[must_use]
+    pub fn uses_tc(&self) -> bool {
+        self.backend != CsumBackend::Nft
+    }
+
+    #[must_use]
+    pub fn uses_nft(&self) -> bool {
+        self.backend != CsumBackend::Tc
+    }
+}
+
+/// Validates the overlay options; None when --overlay-fix is off.
+pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
+    crate::cli::validate_overlay(args).map_err(UserError::Usage)?;
+    if !args.overlay_fix {
+        return Ok(None);
+    }
+    let ports = args.ports();
+    let mut config = OverlayConfig {
+        nr_ports: u32::try_from(ports.len()).unwrap_or(0),
+        reqid: args.reqid.unwrap_or(0),
+        ..OverlayConfig::default()
+    };
+    for (slot, port) in config.vxlan_ports.iter_mut().zip(&ports) {
+        *slot = *port;
+    }
+    if args.csum == CsumMode::Recompute {
+        config.flags |= abi::OVERLAY_F_RECOMPUTE;
+    }
+    if args.reqid.is_some() {
+        config.flags |= abi::OVERLAY_F_MATCH_REQID;
+    }
+    let meta = OverlayMeta {
+        vxlan_ports: ports.clone(),
+        csum: match args.csum {
+            CsumMode::Zero => "zero".into(),
+            CsumMode::Recompute => "recompute".into(),
+        },
+        backend: match args.csum_backend {
+            CsumBackend::Auto => "auto".into(),
+            CsumBackend::Tc => "tc".into(),
+            CsumBackend::Nft => "nft".into(),
+        },
+        reqid: args.reqid,
+        changes: OverlayChanges::default(),
+    };
+    Ok(Some(OverlayPlan { config, backend: args.csum_backend, ports, meta }))
+}
+
+/// Loads the overlay object with its configuration; the program is not loaded yet.
+pub fn load_overlay_object(config: &OverlayConfig) -> Result<Ebpf> {
+    EbpfLoader::new()
+        .override_global(map_names::OVERLAY_CONFIG, config, true)
+        .load(objects::OVERLAY)
+        .context("cannot load the overlay eBPF object")
+}
+
 // The LPM key types of the C side are {prefixlen, addr}; aya's Key<K> adds
 // the prefix itself, so K is just the address bytes.
 type LpmV4Key = u32;
@@ -227,14 +295,22 @@ enum LinkRef {
     Tc(SchedClassifierLinkId),
 }
 
-/// A live attachment: the loaded object owns the links; dropping it detaches.
+/// Which loaded object a program belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feature {
+    Guard,
+    Overlay,
+}
+
+/// A live attachment: the loaded objects own the links; dropping them detaches.
 pub struct Attachment {
     pub netns: Netns,
     pub iface: String,
     pub pin_dir: PinDir,
     pub meta: AttachmentMeta,
-    ebpf: Ebpf,
-    links: Vec<(String, LinkRef)>,
+    guard: Option<Ebpf>,
+    overlay: Option<Ebpf>,
+    links: Vec<(Feature, String, LinkRef)>,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -248,7 +324,8 @@ impl std::fmt::Debug for Attachment {
 pub struct AttachRequest {
     pub netns: Netns,
     pub iface: String,
-    pub guard: GuardPlan,
+    pub guard: Option<GuardPlan>,
+    pub overlay: Option<OverlayPlan>,
     pub pin: bool,
 }
 
@@ -309,22 +386,35 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
             pinned: req.pin,
             created_unix: pins::now_unix(),
             programs: Vec::new(),
-            guard: Some(req.guard.meta.clone()),
+            guard: req.guard.as_ref().map(|g| g.meta.clone()),
+            overlay: req.overlay.as_ref().map(|o| o.meta.clone()),
             created_clsact: false,
         },
-        ebpf: load_guard_object(&req.guard)?,
+        guard: req.guard.as_ref().map(load_guard_object).transpose()?,
+        overlay: req.overlay.as_ref().map(|o| load_overlay_object(&o.config)).transpose()?,
         links: Vec::new(),
         netns: req.netns.clone(),
         iface: req.iface.clone(),
         pin_dir,
     };
-    match att.attach_guard(&req.guard).and_then(|()| att.publish(req.pin)) {
+    let result = (|| {
+        if let Some(guard) = &req.guard {
+            att.attach_guard(guard)?;
+        }
+        if let Some(overlay) = &req.overlay {
+            att.attach_overlay(overlay)?;
+        }
+        att.publish(req.pin)
+    })();
+    match result {
         Ok(()) => {
             info!(
-                iface = %att.iface, netns = %att.netns.spec, flow_source = req.guard.source.name(),
+                iface = %att.iface, netns = %att.netns.spec,
                 "attached: {}", att.meta.programs.iter().map(|p| format!("{} ({} {})", p.name, p.hook, p.mode)).collect::<Vec<_>>().join(", ")
             );
-            info!("flow source {}: {}", req.guard.source.name(), req.guard.source_reason);
+            if let Some(guard) = &req.guard {
+                info!("flow source {}: {}", guard.source.name(), guard.source_reason);
+            }
             Ok(att)
         }
         Err(e) => {
@@ -349,15 +439,23 @@ impl Attachment {
         }
     }
 
-    fn attach_tc(&mut self, name: &str, attach_type: TcAttachType) -> Result<()> {
+    fn object(&mut self, feature: Feature) -> Result<&mut Ebpf> {
+        match feature {
+            Feature::Guard => self.guard.as_mut(),
+            Feature::Overlay => self.overlay.as_mut(),
+        }
+        .context("object not loaded")
+    }
+
+    fn attach_tc(&mut self, feature: Feature, name: &str, attach_type: TcAttachType) -> Result<()> {
         self.ensure_clsact()?;
         let iface = self.iface.clone();
-        let prog = load_tc(&mut self.ebpf, name)?;
+        let prog = load_tc(self.object(feature)?, name)?;
         let id = prog
             .attach(&iface, attach_type)
             .with_context(|| format!("cannot attach {name} to tc {attach_type:?} of {iface}"))?;
         let prog_id = prog.info()?.id();
-        self.links.push((name.to_owned(), LinkRef::Tc(id)));
+        self.links.push((feature, name.to_owned(), LinkRef::Tc(id)));
         self.meta.programs.push(ProgramMeta {
             name: name.to_owned(),
             hook: match attach_type {
@@ -372,7 +470,7 @@ impl Attachment {
 
     fn attach_xdp(&mut self, name: &str, mode: XdpModeArg) -> Result<()> {
         let iface = self.iface.clone();
-        let prog = load_xdp(&mut self.ebpf, name)?;
+        let prog = load_xdp(self.object(Feature::Guard)?, name)?;
         let (id, used) = match mode {
             XdpModeArg::Generic => (prog.attach(&iface, XdpMode::Skb), "generic"),
             XdpModeArg::Native => (prog.attach(&iface, XdpMode::Driver), "native"),
@@ -388,7 +486,7 @@ impl Attachment {
             format!("cannot attach {name} to XDP ({used}) of {iface}; another XDP program may own it (`ip link show {iface}`)")
         })?;
         let prog_id = prog.info()?.id();
-        self.links.push((name.to_owned(), LinkRef::Xdp(id)));
+        self.links.push((Feature::Guard, name.to_owned(), LinkRef::Xdp(id)));
         self.meta.programs.push(ProgramMeta { name: name.to_owned(), hook: "xdp".into(), mode: used.into(), prog_id });
         Ok(())
     }
@@ -396,26 +494,56 @@ impl Attachment {
     fn attach_guard(&mut self, plan: &GuardPlan) -> Result<()> {
         // Learn before guarding, so replies to flows leaving meanwhile pass.
         if plan.source == ResolvedFlowSource::Own {
-            self.attach_tc(prog_names::FLOW_EGRESS, TcAttachType::Egress)?;
+            self.attach_tc(Feature::Guard, prog_names::FLOW_EGRESS, TcAttachType::Egress)?;
         }
         match plan.hook {
             GuardHook::Xdp => self.attach_xdp(prog_names::GUARD_XDP, plan.xdp_mode),
-            GuardHook::Tc => self.attach_tc(prog_names::GUARD_TC, TcAttachType::Ingress),
+            GuardHook::Tc => self.attach_tc(Feature::Guard, prog_names::GUARD_TC, TcAttachType::Ingress),
         }
+    }
+
+    /// The tc program (with the ESP GRO path it needs) and/or the nft table.
+    fn attach_overlay(&mut self, plan: &OverlayPlan) -> Result<()> {
+        let mut changes = OverlayChanges::default();
+        let result = (|| {
+            if plan.uses_tc() {
+                let gro_path = overlay::load_esp_offload(&mut changes).and_then(|()| overlay::enable_gro(&self.iface, &mut changes));
+                match (gro_path, plan.backend) {
+                    (Ok(()), _) => {}
+                    (Err(e), CsumBackend::Tc) => return Err(e.context(UserError::Unsupported("the tc backend needs the ESP GRO path".into()))),
+                    (Err(e), _) => warn!("{e:#}; the nftables rule still covers IPv4"),
+                }
+                self.attach_tc(Feature::Overlay, prog_names::OVERLAY_TC, TcAttachType::Ingress)?;
+            }
+            if plan.uses_nft() {
+                overlay::install_nft(self.meta.ifindex, &self.iface, &plan.ports, &mut changes)?;
+            }
+            Ok(())
+        })();
+        // Recorded even on failure, so the rollback undoes what was done.
+        if let Some(meta) = self.meta.overlay.as_mut() {
+            meta.changes = changes;
+        }
+        result
     }
 
     /// Pins maps (and links with --pin) and writes the record.
     fn publish(&mut self, pin_links: bool) -> Result<()> {
         self.pin_dir.create()?;
-        for (name, file) in [(map_names::COUNTERS, "counters"), (map_names::GUARD_FLOWS, "flows")] {
-            if let Some(map) = self.ebpf.map(name) {
+        let maps = [
+            (self.guard.as_ref(), map_names::COUNTERS, pins::GUARD_COUNTERS),
+            (self.guard.as_ref(), map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
+            (self.overlay.as_ref(), map_names::COUNTERS, pins::OVERLAY_COUNTERS),
+        ];
+        for (object, name, file) in maps {
+            if let Some(map) = object.and_then(|o| o.map(name)) {
                 let path = self.pin_dir.map(file);
                 map.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
             }
         }
         if pin_links {
-            for (name, link) in std::mem::take(&mut self.links) {
-                let fd_link = self.take_fd_link(&name, link)?;
+            for (feature, name, link) in std::mem::take(&mut self.links) {
+                let fd_link = self.take_fd_link(feature, &name, link)?;
                 let path = self.pin_dir.link(&name);
                 fd_link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
             }
@@ -423,8 +551,8 @@ impl Attachment {
         self.pin_dir.write_meta(&self.meta)
     }
 
-    fn take_fd_link(&mut self, name: &str, link: LinkRef) -> Result<FdLink> {
-        let program = self.ebpf.program_mut(name).context("program vanished")?;
+    fn take_fd_link(&mut self, feature: Feature, name: &str, link: LinkRef) -> Result<FdLink> {
+        let program = self.object(feature)?.program_mut(name).context("program vanished")?;
         let fd_link: Result<FdLink, _> = match link {
             LinkRef::Xdp(id) => {
                 let prog: &mut Xdp = program.try_into()?;
@@ -452,14 +580,14 @@ impl Attachment {
     }
 
     fn teardown_here(self) {
-        let Self { ebpf, pin_dir, meta, iface, .. } = self;
-        drop(ebpf); // closes link fds: the kernel detaches tcx and XDP links
+        let Self { guard, overlay, pin_dir, meta, .. } = self;
+        // Closing the link fds makes the kernel detach tcx and XDP links.
+        drop(guard);
+        drop(overlay);
         if let Err(e) = pin_dir.remove() {
             warn!("cleanup of {} incomplete: {e:#}", pin_dir.path.display());
         }
-        if meta.created_clsact {
-            remove_clsact(&iface);
-        }
+        undo_host_changes(&meta);
     }
 }
 
@@ -489,9 +617,17 @@ pub fn detach_pinned(pin_dir: &PinDir, meta: &AttachmentMeta, netns: &Netns) -> 
             }
         }
         dir.remove()?;
-        if meta.created_clsact {
-            remove_clsact(&meta.iface);
-        }
+        undo_host_changes(&meta);
         Ok(())
     })
+}
+
+/// Restores what natfix changed outside BPF; runs in the attachment's namespace.
+fn undo_host_changes(meta: &AttachmentMeta) {
+    if meta.created_clsact {
+        remove_clsact(&meta.iface);
+    }
+    if let Some(o) = &meta.overlay {
+        overlay::undo(&meta.iface, &o.changes);
+    }
 }

@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::UserError;
 
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Pin names of the maps in an attachment's directory.
+pub const GUARD_COUNTERS: &str = "counters";
+pub const GUARD_FLOWS: &str = "flows";
+pub const OVERLAY_COUNTERS: &str = "overlay_counters";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const META_SIZE: usize = 4096;
 
@@ -159,6 +163,7 @@ pub struct AttachmentMeta {
     pub created_unix: u64,
     pub programs: Vec<ProgramMeta>,
     pub guard: Option<GuardMeta>,
+    pub overlay: Option<OverlayMeta>,
     /// natfix added the clsact qdisc (kernels without tcx) and must remove it.
     pub created_clsact: bool,
 }
@@ -182,6 +187,16 @@ pub struct GuardMeta {
     pub dry_run: bool,
     pub allow_ports: Vec<u16>,
     pub allow_src: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayMeta {
+    pub vxlan_ports: Vec<u16>,
+    pub csum: String,
+    pub backend: String,
+    pub reqid: Option<u32>,
+    /// What natfix changed on the host, undone on detach.
+    pub changes: crate::overlay::OverlayChanges,
 }
 
 impl AttachmentMeta {

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::{
     abi::{Counter, CounterValue},
-    pins::{AttachmentMeta, PinDir},
+    pins::{self, AttachmentMeta, PinDir},
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -26,17 +26,26 @@ pub struct AttachmentStats {
     pub counters: Vec<CounterRow>,
 }
 
-/// Counter totals (summed over CPUs) from a pinned counters map.
-pub fn read_counters(dir: &PinDir, meta: &AttachmentMeta) -> Result<Vec<CounterRow>> {
-    let path = dir.map("counters");
+fn open_counters(dir: &PinDir, file: &str) -> Result<PerCpuArray<MapData, CounterValue>> {
+    let path = dir.map(file);
     let data = MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
-    let map: PerCpuArray<MapData, CounterValue> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?)
+}
+
+/// Counter totals (summed over CPUs) from the attachment's pinned counter maps.
+pub fn read_counters(dir: &PinDir, meta: &AttachmentMeta) -> Result<Vec<CounterRow>> {
     let has_flow = meta.programs.iter().any(|p| p.hook == "tc-egress");
+    let has_overlay_tc = meta.programs.iter().any(|p| p.name == natfix_ebpf::programs::OVERLAY_TC);
+    let guard = if meta.guard.is_some() { Some(open_counters(dir, pins::GUARD_COUNTERS)?) } else { None };
+    let overlay = if has_overlay_tc { Some(open_counters(dir, pins::OVERLAY_COUNTERS)?) } else { None };
     let mut rows = Vec::new();
     for counter in Counter::ALL {
-        if counter.program() == "flow" && !has_flow {
-            continue;
-        }
+        let map = match counter.program() {
+            "flow" if !has_flow => continue,
+            "overlay" => overlay.as_ref(),
+            _ => guard.as_ref(),
+        };
+        let Some(map) = map else { continue };
         let per_cpu = map.get(&(counter as u32), 0)?;
         let total = per_cpu.iter().fold(CounterValue::default(), |acc, v| CounterValue {
             packets: acc.packets + v.packets,

@@ -1,0 +1,182 @@
+//! Host changes the overlay fix needs, and their undoing: the ESP offload
+//! modules and GRO (so decrypted packets reach tc ingress), and the nftables
+//! table that covers packets which never take that path (IPv4 fragments).
+//! Every change is recorded so detach restores exactly what natfix changed.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// What natfix changed on the host for one overlay attachment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OverlayChanges {
+    /// Modules natfix loaded (to unload on detach).
+    pub loaded_modules: Vec<String>,
+    /// natfix switched GRO on for the interface (to switch off on detach).
+    pub enabled_gro: bool,
+    /// The nftables table natfix created (`ip` family), if any.
+    pub nft_table: Option<String>,
+}
+
+fn module_loaded(name: &str) -> bool {
+    std::path::Path::new("/sys/module").join(name).exists()
+}
+
+/// Loads `esp4_offload`/`esp6_offload` where missing; they put decrypted
+/// packets back through GRO, the only path on which tc sees them.
+pub fn load_esp_offload(changes: &mut OverlayChanges) -> Result<()> {
+    for module in ["esp4_offload", "esp6_offload"] {
+        if module_loaded(module) {
+            continue;
+        }
+        let out = Command::new("modprobe").arg(module).output().context("cannot run modprobe")?;
+        if !out.status.success() || !module_loaded(module) {
+            bail!(
+                "cannot load {module} ({}): without it decrypted packets never reach tc; use --csum-backend nft (IPv4)",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        info!("loaded kernel module {module} (ESP GRO path)");
+        changes.loaded_modules.push(module.to_owned());
+    }
+    Ok(())
+}
+
+/// ethtool's legacy GRO ioctls (ETHTOOL_GGRO / ETHTOOL_SGRO).
+const ETHTOOL_GGRO: u32 = 0x2b;
+const ETHTOOL_SGRO: u32 = 0x2c;
+
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    data: *mut EthtoolValue,
+    _pad: [u8; 16],
+}
+
+fn ethtool(iface: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is owned below.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh, valid fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut value = EthtoolValue { cmd, data };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &raw mut value, _pad: [0; 16] };
+    for (dst, src) in req.name.iter_mut().zip(iface.as_bytes().iter().take(libc::IFNAMSIZ - 1)) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCETHTOOL reads req and writes value, both live for the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(value.data)
+}
+
+/// Switches GRO on for `iface` (in the calling thread's namespace) if it is off.
+pub fn enable_gro(iface: &str, changes: &mut OverlayChanges) -> Result<()> {
+    let on = ethtool(iface, ETHTOOL_GGRO, 0).with_context(|| format!("cannot read GRO state of {iface}"))?;
+    if on == 0 {
+        ethtool(iface, ETHTOOL_SGRO, 1).with_context(|| format!("cannot enable GRO on {iface}"))?;
+        info!("enabled GRO on {iface} (ESP GRO path)");
+        changes.enabled_gro = true;
+    }
+    Ok(())
+}
+
+/// The nftables table name for an interface (by index: names may hold any byte).
+#[must_use]
+pub fn nft_table_name(ifindex: u32) -> String {
+    format!("natfix_overlay_{ifindex}")
+}
+
+/// The ruleset, as nftables JSON: decrypted (secpath) UDP to the VXLAN ports
+/// arriving on `iface` gets checksum 0, at prerouting priority mangle, where
+/// the decrypted packet passes again (fragments included).
+#[must_use]
+pub fn nft_ruleset(table: &str, iface: &str, ports: &[u16]) -> serde_json::Value {
+    serde_json::json!({ "nftables": [
+        { "add": { "table": { "family": "ip", "name": table } } },
+        { "add": { "chain": { "family": "ip", "table": table, "name": "prerouting",
+            "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept" } } },
+        { "add": { "rule": { "family": "ip", "table": table, "chain": "prerouting", "expr": [
+            { "match": { "op": "==", "left": { "meta": { "key": "iifname" } }, "right": iface } },
+            { "match": { "op": "==", "left": { "meta": { "key": "ipsec" } }, "right": true } },
+            { "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } },
+                "right": { "set": ports } } },
+            { "mangle": { "key": { "payload": { "protocol": "udp", "field": "checksum" } }, "value": 0 } }
+        ] } } }
+    ] })
+}
+
+fn nft_json(doc: &serde_json::Value) -> Result<()> {
+    use std::io::Write as _;
+    let mut child = Command::new("nft")
+        .args(["-j", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run nft (install nftables)")?;
+    child.stdin.take().context("nft stdin")?.write_all(doc.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft rejected natfix's ruleset: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Installs the nftables fallback in the calling thread's namespace.
+pub fn install_nft(ifindex: u32, iface: &str, ports: &[u16], changes: &mut OverlayChanges) -> Result<()> {
+    let table = nft_table_name(ifindex);
+    // A table left by a crashed natfix is replaced, not duplicated.
+    let _ = Command::new("nft").args(["delete", "table", "ip", &table]).output();
+    nft_json(&nft_ruleset(&table, iface, ports))?;
+    info!("installed nftables table ip {table} (IPv4 fragments and non-GRO paths)");
+    changes.nft_table = Some(table);
+    Ok(())
+}
+
+/// Undoes `changes`; runs in the attachment's namespace. Best effort: logs what it could not undo.
+pub fn undo(iface: &str, changes: &OverlayChanges) {
+    if let Some(table) = &changes.nft_table {
+        let ok = Command::new("nft").args(["delete", "table", "ip", table]).output().is_ok_and(|o| o.status.success());
+        if !ok {
+            warn!("could not delete nftables table ip {table}");
+        }
+    }
+    if changes.enabled_gro {
+        if let Err(e) = ethtool(iface, ETHTOOL_SGRO, 0) {
+            warn!("could not switch GRO back off on {iface}: {e}");
+        }
+    }
+    for module in changes.loaded_modules.iter().rev() {
+        // Fails harmlessly while something else uses the module.
+        if !Command::new("modprobe").args(["-r", module]).output().is_ok_and(|o| o.status.success()) {
+            warn!("left kernel module {module} loaded (in use)");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_json_carries_ports_and_iface_as_data() {
+        let doc = nft_ruleset("natfix_overlay_7", "eth0\"; drop", &[4789, 7789]);
+        let rule = &doc["nftables"][2]["add"]["rule"];
+        assert_eq!(rule["expr"][0]["match"]["right"], "eth0\"; drop", "names stay data, never syntax");
+        assert_eq!(rule["expr"][2]["match"]["right"]["set"], serde_json::json!([4789, 7789]));
+        assert_eq!(rule["expr"][3]["mangle"]["value"], 0);
+        assert_eq!(doc["nftables"][1]["add"]["chain"]["prio"], -150);
+    }
+}
