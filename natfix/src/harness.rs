@@ -74,20 +74,9 @@ impl GuardHarness {
         Ok(p.test_run(TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() })?.return_value)
     }
 
-    /// Counter totals, summed over CPUs, indexed by slot.
+    /// Counter totals, summed over CPUs, in `Counter::ALL` order.
     pub fn counters(&self) -> Result<Vec<CounterValue>> {
-        let map: PerCpuArray<&MapData, CounterValue> =
-            PerCpuArray::try_from(self.ebpf.map(map_names::COUNTERS).context("no counters map")?)?;
-        Counter::ALL
-            .iter()
-            .map(|c| {
-                let v = map.get(&(*c as u32), 0)?;
-                Ok(v.iter().fold(CounterValue::default(), |a, x| CounterValue {
-                    packets: a.packets + x.packets,
-                    bytes: a.bytes + x.bytes,
-                }))
-            })
-            .collect()
+        counters_of(&self.ebpf)
     }
 
     /// Runs the ingress guard once and says which counter moved.
@@ -95,12 +84,7 @@ impl GuardHarness {
         let before = self.counters()?;
         let verdict = self.run_ingress(frame)?;
         let after = self.counters()?;
-        let moved = Counter::ALL
-            .iter()
-            .zip(before.iter().zip(&after))
-            .find(|(_, (b, a))| a.packets != b.packets)
-            .map(|(c, _)| *c);
-        Ok((verdict, moved))
+        Ok((verdict, moved(&before, &after)))
     }
 
     /// Inserts an own-table flow with the given last-seen time.
@@ -137,6 +121,68 @@ impl GuardHarness {
             GuardHook::Tc => TC_ACT_SHOT,
         }
     }
+}
+
+/// The overlay object loaded with one configuration, its program loaded.
+pub struct OverlayHarness {
+    ebpf: Ebpf,
+}
+
+impl OverlayHarness {
+    pub fn load(config: &crate::abi::OverlayConfig) -> Result<Self> {
+        let mut ebpf = loader::load_overlay_object(config)?;
+        loader::load_tc(&mut ebpf, prog_names::OVERLAY_TC)?;
+        Ok(Self { ebpf })
+    }
+
+    fn program(&self) -> Result<&SchedClassifier> {
+        Ok(self.ebpf.program(prog_names::OVERLAY_TC).context("no overlay program")?.try_into()?)
+    }
+
+    /// Runs once; returns the verdict and the frame as the program left it.
+    pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = self.program()?.test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
+    }
+
+    /// Runs `repeat` times; returns the mean ns per run.
+    pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
+        let result = self.program()?.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?;
+        Ok(result.duration.as_nanos() as f64)
+    }
+
+    /// Runs once and says which counter moved and what came out.
+    pub fn classify(&self, frame: &[u8]) -> Result<(u32, Option<Counter>, Vec<u8>)> {
+        let before = counters_of(&self.ebpf)?;
+        let (verdict, out) = self.run(frame)?;
+        let after = counters_of(&self.ebpf)?;
+        Ok((verdict, moved(&before, &after), out))
+    }
+}
+
+fn counters_of(ebpf: &Ebpf) -> Result<Vec<CounterValue>> {
+    let map: PerCpuArray<&MapData, CounterValue> =
+        PerCpuArray::try_from(ebpf.map(map_names::COUNTERS).context("no counters map")?)?;
+    Counter::ALL
+        .iter()
+        .map(|c| {
+            let v = map.get(&(*c as u32), 0)?;
+            Ok(v.iter().fold(CounterValue::default(), |a, x| CounterValue {
+                packets: a.packets + x.packets,
+                bytes: a.bytes + x.bytes,
+            }))
+        })
+        .collect()
+}
+
+fn moved(before: &[CounterValue], after: &[CounterValue]) -> Option<Counter> {
+    Counter::ALL.iter().zip(before.iter().zip(after)).find(|(_, (b, a))| a.packets != b.packets).map(|(c, _)| *c)
 }
 
 /// The own-table key for (local, lport) <- (remote, rport); `remote` None = wildcard.

@@ -3,4 +3,5 @@
 //! (bpf-headers/*.h), used only to test them differentially.
 
 pub mod guard;
+pub mod overlay;
 pub mod parse;

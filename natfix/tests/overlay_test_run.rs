@@ -1,0 +1,171 @@
+//! The overlay fixer on crafted packets via BPF_PROG_TEST_RUN: verdict,
+//! counter and output bytes per case, the checksum checked against
+//! etherparse (an independent implementation) and the Rust model.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::UdpHeader;
+use natfix::{
+    abi::{Counter, OVERLAY_F_MATCH_REQID, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig},
+    harness::{OverlayHarness, TC_NEXT, packet},
+    model::overlay,
+};
+
+const A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 10);
+const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+
+fn config(flags: u32) -> OverlayConfig {
+    let mut c = OverlayConfig { nr_ports: 2, flags, reqid: 0x00D0_C4E3, ..OverlayConfig::default() };
+    c.vxlan_ports[0] = 4789;
+    c.vxlan_ports[1] = 7789;
+    c
+}
+
+/// A VXLAN-in-UDP frame whose checksum was computed over pre-NAT addresses (wrong here).
+/// (BPF_PROG_TEST_RUN takes skb frames up to about one page, so the largest
+/// case is 3.4 KB; the same loop serves jumbo frames in the VM test.)
+fn vxlan4(dport: u16, payload_len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
+    let mut f = packet::udp4(A, 40000, B, dport, &payload);
+    f[14 + 20 + 6] = 0xde; // stale checksum from before the NAT
+    f[14 + 20 + 7] = 0xad;
+    f
+}
+
+fn vxlan6(dport: u16, payload_len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 5 + 1) as u8).collect();
+    let mut f = packet::udp6(A6, 40000, B6, dport, &payload);
+    f[14 + 40 + 6] = 0xbe;
+    f[14 + 40 + 7] = 0xef;
+    f
+}
+
+/// etherparse's checksum for the datagram at `l4` in `frame`.
+fn reference_checksum(frame: &[u8], l4: usize) -> u16 {
+    let (udp, _) = UdpHeader::from_slice(&frame[l4..]).unwrap();
+    let payload = &frame[l4 + 8..l4 + usize::from(udp.length)];
+    match frame[12..14] {
+        [0x08, 0x00] => udp
+            .calc_checksum_ipv4_raw(frame[26..30].try_into().unwrap(), frame[30..34].try_into().unwrap(), payload)
+            .unwrap(),
+        _ => udp
+            .calc_checksum_ipv6_raw(frame[22..38].try_into().unwrap(), frame[38..54].try_into().unwrap(), payload)
+            .unwrap(),
+    }
+}
+
+fn run(h: &OverlayHarness, cfg: &OverlayConfig, frame: &[u8], what: &str) -> (Counter, Vec<u8>) {
+    let (verdict, moved, out) = h.classify(frame).unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    assert_eq!(verdict, TC_NEXT, "{what}: the fixer never drops");
+    let counter = moved.unwrap_or_else(|| panic!("{what}: no counter moved"));
+    let (want_counter, want_out) = overlay::fix(cfg, None, frame);
+    assert_eq!(counter, want_counter, "{what}: model disagrees on the counter");
+    assert_eq!(out, want_out, "{what}: model disagrees on the bytes");
+    (counter, out)
+}
+
+#[test]
+fn zero_mode_clears_ipv4_and_recomputes_ipv6() {
+    if !common::require_root() {
+        return;
+    }
+    let cfg = config(OVERLAY_F_NO_SECPATH);
+    let h = OverlayHarness::load(&cfg).unwrap();
+    for len in [0, 1, 3, 50, 255, 256, 257, 1450, 3401] {
+        let f = vxlan4(4789, len);
+        let (c, out) = run(&h, &cfg, &f, &format!("v4 zero len {len}"));
+        assert_eq!(c, Counter::OverlayZeroed);
+        assert_eq!(&out[40..42], &[0, 0], "checksum zeroed");
+        assert_eq!(&out[..40], &f[..40], "nothing else changed");
+        assert_eq!(&out[42..], &f[42..]);
+
+        let f6 = vxlan6(4789, len);
+        let (c, out) = run(&h, &cfg, &f6, &format!("v6 zero-mode len {len}"));
+        assert_eq!(c, Counter::OverlayRecomputed, "IPv6 cannot carry a zero checksum");
+        assert_eq!(u16::from_be_bytes([out[60], out[61]]), reference_checksum(&f6, 54), "len {len}");
+    }
+}
+
+#[test]
+fn recompute_mode_matches_the_reference_checksum() {
+    if !common::require_root() {
+        return;
+    }
+    let cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
+    let h = OverlayHarness::load(&cfg).unwrap();
+    for len in [0, 1, 2, 3, 4, 5, 63, 247, 248, 249, 255, 256, 257, 511, 512, 513, 1450, 1451, 3000, 3401] {
+        for (f, l4) in [(vxlan4(7789, len), 34), (vxlan6(7789, len), 54)] {
+            let (c, out) = run(&h, &cfg, &f, &format!("recompute len {len} l4 {l4}"));
+            assert_eq!(c, Counter::OverlayRecomputed);
+            let got = u16::from_be_bytes([out[l4 + 6], out[l4 + 7]]);
+            assert_eq!(got, reference_checksum(&f, l4), "len {len}: matches etherparse");
+            let mut rest = out.clone();
+            rest[l4 + 6..l4 + 8].copy_from_slice(&f[l4 + 6..l4 + 8]);
+            assert_eq!(rest, f, "only the checksum changed");
+        }
+    }
+}
+
+#[test]
+fn out_of_scope_and_malformed_packets_are_untouched() {
+    if !common::require_root() {
+        return;
+    }
+    let cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
+    let h = OverlayHarness::load(&cfg).unwrap();
+    let mut too_long = vxlan4(4789, 100);
+    too_long[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&200u16.to_be_bytes()); // UDP length beyond the frame
+    let mut padded = vxlan4(4789, 60);
+    padded[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&30u16.to_be_bytes()); // datagram shorter than the frame
+    let mut later_fragment = vxlan4(4789, 100);
+    later_fragment[14 + 7] = 0x10;
+    let tcp = packet::eth(0x0800, &packet::ipv4_header(A, B, 6, &[], 0, 20)).into_iter().chain([0u8; 20]).collect::<Vec<u8>>();
+    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+        ("another UDP port", vxlan4(4790, 100), Counter::OverlayNotVxlan),
+        ("TCP", tcp, Counter::OverlayNotVxlan),
+        ("non-first fragment", later_fragment, Counter::OverlayNotVxlan),
+        ("UDP length beyond the frame", too_long, Counter::OverlayMalformed),
+        ("bad IHL", { let mut f = vxlan4(4789, 10); f[14] = 0x43; f }, Counter::OverlayMalformed),
+    ];
+    for (what, f, want) in cases {
+        let (c, out) = run(&h, &cfg, &f, what);
+        assert_eq!(c, want, "{what}");
+        assert_eq!(out, f, "{what}: untouched");
+    }
+    // Trailing padding is not part of the datagram.
+    let (c, out) = run(&h, &cfg, &padded, "padded");
+    assert_eq!(c, Counter::OverlayRecomputed);
+    assert_eq!(u16::from_be_bytes([out[40], out[41]]), reference_checksum(&padded, 34));
+}
+
+#[test]
+fn without_a_secpath_nothing_is_touched() {
+    if !common::require_root() {
+        return;
+    }
+    // The production configuration: the secpath gate is on. BPF_PROG_TEST_RUN
+    // packets never carry one, exactly like cleartext VXLAN.
+    for flags in [0, OVERLAY_F_RECOMPUTE, OVERLAY_F_MATCH_REQID] {
+        let cfg = config(flags);
+        let h = OverlayHarness::load(&cfg).unwrap();
+        for f in [vxlan4(4789, 100), vxlan6(4789, 100)] {
+            let (c, out) = run(&h, &cfg, &f, "cleartext");
+            assert_eq!(c, Counter::OverlayCleartext);
+            assert_eq!(out, f);
+        }
+    }
+}
+
+#[test]
+fn model_checksum_agrees_with_etherparse() {
+    for len in 0..600 {
+        for (f, l4) in [(vxlan4(4789, len), 34), (vxlan6(4789, len), 54)] {
+            let (src, dst): (IpAddr, IpAddr) = if l4 == 34 { (A.into(), B.into()) } else { (A6.into(), B6.into()) };
+            assert_eq!(overlay::udp_checksum(src, dst, &f[l4..]), reference_checksum(&f, l4), "len {len}");
+        }
+    }
+}
