@@ -32,6 +32,21 @@ pub enum Command {
     Stats(StatsArgs),
     /// Build throwaway namespaces that reproduce the NAT problems and show natfix fixing them.
     Lab(LabArgs),
+    /// Inspect this host for the problems natfix fixes, and say which command fixes each.
+    Diagnose(DiagnoseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DiagnoseArgs {
+    /// Namespace to inspect (same forms as for attach). Default: natfix's own.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to watch rising counters (UdpInCsumErrors, drops).
+    #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_positive_secs)]
+    pub sample: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -123,6 +138,10 @@ pub struct AttachArgs {
     /// Pin programs, links and maps under /sys/fs/bpf/natfix and exit, leaving them attached.
     #[arg(long)]
     pub pin: bool,
+
+    /// Serve Prometheus metrics on http://ADDR/metrics while attached (e.g. 127.0.0.1:9477).
+    #[arg(long, value_name = "ADDR", conflicts_with = "pin")]
+    pub metrics: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
     pub guard: GuardArgs,

@@ -57,17 +57,30 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        match sync {
-            Some((sync, stream)) => tokio::select! {
-                r = wait_for_shutdown() => r,
-                r = sync.follow(stream, netns) => r.context("conntrack sync stopped"),
-            },
-            None => wait_for_shutdown().await,
+    let metrics_dir = att.pin_dir.clone();
+    let outcome = runtime.block_on(async {
+        let follow = async {
+            match sync {
+                Some((sync, stream)) => sync.follow(stream, netns).await.context("conntrack sync stopped"),
+                None => std::future::pending().await,
+            }
+        };
+        let metrics = async {
+            match args.metrics {
+                Some(addr) => crate::metrics::serve(addr, metrics_dir).await.context("metrics server stopped"),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = wait_for_shutdown() => r,
+            r = follow => r,
+            r = metrics => r,
         }
-    })?;
+    });
     info!("detaching from {}", att.iface);
-    att.detach()
+    // Detach whatever ended the wait: a failing task must not leave programs behind.
+    let detached = att.detach();
+    outcome.and(detached)
 }
 
 async fn wait_for_shutdown() -> Result<()> {

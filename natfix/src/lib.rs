@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod conntrack;
 pub mod daemon;
+pub mod diagnose;
 pub mod error;
 pub mod features;
 pub mod flowsync;
@@ -10,6 +11,7 @@ pub mod harness;
 pub mod kfunc;
 pub mod lab;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod overlay;

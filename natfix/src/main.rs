@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Status { json } => daemon::status(*json),
         Command::Stats(s) => daemon::stats(s),
         Command::Lab(args) => daemon::lab(args),
+        Command::Diagnose(args) => natfix::diagnose::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
