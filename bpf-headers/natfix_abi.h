@@ -100,7 +100,7 @@ struct natfix_flow_key {
 };
 
 struct natfix_flow_value {
-	__u64 last_seen_ns; /* CLOCK_MONOTONIC, as bpf_ktime_get_ns() */
+	__u64 last_seen_ns; /* CLOCK_MONOTONIC_COARSE, as bpf_ktime_get_coarse_ns() */
 };
 
 /* Key of the guard_allow_src{4,6} LPM tries. */

@@ -4,7 +4,9 @@
  * conntrack by userspace), consulted on ingress by the guard.
  *
  * An entry admits replies while its last_seen_ns is younger than the
- * configured idle timeout. Both directions refresh it, as conntrack does,
+ * configured idle timeout. Times come from bpf_ktime_get_coarse_ns()
+ * (CLOCK_MONOTONIC_COARSE in userspace): a timeout needs no more precision
+ * and the coarse clock costs a fraction of the precise one. Both directions refresh it, as conntrack does,
  * but at most once per NATFIX_FLOW_REFRESH_NS to keep the cache line quiet.
  */
 #ifndef NATFIX_FLOW_H
@@ -54,9 +56,10 @@ static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt, __u6
 	}
 	if (!v)
 		return 0;
-	if (now - v->last_seen_ns > natfix_guard_cfg.flow_timeout_ns)
+	/* Signed: an entry stamped by userspace may be a tick ahead of the coarse clock. */
+	if ((__s64)(now - v->last_seen_ns) > (__s64)natfix_guard_cfg.flow_timeout_ns)
 		return 0;
-	if (now - v->last_seen_ns > NATFIX_FLOW_REFRESH_NS)
+	if ((__s64)(now - v->last_seen_ns) > (__s64)NATFIX_FLOW_REFRESH_NS)
 		v->last_seen_ns = now;
 	return 1;
 }
@@ -68,7 +71,7 @@ static __always_inline int flow_own_learn_key(struct natfix_flow_key *key, __u64
 	struct natfix_flow_value fresh = { .last_seen_ns = now };
 
 	if (v) {
-		if (now - v->last_seen_ns > NATFIX_FLOW_REFRESH_NS)
+		if ((__s64)(now - v->last_seen_ns) > (__s64)NATFIX_FLOW_REFRESH_NS)
 			v->last_seen_ns = now;
 		return NATFIX_CNT_FLOW_REFRESHED;
 	}

@@ -32,7 +32,7 @@ int natfix_flow_egress(struct __sk_buff *skb)
 		natfix_count(NATFIX_CNT_FLOW_OUT_OF_SCOPE, skb->len);
 		return NATFIX_TC_NEXT;
 	}
-	now = bpf_ktime_get_ns();
+	now = bpf_ktime_get_coarse_ns();
 	flow_key_fill(&key, pkt.family, pkt.saddr, pkt.sport, pkt.daddr, pkt.dport);
 	why = flow_own_learn_key(&key, now);
 	if (natfix_guard_cfg.flags & NATFIX_GUARD_F_ENDPOINT_INDEP) {

@@ -36,7 +36,7 @@ int natfix_guard_tc(struct __sk_buff *skb)
 #ifdef NATFIX_FLOW_CONNTRACK
 		int solicited = NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt);
 #else
-		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_ns());
+		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_coarse_ns());
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
 	}

@@ -27,7 +27,7 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 #ifdef NATFIX_FLOW_CONNTRACK
 		int solicited = NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt);
 #else
-		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_ns());
+		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_coarse_ns());
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
 	}

@@ -11,9 +11,17 @@ use tracing::{debug, warn};
 use crate::{
     abi::{FlowKey, FlowValue, PortRange},
     conntrack::{self, CtEntry, CtEventKind, CtEventStream, IPS_SEEN_REPLY},
-    harness::monotonic_ns,
     netns::Netns,
 };
+
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of bpf_ktime_get_coarse_ns(),
+/// which stamps the own flow table.
+#[must_use]
+pub fn flow_clock_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
 
 /// Which own-table keys a conntrack entry stands for.
 ///
@@ -55,7 +63,7 @@ impl FlowSync {
 
     /// Inserts the keys of `entries`; returns how many keys were written.
     pub fn apply(&mut self, entries: &[CtEntry]) -> usize {
-        let now = FlowValue { last_seen_ns: monotonic_ns() };
+        let now = FlowValue { last_seen_ns: flow_clock_ns() };
         let mut written = 0;
         for entry in entries {
             for key in keys_for(entry, &self.ranges, self.endpoint_independent) {

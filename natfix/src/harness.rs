@@ -191,12 +191,8 @@ pub fn flow_key(local: IpAddr, local_port: u16, remote: Option<(IpAddr, u16)>) -
     FlowKey::new(local, local_port, remote)
 }
 
-/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns().
-#[must_use]
-pub fn monotonic_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
-}
+/// The own flow table's clock (see `flowsync::flow_clock_ns`).
+pub use crate::flowsync::flow_clock_ns as monotonic_ns;
 
 /// Builders of test frames (Ethernet + IPv4/IPv6 + UDP), checksums left zero.
 pub mod packet {

@@ -44,7 +44,8 @@ impl GuardModel {
     }
 
     fn live(&self, flow: &Flow, now: u64) -> bool {
-        self.flows.get(flow).is_some_and(|seen| now.wrapping_sub(*seen) <= self.timeout_ns)
+        // Signed, as in C: a stamp a tick ahead of `now` is fresh.
+        self.flows.get(flow).is_some_and(|seen| now.wrapping_sub(*seen).cast_signed() <= self.timeout_ns.cast_signed())
     }
 
     /// The counter the ingress guard bumps for `frame` at time `now`.

@@ -1,0 +1,2 @@
+//! Flood benchmark (being written).
+fn main() {}
