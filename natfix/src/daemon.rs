@@ -26,6 +26,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let guard = if args.guard.enabled() { Some(loader::plan_guard(&args.guard)?) } else { None };
     features::require_privileges(args.target.netns.is_some())?;
     let netns = Netns::resolve(args.target.netns.as_deref())?;
+    let metrics_listener = args.metrics.map(crate::metrics::bind).transpose()?;
     let own_flows = guard.as_ref().is_some_and(|g| g.source == loader::ResolvedFlowSource::Own);
     let eif = guard.as_ref().is_some_and(|g| g.config.flags & crate::abi::GUARD_F_ENDPOINT_INDEP != 0);
     let att = loader::attach(AttachRequest {
@@ -66,8 +67,8 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
             }
         };
         let metrics = async {
-            match args.metrics {
-                Some(addr) => crate::metrics::serve(addr, metrics_dir).await.context("metrics server stopped"),
+            match metrics_listener {
+                Some(listener) => crate::metrics::serve(listener, metrics_dir).await.context("metrics server stopped"),
                 None => std::future::pending().await,
             }
         };

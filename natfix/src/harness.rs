@@ -200,6 +200,11 @@ pub mod packet {
 
     const ETH: [u8; 12] = [0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
 
+    /// Sets the destination MAC (frames for a real device must carry its address).
+    pub fn set_dst_mac(frame: &mut [u8], mac: [u8; 6]) {
+        frame[..6].copy_from_slice(&mac);
+    }
+
     #[must_use]
     pub fn udp_header(sport: u16, dport: u16, payload_len: usize) -> Vec<u8> {
         let len = u16::try_from(8 + payload_len).unwrap_or(u16::MAX);
@@ -224,6 +229,11 @@ pub mod packet {
         h.extend_from_slice(&src.octets());
         h.extend_from_slice(&dst.octets());
         h.extend_from_slice(options);
+        // A valid header checksum: the stack drops bad ones before netfilter.
+        let sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        let csum = !u16::try_from((folded & 0xffff) + (folded >> 16)).unwrap_or(0xffff);
+        h[10..12].copy_from_slice(&csum.to_be_bytes());
         h
     }
 

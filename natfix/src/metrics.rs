@@ -14,7 +14,7 @@
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, header, server::conn::http1, service::service_fn};
@@ -126,12 +126,20 @@ fn route(method: &Method, path: &str, scrape: impl FnOnce() -> Result<String>) -
     }
 }
 
-/// Serves metrics until the future is dropped. Fails only when `addr` cannot
-/// be bound; later per-connection errors are logged and do not stop it,
-/// because the daemon detaches when this returns.
-pub async fn serve(addr: SocketAddr, dir: PinDir) -> Result<()> {
-    let listener = TcpListener::bind(addr).await.map_err(|e| bind_error(addr, e))?;
-    let local = listener.local_addr().unwrap_or(addr);
+/// Binds the metrics address; done before attaching so a taken port fails
+/// the command before any program is attached.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| bind_error(addr, e))?;
+    listener.set_nonblocking(true).context("cannot make the metrics socket non-blocking")?;
+    Ok(listener)
+}
+
+/// Serves metrics on `listener` until the future is dropped. Per-connection
+/// errors are logged and do not stop it, because the daemon detaches when
+/// this returns.
+pub async fn serve(listener: std::net::TcpListener, dir: PinDir) -> Result<()> {
+    let listener = TcpListener::from_std(listener).context("cannot register the metrics socket")?;
+    let local = listener.local_addr().context("metrics socket")?;
     info!("serving metrics on http://{local}{PATH}");
     let dir = Arc::new(dir);
     // Connections live in this set, so dropping `serve` aborts them too.
@@ -326,15 +334,10 @@ mod tests {
     }
 
     #[test]
-    fn serve_fails_clearly_when_the_address_is_taken() {
+    fn bind_fails_clearly_when_the_address_is_taken() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let dir = PinDir::new(1, "none");
-        let err = rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(5), serve(addr, dir)).await })
-            .expect("serve returns at once when it cannot bind")
-            .unwrap_err();
+        let err = bind(addr).unwrap_err();
         let msg = format!("{err:#}");
         assert!(msg.contains(&format!("cannot listen on {addr}")) && msg.contains("address in use"), "{msg}");
         assert_eq!(crate::error::exit_code(&err), 6, "a conflict: {msg}");

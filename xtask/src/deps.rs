@@ -21,6 +21,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("cpio", "/usr/bin/cpio"),
     ("ethtool", "/usr/sbin/ethtool"),
     ("iperf3", "/usr/bin/iperf3"),
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 pub fn install() -> Result<()> {
