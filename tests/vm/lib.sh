@@ -1,0 +1,63 @@
+# Helpers shared by /init and the scenario scripts of the natfix test VM (busybox sh).
+
+# Debian's static busybox runs its own applets before searching PATH: make `ip` and `tc`
+# iproute2's (busybox's ip knows neither netns nor xfrm).
+ip() {
+    /usr/sbin/ip "$@"
+}
+
+tc() {
+    /usr/sbin/tc "$@"
+}
+
+# JSON string literal of $1; control characters become spaces.
+json_str() {
+    printf '"%s"' "$(printf '%s' "$1" | tr '\n\r\t' '   ' | tr -d '\000-\037' | sed 's/\\/\\\\/g; s/"/\\"/g')"
+}
+
+# JSON array of strings, one per non-empty line of file $1.
+json_lines() {
+    sep=
+    printf '['
+    if [ -f "$1" ]; then
+        while IFS= read -r line; do
+            [ -n "$line" ] || continue
+            printf '%s%s' "$sep" "$(json_str "$line")"
+            sep=,
+        done < "$1"
+    fi
+    printf ']'
+}
+
+# JSON boolean of a command's success.
+json_bool() {
+    if "$@"; then printf true; else printf false; fi
+}
+
+# Run a command inside network namespace $1 (created by `ip netns add`). nsenter keeps the
+# mount namespace, so /sys/fs/bpf stays visible (`ip netns exec` remounts /sys).
+in_ns() {
+    _ns=$1
+    shift
+    nsenter --net=/run/netns/"$_ns" "$@"
+}
+
+# UdpInCsumErrors InEchos ReasmOKs FragCreates of namespace $1, from one read of
+# /proc/net/snmp (each nsenter costs time under TCG).
+counters() {
+    _v=$(in_ns "$1" cat /proc/net/snmp | awk '
+        function col(sec, field,    i) { for (i = 2; i <= NF; i++) if ($i == field) c[sec, field] = i }
+        $1 == "Udp:" && !u { col("Udp", "InCsumErrors"); u = 1; next }
+        $1 == "Udp:" { udp = $(c["Udp", "InCsumErrors"]) }
+        $1 == "Icmp:" && !m { col("Icmp", "InEchos"); m = 1; next }
+        $1 == "Icmp:" { echos = $(c["Icmp", "InEchos"]) }
+        $1 == "Ip:" && !p { col("Ip", "ReasmOKs"); col("Ip", "FragCreates"); p = 1; next }
+        $1 == "Ip:" { reasm = $(c["Ip", "ReasmOKs"]); frag = $(c["Ip", "FragCreates"]) }
+        END { print udp + 0, echos + 0, reasm + 0, frag + 0 }')
+    echo "${_v:-0 0 0 0}"
+}
+
+# Seconds since boot with centiseconds, for durations.
+uptime_s() {
+    cut -d' ' -f1 /proc/uptime
+}
