@@ -81,6 +81,20 @@ struct natfix_overlay_config {
 	__u32 pad;
 };
 
+/* A sampled event (ring buffer `natfix_events`): a drop or a rewrite. */
+struct natfix_event {
+	__u64 ts_ns;          /* bpf_ktime_get_coarse_ns() */
+	__u32 counter;        /* enum natfix_counter: the reason */
+	__u32 ifindex;        /* receiving interface */
+	__u32 saddr[4];       /* network byte order; IPv4 uses [0] */
+	__u32 daddr[4];
+	__u16 sport;          /* network byte order */
+	__u16 dport;
+	__u32 len;            /* packet length */
+	__u8 family;          /* NATFIX_FAMILY_V4 or _V6 */
+	__u8 pad[7];
+};
+
 #define NATFIX_FAMILY_V4 4
 #define NATFIX_FAMILY_V6 6
 

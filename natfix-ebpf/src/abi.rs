@@ -147,6 +147,57 @@ pub struct OverlayConfig {
     pub pad: u32,
 }
 
+/// A sampled event from the `natfix_events` ring buffer (struct natfix_event).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub counter: u32,
+    pub ifindex: u32,
+    pub saddr: [u32; 4],
+    pub daddr: [u32; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub len: u32,
+    pub family: u8,
+    pub pad: [u8; 7],
+}
+
+impl Event {
+    /// Parses a ring-buffer record (None when it is not an event's size).
+    #[must_use]
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: Event is repr(C) plain integers; every bit pattern is valid;
+        // read_unaligned copes with the ring buffer's alignment.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+
+    fn addr(&self, words: [u32; 4]) -> IpAddr {
+        let mut bytes = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        if self.family == FAMILY_V4 {
+            IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+        } else {
+            IpAddr::from(bytes)
+        }
+    }
+
+    #[must_use]
+    pub fn src(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.addr(self.saddr), u16::from_be(self.sport))
+    }
+
+    #[must_use]
+    pub fn dst(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.addr(self.daddr), u16::from_be(self.dport))
+    }
+}
+
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 
@@ -220,6 +271,7 @@ const _: () = {
     assert!(size_of::<GuardConfig>() == 80);
     assert!(size_of::<FlowKey>() == 40);
     assert!(size_of::<OverlayConfig>() == 32);
+    assert!(size_of::<Event>() == 64);
     assert!(size_of::<FlowValue>() == 8);
     assert!(size_of::<LpmV4>() == 8);
     assert!(size_of::<LpmV6>() == 20);

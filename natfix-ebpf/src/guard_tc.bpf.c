@@ -7,6 +7,7 @@
 #include "natfix_counters.h"
 #include "natfix_parse.h"
 #include "natfix_guard.h"
+#include "natfix_events.h"
 #ifdef NATFIX_FLOW_CONNTRACK
 #include "natfix_ct.h"
 #else
@@ -39,6 +40,8 @@ int natfix_guard_tc(struct __sk_buff *skb)
 		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_coarse_ns());
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
+		if (!solicited)
+			natfix_emit(why, &pkt, skb->ifindex, skb->len);
 	}
 	natfix_count(why, skb->len);
 	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED ? TC_ACT_SHOT : NATFIX_TC_NEXT;

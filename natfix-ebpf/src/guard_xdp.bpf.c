@@ -8,6 +8,7 @@
 #include "natfix_counters.h"
 #include "natfix_parse.h"
 #include "natfix_guard.h"
+#include "natfix_events.h"
 #ifdef NATFIX_FLOW_CONNTRACK
 #include "natfix_ct.h"
 #else
@@ -30,6 +31,8 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_coarse_ns());
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
+		if (!solicited)
+			natfix_emit(why, &pkt, ctx->ingress_ifindex, data_end - data);
 	}
 	natfix_count(why, data_end - data);
 	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED ? XDP_DROP : XDP_PASS;

@@ -41,4 +41,6 @@ pub mod maps {
     pub const GUARD_ALLOW_SRC6: &str = "guard_allow_src6";
     pub const GUARD_CONFIG: &str = "natfix_guard_cfg";
     pub const OVERLAY_CONFIG: &str = "natfix_overlay_cfg";
+    pub const EVENTS: &str = "natfix_events";
+    pub const EVENTS_PER_SEC: &str = "natfix_events_per_sec";
 }

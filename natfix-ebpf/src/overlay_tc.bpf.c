@@ -14,6 +14,7 @@
 #include "natfix_counters.h"
 #include "natfix_parse.h"
 #include "natfix_csum.h"
+#include "natfix_events.h"
 
 const volatile struct natfix_overlay_config natfix_overlay_cfg = {};
 
@@ -78,6 +79,7 @@ static __always_inline int overlay_fix(struct __sk_buff *skb)
 	if (pkt.family == NATFIX_FAMILY_V4 && !(natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_RECOMPUTE)) {
 		if (bpf_skb_store_bytes(skb, check_off, &check, sizeof(check), BPF_F_RECOMPUTE_CSUM))
 			return NATFIX_CNT_OVERLAY_ERROR;
+		natfix_emit(NATFIX_CNT_OVERLAY_ZEROED, &pkt, skb->ifindex, skb->len);
 		return NATFIX_CNT_OVERLAY_ZEROED;
 	}
 
@@ -92,6 +94,7 @@ static __always_inline int overlay_fix(struct __sk_buff *skb)
 		return NATFIX_CNT_OVERLAY_ERROR;
 	if (bpf_skb_store_bytes(skb, check_off, &check, sizeof(check), BPF_F_RECOMPUTE_CSUM))
 		return NATFIX_CNT_OVERLAY_ERROR;
+	natfix_emit(NATFIX_CNT_OVERLAY_RECOMPUTED, &pkt, skb->ifindex, skb->len);
 	return NATFIX_CNT_OVERLAY_RECOMPUTED;
 }
 

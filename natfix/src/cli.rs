@@ -34,6 +34,24 @@ pub enum Command {
     Lab(LabArgs),
     /// Inspect this host for the problems natfix fixes, and say which command fixes each.
     Diagnose(DiagnoseArgs),
+    /// Stream sampled drop and rewrite events of attachments (like `cilium monitor`).
+    Monitor(MonitorArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MonitorArgs {
+    /// Only this interface.
+    #[arg(long)]
+    pub iface: Option<String>,
+    /// Only attachments in this namespace (same forms as for attach).
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after N events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -138,6 +156,14 @@ pub struct AttachArgs {
     /// Pin programs, links and maps under /sys/fs/bpf/natfix and exit, leaving them attached.
     #[arg(long)]
     pub pin: bool,
+
+    /// Sampled drop/rewrite events per CPU per second for `natfix monitor` (0: none).
+    #[arg(long, value_name = "N", default_value_t = crate::loader::DEFAULT_EVENTS_PER_SEC)]
+    pub events_rate: u32,
+
+    /// Log the sampled events (the ring buffer has one reader: this or `natfix monitor`).
+    #[arg(long, conflicts_with = "pin")]
+    pub log_events: bool,
 
     /// Serve Prometheus metrics on http://ADDR/metrics while attached (e.g. 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR", conflicts_with = "pin")]

@@ -35,6 +35,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         guard,
         overlay,
         pin: args.pin,
+        events_per_sec: args.events_rate,
     })?;
     // The own flow table also learns from conntrack (flows older than natfix,
     // or leaving by another interface).
@@ -59,6 +60,7 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let metrics_dir = att.pin_dir.clone();
+    let events_dir = args.log_events.then(|| att.pin_dir.clone());
     let outcome = runtime.block_on(async {
         let follow = async {
             match sync {
@@ -72,10 +74,17 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
                 None => std::future::pending().await,
             }
         };
+        let events = async {
+            match events_dir {
+                Some(dir) => crate::monitor::log_events(dir).await.context("event logging stopped"),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             r = wait_for_shutdown() => r,
             r = follow => r,
             r = metrics => r,
+            r = events => r,
         }
     });
     info!("detaching from {}", att.iface);

@@ -31,7 +31,7 @@ pub struct GuardHarness {
 
 impl GuardHarness {
     pub fn load(plan: &GuardPlan) -> Result<Self> {
-        let mut ebpf = loader::load_guard_object(plan)?;
+        let mut ebpf = loader::load_guard_object(plan, loader::DEFAULT_EVENTS_PER_SEC)?;
         match plan.hook {
             GuardHook::Xdp => {
                 loader::load_xdp(&mut ebpf, prog_names::GUARD_XDP)?;
@@ -130,7 +130,7 @@ pub struct OverlayHarness {
 
 impl OverlayHarness {
     pub fn load(config: &crate::abi::OverlayConfig) -> Result<Self> {
-        let mut ebpf = loader::load_overlay_object(config)?;
+        let mut ebpf = loader::load_overlay_object(config, loader::DEFAULT_EVENTS_PER_SEC)?;
         loader::load_tc(&mut ebpf, prog_names::OVERLAY_TC)?;
         Ok(Self { ebpf })
     }

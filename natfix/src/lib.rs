@@ -13,6 +13,7 @@ pub mod lab;
 pub mod loader;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod netns;
 pub mod overlay;
 pub mod pins;

@@ -149,7 +149,10 @@ pub fn plan_guard(args: &GuardArgs) -> Result<GuardPlan> {
 
 /// Loads the guard object for `source`/`hook` with its configuration and
 /// exemption maps filled; programs are not loaded yet.
-pub fn load_guard_object(plan: &GuardPlan) -> Result<Ebpf> {
+/// Default budget of sampled events per CPU per second (`--events-rate`).
+pub const DEFAULT_EVENTS_PER_SEC: u32 = 20;
+
+pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32) -> Result<Ebpf> {
     let bytes = match (plan.source, plan.hook) {
         (ResolvedFlowSource::Own, _) => objects::GUARD_OWN.to_vec(),
         (ResolvedFlowSource::Conntrack, GuardHook::Xdp) => kfunc::relocate_kfuncs(objects::GUARD_XDP_CT)?,
@@ -157,6 +160,7 @@ pub fn load_guard_object(plan: &GuardPlan) -> Result<Ebpf> {
     };
     let mut loader = EbpfLoader::new();
     loader.override_global(map_names::GUARD_CONFIG, &plan.config, true);
+    loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
     if plan.source == ResolvedFlowSource::Own {
         loader.map_max_entries(map_names::GUARD_FLOWS, plan.flow_table_size);
     }
@@ -246,9 +250,10 @@ pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
 }
 
 /// Loads the overlay object with its configuration; the program is not loaded yet.
-pub fn load_overlay_object(config: &OverlayConfig) -> Result<Ebpf> {
+pub fn load_overlay_object(config: &OverlayConfig, events_per_sec: u32) -> Result<Ebpf> {
     EbpfLoader::new()
         .override_global(map_names::OVERLAY_CONFIG, config, true)
+        .override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true)
         .load(objects::OVERLAY)
         .context("cannot load the overlay eBPF object")
 }
@@ -327,6 +332,8 @@ pub struct AttachRequest {
     pub guard: Option<GuardPlan>,
     pub overlay: Option<OverlayPlan>,
     pub pin: bool,
+    /// Sampled events per CPU per second (0: none).
+    pub events_per_sec: u32,
 }
 
 /// Attaches inside the request's namespace. On failure, everything done so
@@ -390,8 +397,8 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
             overlay: req.overlay.as_ref().map(|o| o.meta.clone()),
             created_clsact: false,
         },
-        guard: req.guard.as_ref().map(load_guard_object).transpose()?,
-        overlay: req.overlay.as_ref().map(|o| load_overlay_object(&o.config)).transpose()?,
+        guard: req.guard.as_ref().map(|g| load_guard_object(g, req.events_per_sec)).transpose()?,
+        overlay: req.overlay.as_ref().map(|o| load_overlay_object(&o.config, req.events_per_sec)).transpose()?,
         links: Vec::new(),
         netns: req.netns.clone(),
         iface: req.iface.clone(),
@@ -533,7 +540,9 @@ impl Attachment {
         let maps = [
             (self.guard.as_ref(), map_names::COUNTERS, pins::GUARD_COUNTERS),
             (self.guard.as_ref(), map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
+            (self.guard.as_ref(), map_names::EVENTS, pins::GUARD_EVENTS),
             (self.overlay.as_ref(), map_names::COUNTERS, pins::OVERLAY_COUNTERS),
+            (self.overlay.as_ref(), map_names::EVENTS, pins::OVERLAY_EVENTS),
         ];
         for (object, name, file) in maps {
             if let Some(map) = object.and_then(|o| o.map(name)) {

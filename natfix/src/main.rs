@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Command::Stats(s) => daemon::stats(s),
         Command::Lab(args) => daemon::lab(args),
         Command::Diagnose(args) => natfix::diagnose::run(args),
+        Command::Monitor(args) => natfix::monitor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,8 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 pub const GUARD_COUNTERS: &str = "counters";
 pub const GUARD_FLOWS: &str = "flows";
 pub const OVERLAY_COUNTERS: &str = "overlay_counters";
+pub const GUARD_EVENTS: &str = "events";
+pub const OVERLAY_EVENTS: &str = "overlay_events";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const META_SIZE: usize = 4096;
 

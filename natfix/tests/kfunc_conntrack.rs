@@ -134,7 +134,7 @@ fn in_fresh_netns() {
 
     let mut xdp_plan = plan.clone();
     xdp_plan.hook = GuardHook::Xdp;
-    let mut ebpf = loader::load_guard_object(&xdp_plan).expect("load GUARD_XDP_CT");
+    let mut ebpf = loader::load_guard_object(&xdp_plan, loader::DEFAULT_EVENTS_PER_SEC).expect("load GUARD_XDP_CT");
     let prog = loader::load_xdp(&mut ebpf, programs::GUARD_XDP).expect("verifier accepts natfix_guard_xdp");
     assert_btf_loaded(prog.info().unwrap().btf_id(), programs::GUARD_XDP);
     let prog: &Xdp = ebpf.program(programs::GUARD_XDP).unwrap().try_into().unwrap();
@@ -142,7 +142,7 @@ fn in_fresh_netns() {
 
     let mut tc_plan = plan;
     tc_plan.hook = GuardHook::Tc;
-    let mut ebpf = loader::load_guard_object(&tc_plan).expect("load GUARD_TC_CT");
+    let mut ebpf = loader::load_guard_object(&tc_plan, loader::DEFAULT_EVENTS_PER_SEC).expect("load GUARD_TC_CT");
     let prog = loader::load_tc(&mut ebpf, programs::GUARD_TC).expect("verifier accepts natfix_guard_tc");
     assert_btf_loaded(prog.info().unwrap().btf_id(), programs::GUARD_TC);
     let prog: &SchedClassifier = ebpf.program(programs::GUARD_TC).unwrap().try_into().unwrap();

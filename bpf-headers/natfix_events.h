@@ -1,0 +1,77 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * natfix_events.h - sampled events for `natfix monitor`: drops and rewrites,
+ * rate-limited per CPU in the kernel so a flood cannot flood userspace.
+ *
+ * natfix_events_per_sec (set by the loader; 0 = off, and the verifier then
+ * removes the code) is the budget of each CPU per second. Events over the
+ * budget, or finding the ring full, are skipped: the counters stay exact.
+ */
+#ifndef NATFIX_EVENTS_H
+#define NATFIX_EVENTS_H
+
+#include "natfix_common.h"
+#include "natfix_parse.h"
+
+const volatile __u32 natfix_events_per_sec __weak = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} natfix_events SEC(".maps") __weak;
+
+struct natfix_event_budget {
+	__u64 window_start_ns;
+	__u32 used;
+	__u32 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct natfix_event_budget);
+} natfix_event_budget SEC(".maps") __weak;
+
+static __always_inline int natfix_event_allowed(void)
+{
+	__u32 zero = 0;
+	struct natfix_event_budget *b = bpf_map_lookup_elem(&natfix_event_budget, &zero);
+	__u64 now;
+
+	if (!b)
+		return 0;
+	now = bpf_ktime_get_coarse_ns();
+	if (now - b->window_start_ns > 1000000000ULL) {
+		b->window_start_ns = now;
+		b->used = 0;
+	}
+	if (b->used >= natfix_events_per_sec)
+		return 0;
+	b->used++;
+	return 1;
+}
+
+static __always_inline void natfix_emit(__u32 counter, const struct natfix_pkt *pkt, __u32 ifindex, __u32 len)
+{
+	struct natfix_event *e;
+
+	if (!natfix_events_per_sec || !natfix_event_allowed())
+		return;
+	e = bpf_ringbuf_reserve(&natfix_events, sizeof(*e), 0);
+	if (!e)
+		return;
+	e->ts_ns = bpf_ktime_get_coarse_ns();
+	e->counter = counter;
+	e->ifindex = ifindex;
+	__builtin_memcpy(e->saddr, pkt->saddr, sizeof(e->saddr));
+	__builtin_memcpy(e->daddr, pkt->daddr, sizeof(e->daddr));
+	e->sport = pkt->sport;
+	e->dport = pkt->dport;
+	e->len = len;
+	e->family = pkt->family;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
+	bpf_ringbuf_submit(e, 0);
+}
+
+#endif /* NATFIX_EVENTS_H */
