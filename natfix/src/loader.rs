@@ -374,10 +374,11 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
                 req.iface,
                 if req.netns.spec == "self" { String::new() } else { format!(" --netns {}", req.netns.spec) }
             ))),
-            _ => {
-                info!("removing the stale record of an attachment whose process is gone: {}", pin_dir.path.display());
-                pin_dir.remove()?;
+            Ok(stale) => {
+                info!("cleaning up after an attachment whose process is gone: {}", pin_dir.path.display());
+                remove_recorded_here(&pin_dir, &stale)?;
             }
+            Err(_) => pin_dir.remove()?,
         }
     }
 
@@ -552,31 +553,42 @@ impl Attachment {
         }
         if pin_links {
             for (feature, name, link) in std::mem::take(&mut self.links) {
-                let fd_link = self.take_fd_link(feature, &name, link)?;
-                let path = self.pin_dir.link(&name);
-                fd_link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+                // None: a clsact filter (kernel < 6.6) stays attached by itself.
+                if let Some(fd_link) = self.take_fd_link(feature, &name, link)? {
+                    let path = self.pin_dir.link(&name);
+                    fd_link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+                }
             }
         }
         self.pin_dir.write_meta(&self.meta)
     }
 
-    fn take_fd_link(&mut self, feature: Feature, name: &str, link: LinkRef) -> Result<FdLink> {
+    /// The link as a pinnable fd; None for a clsact filter, which outlives
+    /// natfix without a pin (detach removes it by name).
+    fn take_fd_link(&mut self, feature: Feature, name: &str, link: LinkRef) -> Result<Option<FdLink>> {
         let program = self.object(feature)?.program_mut(name).context("program vanished")?;
-        let fd_link: Result<FdLink, _> = match link {
+        match link {
             LinkRef::Xdp(id) => {
                 let prog: &mut Xdp = program.try_into()?;
-                prog.take_link(id)?.try_into()
+                let fd_link: Result<FdLink, _> = prog.take_link(id)?.try_into();
+                fd_link.map(Some).map_err(|e| {
+                    anyhow::Error::from(UserError::Unsupported(format!(
+                        "--pin needs XDP bpf_links (Linux >= 5.9); this kernel attached {name} without one ({e})"
+                    )))
+                })
             }
             LinkRef::Tc(id) => {
                 let prog: &mut SchedClassifier = program.try_into()?;
-                prog.take_link(id)?.try_into()
+                let link = prog.take_link(id)?;
+                if features::has_tcx() {
+                    let fd_link: FdLink = link.try_into().context("tcx link")?;
+                    return Ok(Some(fd_link));
+                }
+                // Dropping a netlink link would delete the filter: keep it in the kernel.
+                std::mem::forget(link);
+                Ok(None)
             }
-        };
-        fd_link.map_err(|e| {
-            anyhow::Error::from(UserError::Unsupported(format!(
-                "--pin needs bpf_link attachments (XDP >= 5.9, tcx >= 6.6); this kernel attached {name} without one ({e})"
-            )))
-        })
+        }
     }
 
     /// Detaches, unpins, and removes what natfix created. Runs in the namespace.
@@ -616,19 +628,30 @@ fn remove_clsact(iface: &str) {
 pub fn detach_pinned(pin_dir: &PinDir, meta: &AttachmentMeta, netns: &Netns) -> Result<()> {
     let dir = pin_dir.clone();
     let meta = meta.clone();
-    netns.run(move || {
-        for p in &meta.programs {
-            let path = dir.link(&p.name);
-            if path.exists() {
-                // Unpinning drops the last reference: the kernel detaches the link.
-                let link = PinnedLink::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
-                drop(link.unpin().with_context(|| format!("cannot unpin {}", path.display()))?);
+    netns.run(move || remove_recorded_here(&dir, &meta))
+}
+
+/// Undoes everything a record says natfix did; runs in its namespace.
+fn remove_recorded_here(dir: &PinDir, meta: &AttachmentMeta) -> Result<()> {
+    for p in &meta.programs {
+        if p.mode == "clsact" {
+            // Netlink filters outlive natfix (kernels < 6.6): remove them by name.
+            let attach = if p.hook == "tc-egress" { TcAttachType::Egress } else { TcAttachType::Ingress };
+            if let Err(e) = aya::programs::tc::qdisc_detach_program(&meta.iface, attach, &p.name) {
+                warn!("could not remove the {} filter {} from {}: {e}", p.hook, p.name, meta.iface);
             }
+            continue;
         }
-        dir.remove()?;
-        undo_host_changes(&meta);
-        Ok(())
-    })
+        let path = dir.link(&p.name);
+        if path.exists() {
+            // Unpinning drops the last reference: the kernel detaches the link.
+            let link = PinnedLink::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            drop(link.unpin().with_context(|| format!("cannot unpin {}", path.display()))?);
+        }
+    }
+    dir.remove()?;
+    undo_host_changes(meta);
+    Ok(())
 }
 
 /// Restores what natfix changed outside BPF; runs in the attachment's namespace.
