@@ -77,8 +77,11 @@ static __always_inline int udp_csum_full(struct __sk_buff *skb, void *data, void
 	}
 	/* The tail, copied into a zeroed buffer padded to a multiple of 4:
 	 * zero padding at the end does not change the sum. */
-	rest = (udp_len - done) & (NATFIX_CSUM_CHUNK - 1);
+	rest = udp_len - done;
 	if (rest) {
+		/* ((rest - 1) & 255) + 1 == rest here, and lets every verifier see
+		 * 1 <= size <= 256, which a plain `if (rest)` does not prove on 6.1. */
+		rest = ((rest - 1) & (NATFIX_CSUM_CHUNK - 1)) + 1;
 		if (bpf_skb_load_bytes(skb, pkt->l4_off + done, tail, rest))
 			return -1;
 		sum = bpf_csum_diff(NULL, 0, (void *)tail, (rest + 3) & ~3U, 0);

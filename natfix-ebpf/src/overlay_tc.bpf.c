@@ -83,8 +83,10 @@ static __always_inline int overlay_fix(struct __sk_buff *skb)
 		return NATFIX_CNT_OVERLAY_ZEROED;
 	}
 
-	/* Recompute: the whole datagram must be linear to be summed in place. */
-	if (data + pkt.l4_off + udp_len > data_end) {
+	/* Recompute: the whole datagram must be linear to be summed in place.
+	 * (A length comparison, not pointer math: older verifiers lose the
+	 * bounds of spilled scalars.) */
+	if (pkt.l4_off + udp_len > (__u32)(data_end - data)) {
 		if (bpf_skb_pull_data(skb, pkt.l4_off + udp_len))
 			return NATFIX_CNT_OVERLAY_ERROR;
 		data = (void *)(long)skb->data;

@@ -24,22 +24,26 @@ fn module_loaded(name: &str) -> bool {
     std::path::Path::new("/sys/module").join(name).exists()
 }
 
-/// Loads `esp4_offload`/`esp6_offload` where missing; they put decrypted
-/// packets back through GRO, the only path on which tc sees them.
+/// Loads `esp4_offload` (required) and `esp6_offload` (for IPv6 underlays)
+/// where missing; they put decrypted packets back through GRO, the only path
+/// on which tc sees them.
 pub fn load_esp_offload(changes: &mut OverlayChanges) -> Result<()> {
-    for module in ["esp4_offload", "esp6_offload"] {
+    for (module, required) in [("esp4_offload", true), ("esp6_offload", false)] {
         if module_loaded(module) {
             continue;
         }
         let out = Command::new("modprobe").arg(module).output().context("cannot run modprobe")?;
-        if !out.status.success() || !module_loaded(module) {
+        if out.status.success() && module_loaded(module) {
+            info!("loaded kernel module {module} (ESP GRO path)");
+            changes.loaded_modules.push(module.to_owned());
+        } else if required {
             bail!(
                 "cannot load {module} ({}): without it decrypted packets never reach tc; use --csum-backend nft (IPv4)",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
+        } else {
+            warn!("cannot load {module}: decrypted IPv6 underlay packets will not reach tc (IPv4 is covered)");
         }
-        info!("loaded kernel module {module} (ESP GRO path)");
-        changes.loaded_modules.push(module.to_owned());
     }
     Ok(())
 }

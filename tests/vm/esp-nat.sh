@@ -16,6 +16,11 @@
 #   nft           the nftables rule (prerouting, priority mangle) on A and B
 #   nft-one-side  the rule on B only: only what B receives is accepted
 #   natfix        `natfix attach --iface <underlay> <args from /etc/natfix/natfix-args> --pin` on A and B
+#   natfix-auto, natfix-auto-recompute, natfix-tc, natfix-tc-recompute, natfix-nft
+#                 natfix's overlay fix on A and B with that backend (auto: tc + nftables) and
+#                 checksum mode (zero unless -recompute); stats and detach are recorded
+#   natfix-one-side   natfix's overlay fix on B only
+#   natfix-cleartext  no ESP, natfix's overlay fix on A and B: it must leave cleartext VXLAN alone
 
 . /scenarios/lib.sh
 
@@ -195,6 +200,40 @@ natfix_attach() {
     printf '{"exit":%s,"output":%s}' "$_rc" "$(json_str "$(printf '%s' "$_out" | tail -c 800)")"
 }
 
+# natfix_on NS IFACE ARGS... -> JSON {exit, output}: attach with fixed arguments.
+natfix_on() {
+    _ns=$1
+    _if=$2
+    shift 2
+    _out=$(in_ns "$_ns" env NO_COLOR=1 natfix attach --iface "$_if" "$@" --pin 2>&1)
+    _rc=$?
+    _esc=$(printf '\033')
+    _out=$(printf '%s' "$_out" | sed "s/$_esc\[[0-9;]*m//g")
+    printf '{"exit":%s,"output":%s}' "$_rc" "$(json_str "$(printf '%s' "$_out" | tail -c 800)")"
+}
+
+# natfix_counters NS -> JSON object reason -> packets of the overlay program (null if none).
+natfix_counters() {
+    _s=$(natfix stats --json --netns /run/netns/"$1" 2> /dev/null)
+    [ -n "$_s" ] || { printf null; return; }
+    printf '%s' "$_s" | tr '{' '\n' | awk '
+        /"program":"overlay"/ {
+            match($0, /"reason":"[a-z_]*"/); r = substr($0, RSTART + 10, RLENGTH - 11)
+            match($0, /"packets":[0-9]*/); p = substr($0, RSTART + 10, RLENGTH - 10)
+            printf "%s\"%s\":%s", (n++ ? "," : "{"), r, p
+        }
+        END { printf (n ? "}" : "null") }'
+}
+
+# natfix_off NS IFACE -> JSON {exit, nft_left, tc_left}: detach and look for leftovers.
+natfix_off() {
+    in_ns "$1" natfix detach --iface "$2" > /dev/null 2>&1
+    _rc=$?
+    _nft=$(in_ns "$1" nft list tables 2> /dev/null | grep -c natfix_overlay)
+    _tc=$(in_ns "$1" tc filter show dev "$2" ingress 2> /dev/null | grep -c natfix)
+    printf '{"exit":%s,"nft_left":%s,"tc_left":%s}' "$_rc" "${_nft:-0}" "${_tc:-0}"
+}
+
 # xfrm_json NS OWN_ADDR -> JSON array of the namespace's SAs with their counters.
 xfrm_json() {
     ip -n "$1" -s xfrm state | awk -v me="$2" '
@@ -246,6 +285,7 @@ run_mode() {
     csum=udpcsum
     fix=none
     extra=
+    nf_args=
     case "$mode" in
         cleartext) esp=false ;;
         baseline) ;;
@@ -253,6 +293,13 @@ run_mode() {
         nft) fix="nft 'meta ipsec exists udp dport $VXLAN_PORT udp checksum set 0' (prerouting, mangle) on A and B" ;;
         nft-one-side) fix="the nft rule on B only" ;;
         natfix) fix="natfix attach --iface <underlay> \$NATFIX_ARGS --pin on A and B" ;;
+        natfix-auto) nf_args="--overlay-fix --reqid $REQID" ;;
+        natfix-auto-recompute) nf_args="--overlay-fix --csum recompute" ;;
+        natfix-tc) nf_args="--overlay-fix --csum-backend tc" ;;
+        natfix-tc-recompute) nf_args="--overlay-fix --csum-backend tc --csum recompute" ;;
+        natfix-nft) nf_args="--overlay-fix --csum-backend nft" ;;
+        natfix-one-side) nf_args="--overlay-fix" ;;
+        natfix-cleartext) esp=false nf_args="--overlay-fix" ;;
         *)
             printf '{"scenario":"esp-nat","mode":%s,"errors":[%s]}' "$(json_str "$mode")" "$(json_str "unknown mode")"
             return
@@ -288,6 +335,14 @@ run_mode() {
         nft-one-side)
             nft_fix B
             ;;
+        natfix-one-side)
+            # shellcheck disable=SC2086 # word splitting of our own fixed arguments
+            extra="$extra,\"natfix\":{\"b\":$(natfix_on B vethB $nf_args)}"
+            ;;
+        natfix-*)
+            # shellcheck disable=SC2086
+            extra="$extra,\"natfix\":{\"a\":$(natfix_on A vethA $nf_args),\"b\":$(natfix_on B vethB $nf_args)}"
+            ;;
         natfix)
             if command -v natfix > /dev/null; then
                 extra="$extra,\"natfix\":{\"a\":$(natfix_attach A vethA),\"b\":$(natfix_attach B vethB)}"
@@ -314,6 +369,16 @@ run_mode() {
     case "$mode" in nft | nft-one-side)
         extra="$extra,\"nft_rule_packets\":{\"a\":$(nft_count A),\"b\":$(nft_count B)}" ;;
     esac
+    case "$mode" in natfix-*)
+        [ -n "$fix" ] && [ "$fix" != none ] || fix="natfix attach --iface <underlay> $nf_args --pin"
+        extra="$extra,\"natfix_counters\":{\"a\":$(natfix_counters A),\"b\":$(natfix_counters B)}"
+        if [ "$mode" = natfix-one-side ]; then
+            extra="$extra,\"natfix_detach\":{\"b\":$(natfix_off B vethB)}"
+        else
+            extra="$extra,\"natfix_detach\":{\"a\":$(natfix_off A vethA),\"b\":$(natfix_off B vethB)}"
+        fi
+        ;;
+    esac
 
     printf '{"scenario":"esp-nat","mode":"%s","kernel":"%s","esp":%s,"gro":%s,"esp4_offload_loaded":%s,' \
         "$mode" "$(uname -r)" "$esp" "$([ "$GRO" = 1 ] && echo true || echo false)" \
@@ -335,6 +400,7 @@ run_mode() {
 
 modes=$(echo "${1:-baseline}" | tr , ' ')
 [ "$modes" = all ] && modes="cleartext baseline noudpcsum nft nft-one-side natfix"
+[ "$modes" = natfix-all ] && modes="baseline natfix-auto natfix-auto-recompute natfix-tc natfix-tc-recompute natfix-nft natfix-one-side natfix-cleartext"
 set -- $modes
 if [ $# -gt 1 ]; then
     printf '['

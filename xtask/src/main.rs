@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, tests, VM kernel tests and benchmarks for natfix.
 
+mod bench;
 mod deps;
 mod run;
 mod vm;
@@ -22,6 +23,8 @@ enum Cmd {
     Lab,
     /// Set up and run every test: unit, BPF_PROG_TEST_RUN, namespaces, VM.
     Test(run::TestArgs),
+    /// Run the benchmarks and write BENCHMARKS.md.
+    Bench(bench::BenchArgs),
     /// Boot a Debian kernel in qemu and run a scenario inside it.
     Vm(vm::VmArgs),
 }
@@ -31,6 +34,7 @@ fn main() -> Result<()> {
         Cmd::Deps => deps::install(),
         Cmd::Lab => run::lab(),
         Cmd::Test(args) => run::test(&args),
+        Cmd::Bench(args) => bench::bench(&args),
         Cmd::Vm(args) => vm::run(&args),
     }
 }

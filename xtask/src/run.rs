@@ -37,7 +37,7 @@ fn ensure_bpffs() -> Result<()> {
     Ok(())
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+pub fn cargo(args: &[&str]) -> Result<()> {
     let ok = Command::new(env!("CARGO"))
         .args(args)
         .current_dir(workspace())
@@ -50,7 +50,7 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn setup() -> Result<()> {
+pub fn setup() -> Result<()> {
     require_root()?;
     deps::install()?;
     ensure_bpffs()?;

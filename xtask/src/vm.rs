@@ -32,6 +32,8 @@ const MODULES: &[&str] = &[
     "esp4",
     // GRO path of ESP: not auto-loaded for SAs without hardware offload.
     "esp4_offload",
+    "esp6",
+    "esp6_offload",
     // rfc4106(gcm(aes)), and the IV generators whose salt comes from the default RNG (drbg).
     "aes_generic",
     "gcm",
@@ -101,8 +103,24 @@ enum Mode {
     Natfix,
     /// VXLAN through the NAT without ESP.
     Cleartext,
-    /// Every mode, in one boot.
+    /// natfix's overlay fix, auto backend (tc + nftables), zero, Docker's reqid.
+    NatfixAuto,
+    /// natfix's overlay fix, auto backend, recompute.
+    NatfixAutoRecompute,
+    /// natfix's overlay fix, tc backend only, zero.
+    NatfixTc,
+    /// natfix's overlay fix, tc backend only, recompute.
+    NatfixTcRecompute,
+    /// natfix's overlay fix, nftables backend only.
+    NatfixNft,
+    /// natfix's overlay fix on B only.
+    NatfixOneSide,
+    /// natfix's overlay fix on both nodes, VXLAN without ESP: must stay untouched.
+    NatfixCleartext,
+    /// Every mode without natfix's own fix, in one boot.
     All,
+    /// The baseline and every natfix overlay mode, in one boot.
+    NatfixAll,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -179,6 +197,8 @@ pub fn run(args: &VmArgs) -> Result<()> {
 
     let modes = if args.mode.contains(&Mode::All) {
         value_name(&Mode::All)
+    } else if args.mode.contains(&Mode::NatfixAll) {
+        value_name(&Mode::NatfixAll)
     } else {
         args.mode.iter().map(value_name).collect::<Vec<_>>().join(",")
     };
@@ -1375,9 +1395,76 @@ fn check(item: &Value) -> Verdict {
             }
         }
         "natfix" => return Verdict::Informational,
+        m if m.starts_with("natfix-") => check_natfix(item, m, &mut why, all_ok),
         other => why.push(format!("unknown mode {other}")),
     }
     if why.is_empty() { Verdict::Pass } else { Verdict::Fail(why) }
+}
+
+/// Expectations of natfix's overlay modes (see tests/vm/esp-nat.sh).
+fn check_natfix(item: &Value, mode: &str, why: &mut Vec<String>, all_ok: impl Fn(&mut Vec<String>)) {
+    let nodes: &[&str] = if mode == "natfix-one-side" { &["b"] } else { &["a", "b"] };
+    for node in nodes {
+        if num(item, &["natfix", node, "exit"]) != 0 {
+            why.push(format!("natfix attach on {node} failed: {}", item["natfix"][node]["output"]));
+        }
+        let d = &item["natfix_detach"][*node];
+        if num(d, &["exit"]) != 0 || num(d, &["nft_left"]) != 0 || num(d, &["tc_left"]) != 0 {
+            why.push(format!("natfix detach on {node} left something behind: {d}"));
+        }
+    }
+    let counter = |node: &str, reason: &str| num(item, &["natfix_counters", node, reason]).max(0);
+    let small_ok = |why: &mut Vec<String>| {
+        for dir in DIRECTIONS {
+            let (sent, received) = (num(item, &[dir, "small", "sent"]), num(item, &[dir, "small", "received"]));
+            if sent <= 0 || received != sent {
+                why.push(format!("{dir} small: {received}/{sent} replies, expected all"));
+            }
+        }
+    };
+    match mode {
+        "natfix-auto" | "natfix-auto-recompute" | "natfix-nft" => {
+            all_ok(why);
+            if item["esp_fragmented"] != Value::Bool(true) {
+                why.push("the large pings did not fragment the ESP packets".into());
+            }
+        }
+        // Fragmented ESP is reassembled and decrypted off the GRO path: tc never sees it.
+        "natfix-tc" | "natfix-tc-recompute" => small_ok(why),
+        "natfix-one-side" => {
+            for size in SIZES {
+                let sent = num(item, &["a_to_b", size, "sent"]);
+                if sent <= 0 || num(item, &["a_to_b", size, "requests_delivered"]) != sent {
+                    why.push(format!("a_to_b {size}: A's requests did not all reach B"));
+                }
+                if num(item, &["a_to_b", size, "received"]) != 0 || num(item, &["b_to_a", size, "requests_delivered"]) != 0 {
+                    why.push(format!("{size}: something reached A, which has no fix"));
+                }
+            }
+        }
+        "natfix-cleartext" => {
+            all_ok(why);
+            for node in nodes {
+                if counter(node, "zeroed") + counter(node, "recomputed") != 0 || counter(node, "cleartext_skipped") == 0 {
+                    why.push(format!("{node}: cleartext VXLAN must be counted as skipped and never rewritten"));
+                }
+            }
+        }
+        _ => why.push(format!("unknown mode {mode}")),
+    }
+    // The tc program must have done the work on the GRO path where it runs.
+    let tc_reason = match mode {
+        "natfix-tc" | "natfix-auto" | "natfix-one-side" => Some("zeroed"),
+        "natfix-tc-recompute" | "natfix-auto-recompute" => Some("recomputed"),
+        _ => None,
+    };
+    if let Some(reason) = tc_reason {
+        for node in nodes {
+            if counter(node, reason) == 0 {
+                why.push(format!("{node}: the tc program counted no {reason} packets"));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

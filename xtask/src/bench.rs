@@ -1,0 +1,247 @@
+//! `cargo xtask bench`: runs natfix's benchmarks and writes BENCHMARKS.md.
+//! Every row is a ratio to a baseline measured in the same run: these
+//! machines are noisy, absolute times alone mean little.
+
+use std::{
+    fmt::Write as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::run::{cargo, setup, workspace};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Runs per row (median, min and max are over these).
+    #[arg(long, default_value_t = 7)]
+    pub runs: u32,
+    /// Where to write the report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    pub out: String,
+}
+
+/// A benchmark binary's JSON lines.
+fn cargo_bench(name: &str, env: &[(&str, String)]) -> Result<Vec<Value>> {
+    let out = Command::new(env!("CARGO"))
+        .args(["bench", "-q", "-p", "natfix", "--bench", name])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(workspace())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("cargo bench {name}"))?;
+    if !out.status.success() {
+        bail!("benchmark {name} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+}
+
+fn sh(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("{args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn row(group: &str, name: &str, unit: &str, runs: Vec<f64>, baseline: &str, base: Vec<f64>, higher_is_better: bool) -> Value {
+    let n = runs.len();
+    let (med, min, max) = summary(runs);
+    let (bmed, _, _) = summary(base);
+    json!({"group": group, "name": name, "unit": unit, "runs": n, "median": med, "min": min, "max": max,
+           "baseline": baseline, "baseline_median": bmed, "ratio": med / bmed, "delta": med - bmed,
+           "higher_is_better": higher_is_better})
+}
+
+/// Two namespaces joined by a veth pair; removed on drop.
+struct Pair {
+    a: String,
+    b: String,
+}
+
+impl Pair {
+    fn new() -> Result<Self> {
+        let p = Self { a: "nfx-bench-a".into(), b: "nfx-bench-b".into() };
+        for ns in [&p.a, &p.b] {
+            let _ = sh(&["ip", "netns", "del", ns]);
+            sh(&["ip", "netns", "add", ns])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh(&["ip", "link", "add", "nfxba", "netns", &p.a, "type", "veth", "peer", "name", "nfxbb", "netns", &p.b])?;
+        sh(&["ip", "-n", &p.a, "addr", "add", "198.51.100.10/24", "dev", "nfxba"])?;
+        sh(&["ip", "-n", &p.b, "addr", "add", "198.51.100.20/24", "dev", "nfxbb"])?;
+        sh(&["ip", "-n", &p.a, "link", "set", "nfxba", "up"])?;
+        sh(&["ip", "-n", &p.b, "link", "set", "nfxbb", "up"])?;
+        Ok(p)
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.a]);
+        let _ = sh(&["ip", "netns", "del", &self.b]);
+    }
+}
+
+fn natfix_bin() -> std::path::PathBuf {
+    workspace().join("target/release/natfix")
+}
+
+/// iperf3 TCP throughput b -> a (Gbit/s), with the guard on a's interface or not.
+fn iperf(p: &Pair, secs: u32) -> Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &p.a, "iperf3", "-s", "-1", "-B", "198.51.100.10"])
+        .stdout(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = sh(&["ip", "netns", "exec", &p.b, "iperf3", "-c", "198.51.100.10", "-t", &secs.to_string(), "-J"]);
+    let _ = server.wait();
+    let v: Value = serde_json::from_str(&out?)?;
+    Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
+}
+
+fn attach_args(p: &Pair) -> Vec<String> {
+    ["attach", "--iface", "nfxba", "--netns", &p.a, "--guard", "20000-30000", "--flow-source", "own"]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn timed(args: &[String]) -> Result<f64> {
+    let t = Instant::now();
+    let ok = Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn").status()?.success();
+    if !ok {
+        bail!("natfix {args:?} failed");
+    }
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn system_benches(runs: u32) -> Result<Vec<Value>> {
+    let p = Pair::new()?;
+    let mut rows = Vec::new();
+
+    // Throughput of legitimate traffic: TCP through the guarded interface (XDP + egress learner).
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..runs.min(5) {
+        without.push(iperf(&p, 3)?);
+        let mut daemon = Command::new(natfix_bin()).args(attach_args(&p)).env("NATFIX_LOG", "warn").spawn()?;
+        std::thread::sleep(Duration::from_millis(700));
+        let r = iperf(&p, 3);
+        let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+        let _ = daemon.wait();
+        with.push(r?);
+    }
+    rows.push(row("throughput", "iperf3 TCP through a guarded veth (natfix XDP guard + egress learner)", "Gbit/s", with, "same path without natfix", without, true));
+
+    // Idle RSS of a foreground attach, against `natfix status` (a process that loads nothing).
+    let mut daemon = Command::new(natfix_bin()).args(attach_args(&p)).env("NATFIX_LOG", "warn").spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.id()))?;
+    let rss_kb: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0.0);
+    let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+    let _ = daemon.wait();
+    let idle_rss_mb = rss_kb / 1024.0;
+    let version = Command::new("/usr/bin/time").args(["-f", "%M"]).arg(natfix_bin()).arg("--version").output()?;
+    let base_kb: f64 = String::from_utf8_lossy(&version.stderr).trim().lines().last().and_then(|l| l.parse().ok()).unwrap_or(1.0);
+    rows.push(row("memory", "idle RSS of `natfix attach` (guard, own flows, conntrack sync)", "MB", vec![idle_rss_mb], "`natfix --version` max RSS", vec![base_kb / 1024.0], false));
+
+    // Attach and detach latency (pinned), against a process that does nothing (`natfix --version`).
+    let (mut att, mut det, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pin = attach_args(&p);
+    pin.push("--pin".into());
+    let detach: Vec<String> = ["detach", "--iface", "nfxba", "--netns", &p.a].iter().map(ToString::to_string).collect();
+    for _ in 0..runs {
+        base.push(timed(&["--version".to_owned()])?);
+        att.push(timed(&pin)?);
+        det.push(timed(&detach)?);
+    }
+    rows.push(row("latency", "`natfix attach --pin` (guard, own flows, load + verify + attach)", "ms", att, "`natfix --version`", base.clone(), false));
+    rows.push(row("latency", "`natfix detach`", "ms", det, "`natfix --version`", base, false));
+    Ok(rows)
+}
+
+fn target(name: &str) -> Option<(&'static str, Box<dyn Fn(&Value) -> bool>)> {
+    let delta = |v: &Value| v["delta"].as_f64().unwrap_or(f64::MAX);
+    let ratio = |v: &Value| v["ratio"].as_f64().unwrap_or(0.0);
+    let median = |v: &Value| v["median"].as_f64().unwrap_or(f64::MAX);
+    if name == "guard xdp own: pass" || name == "guard xdp conntrack: pass" {
+        return Some(("<= 15 ns over empty", Box::new(move |v| delta(v) <= 15.0)));
+    }
+    if name.starts_with("overlay zero") {
+        return Some(("<= 10 ns over empty", Box::new(move |v| delta(v) <= 10.0)));
+    }
+    if name == "overlay recompute: 1450 B" {
+        return Some(("<= 3x empty", Box::new(move |v| ratio(v) <= 3.0)));
+    }
+    if name.starts_with("natfix guard, XDP") {
+        return Some((">= 5x iptables", Box::new(move |v| ratio(v) >= 5.0)));
+    }
+    if name.starts_with("iperf3") {
+        return Some((">= 97% of without", Box::new(move |v| ratio(v) >= 0.97)));
+    }
+    if name.starts_with("idle RSS") {
+        return Some(("<= 20 MB", Box::new(move |v| median(v) <= 20.0)));
+    }
+    None
+}
+
+fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
+    let mut s = String::from("# natfix benchmarks\n\n");
+    let _ = writeln!(s, "Written by `cargo xtask bench` ({host}). Every row is compared with a baseline measured in the same run,");
+    s.push_str("interleaved with it where possible; the ratio is what to read (these machines are noisy).\n\n");
+    for (group, cmd) in commands {
+        let _ = writeln!(s, "- {group}: `{cmd}`");
+    }
+    let mut current = "";
+    for r in rows {
+        let group = r["group"].as_str().unwrap_or("");
+        if group != current {
+            current = group;
+            let _ = writeln!(s, "\n## {group}\n\n| what | runs | median | min-max | baseline (median) | ratio | delta | target |\n|---|---|---|---|---|---|---|---|");
+        }
+        let unit = r["unit"].as_str().unwrap_or("");
+        let name = r["name"].as_str().unwrap_or("");
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let fmt = |x: f64| if x.abs() >= 1000.0 { format!("{x:.0}") } else { format!("{x:.2}") };
+        let verdict = target(name).map_or_else(String::new, |(text, ok)| format!("{text}: {}", if ok(r) { "met" } else { "**not met**" }));
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} {unit} | {}-{} | {} ({}) | {:.2}x | {} | {verdict} |",
+            r["runs"], fmt(f("median")), fmt(f("min")), fmt(f("max")), r["baseline"].as_str().unwrap_or(""), fmt(f("baseline_median")), f("ratio"), fmt(f("delta"))
+        );
+    }
+    s
+}
+
+pub fn bench(args: &BenchArgs) -> Result<()> {
+    setup()?;
+    cargo(&["build", "--release", "-p", "natfix"])?;
+    let runs = args.runs.to_string();
+    let mut rows = cargo_bench("datapath", &[("NATFIX_BENCH_RUNS", runs.clone())])?;
+    rows.extend(cargo_bench("flood", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
+    rows.extend(system_benches(args.runs)?);
+    let host = format!(
+        "{} CPUs, kernel {}",
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        sh(&["uname", "-r"]).unwrap_or_default().trim()
+    );
+    let commands = [
+        ("test_run", "cargo bench -p natfix --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
+        ("flood", "cargo bench -p natfix --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
+        ("throughput, memory, latency", "cargo xtask bench (iperf3, /proc/PID/status, wall clock of the release binary)"),
+        ("all of it", "cargo xtask bench"),
+    ];
+    let text = render(&rows, &commands, &host);
+    let out = Path::new(&workspace()).join(&args.out);
+    std::fs::write(&out, &text).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{text}");
+    Ok(())
+}
