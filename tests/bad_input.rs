@@ -60,6 +60,32 @@ fn bad_invocations_exit_with_clear_errors() {
         case("stats --watch 0", 2, "positive number of seconds"),
         case("frobnicate", 2, "unrecognized subcommand"),
         case("lab --scenario moon", 2, "invalid value 'moon'"),
+        case("attach --iface lo --overlay-fix --csum-backend nft --csum recompute", 2, "can only zero"),
+        case("attach --iface lo --vxlan-port 4789", 2, "need --overlay-fix"),
+        case("attach --iface lo --reqid 0xD0C4E3", 2, "need --overlay-fix"),
+        case("attach --iface lo --overlay-fix --vxlan-port 0", 2, "--vxlan-port"),
+        case("attach --iface lo --overlay-fix --reqid zz", 2, "not a number"),
+        case(
+            "attach --iface lo --overlay-fix --vxlan-port 1 --vxlan-port 2 --vxlan-port 3 --vxlan-port 4 --vxlan-port 5 \
+             --vxlan-port 6 --vxlan-port 7 --vxlan-port 8 --vxlan-port 9",
+            2,
+            "at most 8",
+        ),
+        case("attach --iface lo --overlay-fix --csum sometimes", 2, "invalid value 'sometimes'"),
+        case("attach --iface lo --overlay-fix --csum-backend ebpf", 2, "invalid value 'ebpf'"),
+        case("attach --iface lo --guard 1000 --metrics notanaddr", 2, "invalid value 'notanaddr'"),
+        case("attach --iface lo --guard 1000 --pin --metrics 127.0.0.1:9477", 2, "cannot be used with"),
+        case("attach --iface lo --guard 1000 --pin --log-events", 2, "cannot be used with"),
+        case("attach --iface lo --guard 1000 --xdp-mode turbo", 2, "invalid value 'turbo'"),
+        case("attach --iface lo --guard 1000 --events-rate many", 2, "invalid value 'many'"),
+        case("attach --iface lo --guard 1000 --netns pid:abc", 2, "needs a process id"),
+        case("attach --iface lo --guard 1000 --filtering sideways", 2, "invalid value 'sideways'"),
+        case("attach --iface lo --guard 1000 --allow-port 70000", 2, "--allow-port"),
+        case("detach", 2, "--iface"),
+        case("status --bogus", 2, "unexpected argument"),
+        case("monitor --iface nope0", 3, "no natfix attachment matches"),
+        case("diagnose --netns nowhere", 3, "not found"),
+        case("stats --netns nowhere", 3, "not found"),
     ];
     for c in &cases {
         check(&mut std::process::Command::new(natfix_bin()), c);

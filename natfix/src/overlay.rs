@@ -125,7 +125,8 @@ pub fn nft_ruleset(table: &str, iface: &str, ports: &[u16]) -> serde_json::Value
 fn nft_json(doc: &serde_json::Value) -> Result<()> {
     use std::io::Write as _;
     let mut child = Command::new("nft")
-        .args(["-j", "-f", "-"])
+        // /proc/self/fd/0, not `-` (/dev/stdin): minimal /dev trees (containers, initramfs) lack it.
+        .args(["-j", "-f", "/proc/self/fd/0"])
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -22,7 +22,7 @@
 #   natfix-one-side   natfix's overlay fix on B only
 #   natfix-cleartext  no ESP, natfix's overlay fix on A and B: it must leave cleartext VXLAN alone
 
-. /scenarios/lib.sh
+. "${SCENARIO_DIR:-/scenarios}/lib.sh"
 
 A_PRIV=192.168.1.10
 A_PUB=203.0.113.10

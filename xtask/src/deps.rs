@@ -22,6 +22,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "/usr/sbin/ethtool"),
     ("iperf3", "/usr/bin/iperf3"),
     ("prometheus", "/usr/bin/promtool"),
+    ("iputils-ping", "/usr/bin/ping"),
 ];
 
 pub fn install() -> Result<()> {

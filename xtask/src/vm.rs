@@ -246,7 +246,7 @@ fn report(result: &Value, check_expectations: bool) -> Result<()> {
         Value::Array(items) => items.iter().collect(),
         other => vec![other],
     };
-    let mut failed = 0;
+    let (mut passed, mut failed) = (0, 0);
     for item in items {
         if let Some(err) = item.get("error") {
             bail!("the scenario failed: {err}");
@@ -257,13 +257,19 @@ fn report(result: &Value, check_expectations: bool) -> Result<()> {
             continue;
         }
         match check(item) {
-            Verdict::Pass => eprintln!("vm: PASS {summary}"),
+            Verdict::Pass => {
+                passed += 1;
+                eprintln!("vm: PASS {summary}");
+            }
             Verdict::Informational => eprintln!("vm: INFO {summary}"),
             Verdict::Fail(why) => {
                 failed += 1;
                 eprintln!("vm: FAIL {summary}\n      {}", why.join("\n      "));
             }
         }
+    }
+    if check_expectations {
+        println!("vm: {passed} passed, {failed} failed");
     }
     ensure!(failed == 0, "{failed} mode(s) did not behave as expected");
     Ok(())

@@ -25,3 +25,4 @@ pub fn require_root() -> bool {
     eprintln!("SKIP: needs root (BPF_PROG_TEST_RUN)");
     false
 }
+pub mod frames;
