@@ -110,7 +110,11 @@ pub fn test(args: &TestArgs) -> Result<()> {
     setup()?;
     let mut totals = (0, 0);
     let unit_ok = run_counting(
-        Command::new(env!("CARGO")).args(["test", "--workspace", "--no-fail-fast"]).current_dir(workspace()),
+        Command::new(env!("CARGO"))
+            .args(["test", "--workspace", "--no-fail-fast"])
+            // The differential tests become the fuzz run: a million frames per program.
+            .env("NATFIX_DIFF_CASES", "1000000")
+            .current_dir(workspace()),
         &mut totals,
     )?;
     // The host kernel has no ESP: the overlay's end-to-end tests run in qemu.
