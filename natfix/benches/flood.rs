@@ -151,7 +151,7 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
             }
             let plan = loader::plan_guard(&a.guard).unwrap();
             attachment = Some(
-                loader::attach(loader::AttachRequest { netns: rx.clone(), iface: "fr0".into(), guard: Some(plan), overlay: None, pin: false, events_per_sec: 0 })
+                loader::attach(loader::AttachRequest { netns: rx.clone(), iface: "fr0".into(), guard: Some(plan), overlay: None, pin: false, replace: false, events_per_sec: 0 })
                     .unwrap(),
             );
         }

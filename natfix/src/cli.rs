@@ -157,6 +157,10 @@ pub struct AttachArgs {
     #[arg(long)]
     pub pin: bool,
 
+    /// With --pin: upgrade an existing pinned attachment in place (atomic program swap; counters and flows kept).
+    #[arg(long, requires = "pin")]
+    pub replace: bool,
+
     /// Sampled drop/rewrite events per CPU per second for `natfix monitor` (0: none).
     #[arg(long, value_name = "N", default_value_t = crate::loader::DEFAULT_EVENTS_PER_SEC)]
     pub events_rate: u32,

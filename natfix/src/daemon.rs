@@ -29,20 +29,21 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
     let metrics_listener = args.metrics.map(crate::metrics::bind).transpose()?;
     let own_flows = guard.as_ref().is_some_and(|g| g.source == loader::ResolvedFlowSource::Own);
     let eif = guard.as_ref().is_some_and(|g| g.config.flags & crate::abi::GUARD_F_ENDPOINT_INDEP != 0);
-    let att = loader::attach(AttachRequest {
+    let mut att = loader::attach(AttachRequest {
         netns: netns.clone(),
         iface: args.target.iface.clone(),
         guard,
         overlay,
         pin: args.pin,
+        replace: args.replace,
         events_per_sec: args.events_rate,
     })?;
     // The own flow table also learns from conntrack (flows older than natfix,
     // or leaving by another interface).
     let sync = if own_flows {
-        let mut sync = FlowSync::open(&att.pin_dir.map(pins::GUARD_FLOWS), args.guard.ranges.clone(), eif)?;
-        let stream = sync.subscribe_and_seed(&netns)?;
-        Some((sync, stream))
+        // Seeded by the loader before the guard attached; follow from here.
+        let sync = FlowSync::open(&att.pin_dir.map(pins::GUARD_FLOWS), args.guard.ranges.clone(), eif)?;
+        att.ct_events.take().map(|stream| (sync, stream))
     } else {
         None
     };

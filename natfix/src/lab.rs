@@ -241,6 +241,7 @@ pub fn run_guard_lab() -> Result<bool> {
         guard: Some(plan),
         overlay: None,
         pin: false,
+        replace: false,
         events_per_sec: loader::DEFAULT_EVENTS_PER_SEC,
     })?;
     let after = guard_sequence(&t);

@@ -153,6 +153,20 @@ pub fn plan_guard(args: &GuardArgs) -> Result<GuardPlan> {
 pub const DEFAULT_EVENTS_PER_SEC: u32 = 20;
 
 pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32) -> Result<Ebpf> {
+    load_guard_object_reusing(plan, events_per_sec, None)
+}
+
+/// Maps of an existing attachment that an upgrade keeps (state survives).
+fn reuse_pinned<'a>(loader: &mut EbpfLoader<'a>, dir: &PinDir, maps: &[(&'a str, &str)]) {
+    for (name, file) in maps {
+        let path = dir.map(file);
+        if path.exists() {
+            loader.map_pin_path(name, path);
+        }
+    }
+}
+
+fn load_guard_object_reusing(plan: &GuardPlan, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
     let bytes = match (plan.source, plan.hook) {
         (ResolvedFlowSource::Own, _) => objects::GUARD_OWN.to_vec(),
         (ResolvedFlowSource::Conntrack, GuardHook::Xdp) => kfunc::relocate_kfuncs(objects::GUARD_XDP_CT)?,
@@ -163,6 +177,13 @@ pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32) -> Result<Ebpf> 
     loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
     if plan.source == ResolvedFlowSource::Own {
         loader.map_max_entries(map_names::GUARD_FLOWS, plan.flow_table_size);
+    }
+    if let Some(dir) = reuse {
+        reuse_pinned(
+            &mut loader,
+            dir,
+            &[(map_names::COUNTERS, pins::GUARD_COUNTERS), (map_names::GUARD_FLOWS, pins::GUARD_FLOWS), (map_names::EVENTS, pins::GUARD_EVENTS)],
+        );
     }
     let mut ebpf = loader.load(&bytes).context("cannot load the guard's eBPF object")?;
 
@@ -251,11 +272,17 @@ pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
 
 /// Loads the overlay object with its configuration; the program is not loaded yet.
 pub fn load_overlay_object(config: &OverlayConfig, events_per_sec: u32) -> Result<Ebpf> {
-    EbpfLoader::new()
-        .override_global(map_names::OVERLAY_CONFIG, config, true)
-        .override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true)
-        .load(objects::OVERLAY)
-        .context("cannot load the overlay eBPF object")
+    load_overlay_object_reusing(config, events_per_sec, None)
+}
+
+fn load_overlay_object_reusing(config: &OverlayConfig, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader.override_global(map_names::OVERLAY_CONFIG, config, true);
+    loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
+    if let Some(dir) = reuse {
+        reuse_pinned(&mut loader, dir, &[(map_names::COUNTERS, pins::OVERLAY_COUNTERS), (map_names::EVENTS, pins::OVERLAY_EVENTS)]);
+    }
+    loader.load(objects::OVERLAY).context("cannot load the overlay eBPF object")
 }
 
 // The LPM key types of the C side are {prefixlen, addr}; aya's Key<K> adds
@@ -316,6 +343,9 @@ pub struct Attachment {
     guard: Option<Ebpf>,
     overlay: Option<Ebpf>,
     links: Vec<(Feature, String, LinkRef)>,
+    /// Conntrack events subscribed before the own flow table was seeded; the
+    /// daemon follows them (`FlowSync::follow`).
+    pub ct_events: Option<crate::conntrack::CtEventStream>,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -332,6 +362,8 @@ pub struct AttachRequest {
     pub guard: Option<GuardPlan>,
     pub overlay: Option<OverlayPlan>,
     pub pin: bool,
+    /// With `pin`: upgrade an existing pinned attachment in place.
+    pub replace: bool,
     /// Sampled events per CPU per second (0: none).
     pub events_per_sec: u32,
 }
@@ -366,6 +398,7 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
     let pin_dir = PinDir::new(req.netns.inode, &req.iface);
     if pin_dir.meta_path().exists() {
         match pin_dir.read_meta() {
+            Ok(old) if old.pinned && req.replace => return upgrade_here(req, pin_dir, old, ifindex),
             Ok(old) if old.is_live() => bail!(UserError::Conflict(format!(
                 "natfix is already attached to {} in namespace `{}` ({}); run `natfix detach --iface {}{}` first",
                 req.iface,
@@ -401,11 +434,14 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
         guard: req.guard.as_ref().map(|g| load_guard_object(g, req.events_per_sec)).transpose()?,
         overlay: req.overlay.as_ref().map(|o| load_overlay_object(&o.config, req.events_per_sec)).transpose()?,
         links: Vec::new(),
+        ct_events: None,
         netns: req.netns.clone(),
         iface: req.iface.clone(),
         pin_dir,
     };
     let result = (|| {
+        // Maps first: the own flow table is seeded through its pin before the guard attaches.
+        att.pin_maps()?;
         if let Some(guard) = &req.guard {
             att.attach_guard(guard)?;
         }
@@ -430,6 +466,98 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
             Err(e)
         }
     }
+}
+
+/// The programs an attach request puts where: (object, program, hook).
+fn planned_programs(req: &AttachRequest) -> Vec<(Feature, &'static str, &'static str)> {
+    let mut out = Vec::new();
+    if let Some(g) = &req.guard {
+        if g.source == ResolvedFlowSource::Own {
+            out.push((Feature::Guard, prog_names::FLOW_EGRESS, "tc-egress"));
+        }
+        out.push(match g.hook {
+            GuardHook::Xdp => (Feature::Guard, prog_names::GUARD_XDP, "xdp"),
+            GuardHook::Tc => (Feature::Guard, prog_names::GUARD_TC, "tc-ingress"),
+        });
+    }
+    if req.overlay.as_ref().is_some_and(OverlayPlan::uses_tc) {
+        out.push((Feature::Overlay, prog_names::OVERLAY_TC, "tc-ingress"));
+    }
+    out
+}
+
+/// `attach --pin --replace`: swaps the programs of a pinned attachment
+/// atomically (bpf_link_update: no packet sees no program) and keeps its
+/// maps, so counters and learned flows survive the upgrade.
+fn upgrade_here(req: AttachRequest, pin_dir: PinDir, old: AttachmentMeta, ifindex: u32) -> Result<Attachment> {
+    let planned = planned_programs(&req);
+    let mut want: Vec<(&str, &str)> = planned.iter().map(|(_, n, h)| (*n, *h)).collect();
+    let mut have: Vec<(&str, &str)> = old.programs.iter().map(|p| (p.name.as_str(), p.hook.as_str())).collect();
+    want.sort_unstable();
+    have.sort_unstable();
+    if want != have {
+        bail!(UserError::Conflict(format!(
+            "--replace keeps the same programs on the same hooks (attached: {have:?}, requested: {want:?}); detach and attach instead"
+        )));
+    }
+    if old.programs.iter().any(|p| p.mode == "clsact") {
+        bail!(UserError::Unsupported("--replace needs bpf_links (tcx, Linux >= 6.6); this attachment uses clsact filters".into()));
+    }
+    let mut att = Attachment {
+        meta: AttachmentMeta {
+            natfix_version: env!("CARGO_PKG_VERSION").into(),
+            ifindex,
+            created_unix: pins::now_unix(),
+            programs: Vec::new(),
+            guard: req.guard.as_ref().map(|g| g.meta.clone()),
+            overlay: req.overlay.as_ref().map(|o| OverlayMeta {
+                changes: old.overlay.as_ref().map(|m| m.changes.clone()).unwrap_or_default(),
+                ..o.meta.clone()
+            }),
+            ..old.clone()
+        },
+        guard: req.guard.as_ref().map(|g| load_guard_object_reusing(g, req.events_per_sec, Some(&pin_dir))).transpose()?,
+        overlay: req
+            .overlay
+            .as_ref()
+            .map(|o| load_overlay_object_reusing(&o.config, req.events_per_sec, Some(&pin_dir)))
+            .transpose()?,
+        links: Vec::new(),
+        ct_events: None,
+        netns: req.netns.clone(),
+        iface: req.iface.clone(),
+        pin_dir,
+    };
+    for (feature, name, hook) in planned {
+        let old_mode = old.programs.iter().find(|p| p.name == name).map(|p| p.mode.clone()).unwrap_or_default();
+        let path = att.pin_dir.link(name);
+        let link = FdLink::from(PinnedLink::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?);
+        let object = att.object(feature)?;
+        let prog_id = if hook == "xdp" {
+            let prog = load_xdp(object, name)?;
+            let id = prog.attach_to_link(link.try_into().context("pinned XDP link")?).with_context(|| format!("cannot swap {name}"))?;
+            // The pin keeps the link; our handle may go.
+            drop(prog.take_link(id)?);
+            prog.info()?.id()
+        } else {
+            let prog = load_tc(object, name)?;
+            let id = prog.attach_to_link(link.try_into().context("pinned tcx link")?).with_context(|| format!("cannot swap {name}"))?;
+            drop(prog.take_link(id)?);
+            prog.info()?.id()
+        };
+        att.meta.programs.push(ProgramMeta { name: name.to_owned(), hook: hook.to_owned(), mode: old_mode, prog_id });
+    }
+    if let Some(plan) = req.overlay.as_ref().filter(|o| o.uses_nft()) {
+        let mut changes = att.meta.overlay.as_ref().map(|m| m.changes.clone()).unwrap_or_default();
+        let reqid = (plan.config.flags & abi::OVERLAY_F_MATCH_REQID != 0).then_some(plan.config.reqid);
+        overlay::install_nft(ifindex, &req.iface, &plan.ports, reqid, &mut changes)?;
+        if let Some(m) = att.meta.overlay.as_mut() {
+            m.changes = changes;
+        }
+    }
+    att.pin_dir.write_meta(&att.meta)?;
+    info!(iface = %att.iface, netns = %att.netns.spec, "upgraded in place: {}", att.meta.programs.iter().map(|p| format!("{} (prog id {})", p.name, p.prog_id)).collect::<Vec<_>>().join(", "));
+    Ok(att)
 }
 
 impl Attachment {
@@ -503,6 +631,12 @@ impl Attachment {
         // Learn before guarding, so replies to flows leaving meanwhile pass.
         if plan.source == ResolvedFlowSource::Own {
             self.attach_tc(Feature::Guard, prog_names::FLOW_EGRESS, TcAttachType::Egress)?;
+            // Flows that exist already (or leave by another interface) enter the
+            // table before the guard sees a single reply.
+            let ranges = plan.config.ranges[..plan.config.nr_ranges as usize].to_vec();
+            let eif = plan.config.flags & abi::GUARD_F_ENDPOINT_INDEP != 0;
+            let mut sync = crate::flowsync::FlowSync::open(&self.pin_dir.map(pins::GUARD_FLOWS), ranges, eif)?;
+            self.ct_events = Some(sync.subscribe_and_seed(&self.netns)?);
         }
         match plan.hook {
             GuardHook::Xdp => self.attach_xdp(prog_names::GUARD_XDP, plan.xdp_mode),
@@ -524,7 +658,8 @@ impl Attachment {
                 self.attach_tc(Feature::Overlay, prog_names::OVERLAY_TC, TcAttachType::Ingress)?;
             }
             if plan.uses_nft() {
-                overlay::install_nft(self.meta.ifindex, &self.iface, &plan.ports, &mut changes)?;
+                let reqid = (plan.config.flags & abi::OVERLAY_F_MATCH_REQID != 0).then_some(plan.config.reqid);
+                overlay::install_nft(self.meta.ifindex, &self.iface, &plan.ports, reqid, &mut changes)?;
             }
             Ok(())
         })();
@@ -536,7 +671,7 @@ impl Attachment {
     }
 
     /// Pins maps (and links with --pin) and writes the record.
-    fn publish(&mut self, pin_links: bool) -> Result<()> {
+    fn pin_maps(&mut self) -> Result<()> {
         self.pin_dir.create()?;
         let maps = [
             (self.guard.as_ref(), map_names::COUNTERS, pins::GUARD_COUNTERS),
@@ -551,6 +686,11 @@ impl Attachment {
                 map.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
             }
         }
+        Ok(())
+    }
+
+    /// Pins the links (with --pin) and writes the record.
+    fn publish(&mut self, pin_links: bool) -> Result<()> {
         if pin_links {
             for (feature, name, link) in std::mem::take(&mut self.links) {
                 // None: a clsact filter (kernel < 6.6) stays attached by itself.

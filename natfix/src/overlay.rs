@@ -105,16 +105,22 @@ pub fn nft_table_name(ifindex: u32) -> String {
 
 /// The ruleset, as nftables JSON: decrypted (secpath) UDP to the VXLAN ports
 /// arriving on `iface` gets checksum 0, at prerouting priority mangle, where
-/// the decrypted packet passes again (fragments included).
+/// the decrypted packet passes again (fragments included). With `reqid`,
+/// only packets an SA with that reqid decrypted (`ipsec in reqid`).
 #[must_use]
-pub fn nft_ruleset(table: &str, iface: &str, ports: &[u16]) -> serde_json::Value {
+pub fn nft_ruleset(table: &str, iface: &str, ports: &[u16], reqid: Option<u32>) -> serde_json::Value {
+    let decrypted = match reqid {
+        Some(id) => serde_json::json!({ "match": { "op": "==",
+            "left": { "ipsec": { "key": "reqid", "dir": "in", "spnum": 0 } }, "right": id } }),
+        None => serde_json::json!({ "match": { "op": "==", "left": { "meta": { "key": "ipsec" } }, "right": true } }),
+    };
     serde_json::json!({ "nftables": [
         { "add": { "table": { "family": "ip", "name": table } } },
         { "add": { "chain": { "family": "ip", "table": table, "name": "prerouting",
             "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept" } } },
         { "add": { "rule": { "family": "ip", "table": table, "chain": "prerouting", "expr": [
             { "match": { "op": "==", "left": { "meta": { "key": "iifname" } }, "right": iface } },
-            { "match": { "op": "==", "left": { "meta": { "key": "ipsec" } }, "right": true } },
+            decrypted,
             { "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } },
                 "right": { "set": ports } } },
             { "mangle": { "key": { "payload": { "protocol": "udp", "field": "checksum" } }, "value": 0 } }
@@ -140,11 +146,16 @@ fn nft_json(doc: &serde_json::Value) -> Result<()> {
 }
 
 /// Installs the nftables fallback in the calling thread's namespace.
-pub fn install_nft(ifindex: u32, iface: &str, ports: &[u16], changes: &mut OverlayChanges) -> Result<()> {
+pub fn install_nft(ifindex: u32, iface: &str, ports: &[u16], reqid: Option<u32>, changes: &mut OverlayChanges) -> Result<()> {
     let table = nft_table_name(ifindex);
-    // A table left by a crashed natfix is replaced, not duplicated.
-    let _ = Command::new("nft").args(["delete", "table", "ip", &table]).output();
-    nft_json(&nft_ruleset(&table, iface, ports))?;
+    // One transaction: add (no-op if present), delete, then the ruleset, so a
+    // table left by a crashed natfix, or an upgrade, is replaced atomically.
+    let mut doc = nft_ruleset(&table, iface, ports, reqid);
+    if let Some(cmds) = doc["nftables"].as_array_mut() {
+        cmds.insert(0, serde_json::json!({ "add": { "table": { "family": "ip", "name": table } } }));
+        cmds.insert(1, serde_json::json!({ "delete": { "table": { "family": "ip", "name": table } } }));
+    }
+    nft_json(&doc)?;
     info!("installed nftables table ip {table} (IPv4 fragments and non-GRO paths)");
     changes.nft_table = Some(table);
     Ok(())
@@ -177,11 +188,15 @@ mod tests {
 
     #[test]
     fn ruleset_json_carries_ports_and_iface_as_data() {
-        let doc = nft_ruleset("natfix_overlay_7", "eth0\"; drop", &[4789, 7789]);
+        let doc = nft_ruleset("natfix_overlay_7", "eth0\"; drop", &[4789, 7789], None);
         let rule = &doc["nftables"][2]["add"]["rule"];
         assert_eq!(rule["expr"][0]["match"]["right"], "eth0\"; drop", "names stay data, never syntax");
         assert_eq!(rule["expr"][2]["match"]["right"]["set"], serde_json::json!([4789, 7789]));
         assert_eq!(rule["expr"][3]["mangle"]["value"], 0);
         assert_eq!(doc["nftables"][1]["add"]["chain"]["prio"], -150);
+        assert_eq!(rule["expr"][1]["match"]["left"]["meta"]["key"], "ipsec");
+        let docker = nft_ruleset("t", "eth0", &[4789], Some(0x00D0_C4E3));
+        let m = &docker["nftables"][2]["add"]["rule"]["expr"][1]["match"];
+        assert_eq!((m["left"]["ipsec"]["key"].as_str(), m["right"].as_u64()), (Some("reqid"), Some(13_681_891)));
     }
 }

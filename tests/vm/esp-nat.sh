@@ -20,6 +20,8 @@
 #                 natfix's overlay fix on A and B with that backend (auto: tc + nftables) and
 #                 checksum mode (zero unless -recompute); stats and detach are recorded
 #   natfix-one-side   natfix's overlay fix on B only
+#   natfix-wrong-reqid natfix's overlay fix limited to another reqid: nothing may be fixed
+#   throughput    iperf3 over the overlay, noudpcsum workaround against natfix, alternating, same boot
 #   natfix-cleartext  no ESP, natfix's overlay fix on A and B: it must leave cleartext VXLAN alone
 
 . "${SCENARIO_DIR:-/scenarios}/lib.sh"
@@ -277,6 +279,43 @@ direction() {
     printf '{"small":%s,"large":%s}' "$(ping_test "$1" "$2" "$3" "$SMALL")" "$(ping_test "$1" "$2" "$3" "$LARGE")"
 }
 
+# iperf_ab -> Mbit/s of TCP from A to B over the overlay (3 s).
+iperf_ab() {
+    in_ns B iperf3 -s -1 -B "$B_OVL" > /dev/null 2>&1 &
+    sleep 1
+    _j=$(in_ns A iperf3 -c "$B_OVL" -t 3 -J 2> /dev/null)
+    wait
+    # The last bits_per_second of the report is end.sum_received's.
+    printf '%s' "$_j" | awk -F'[:,]' '/"bits_per_second"/ { v = $2 } END { printf "%.3f", v / 1e6 }'
+}
+
+# Overlay throughput with the noudpcsum workaround and with natfix, alternating.
+run_throughput() {
+    t0=$(uptime_s)
+    ws=
+    nf=
+    for round in 1 2 3; do
+        reset_all
+        setup_underlay
+        setup_xfrm
+        setup_vxlan noudpcsum
+        ws="$ws${ws:+,}$(iperf_ab)"
+        reset_all
+        setup_underlay
+        setup_xfrm
+        setup_vxlan udpcsum
+        natfix_on A vethA --overlay-fix > /dev/null
+        natfix_on B vethB --overlay-fix > /dev/null
+        nf="$nf${nf:+,}$(iperf_ab)"
+        natfix_off A vethA > /dev/null
+        natfix_off B vethB > /dev/null
+    done
+    printf '{"scenario":"esp-nat","mode":"throughput","kernel":"%s","noudpcsum_mbps":[%s],"natfix_mbps":[%s],' \
+        "$(uname -r)" "$ws" "$nf"
+    printf '"timing_s":{"total":%s},"errors":%s}' \
+        "$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')" "$(json_lines "$ERRORS")"
+}
+
 run_mode() {
     mode=$1
     t0=$(uptime_s)
@@ -300,6 +339,11 @@ run_mode() {
         natfix-nft) nf_args="--overlay-fix --csum-backend nft" ;;
         natfix-one-side) nf_args="--overlay-fix" ;;
         natfix-cleartext) esp=false nf_args="--overlay-fix" ;;
+        natfix-wrong-reqid) nf_args="--overlay-fix --reqid 0x1234" ;;
+        throughput)
+            run_throughput
+            return
+            ;;
         *)
             printf '{"scenario":"esp-nat","mode":%s,"errors":[%s]}' "$(json_str "$mode")" "$(json_str "unknown mode")"
             return
@@ -400,7 +444,7 @@ run_mode() {
 
 modes=$(echo "${1:-baseline}" | tr , ' ')
 [ "$modes" = all ] && modes="cleartext baseline noudpcsum nft nft-one-side natfix"
-[ "$modes" = natfix-all ] && modes="baseline natfix-auto natfix-auto-recompute natfix-tc natfix-tc-recompute natfix-nft natfix-one-side natfix-cleartext"
+[ "$modes" = natfix-all ] && modes="baseline natfix-auto natfix-auto-recompute natfix-tc natfix-tc-recompute natfix-nft natfix-one-side natfix-cleartext natfix-wrong-reqid"
 set -- $modes
 if [ $# -gt 1 ]; then
     printf '['

@@ -75,6 +75,8 @@ const HOST_PROGRAMS: &[(&str, &[&str])] = &[
     ("ethtool", &["/usr/sbin/ethtool", "/sbin/ethtool"]),
     // natfix runs `tc` to manage clsact qdiscs on kernels without tcx.
     ("tc", &["/usr/sbin/tc", "/sbin/tc"]),
+    // Overlay throughput (mode `throughput`).
+    ("iperf3", &["/usr/bin/iperf3"]),
 ];
 
 /// Bump when the initramfs layout changes, to invalidate cached images.
@@ -117,6 +119,10 @@ enum Mode {
     NatfixOneSide,
     /// natfix's overlay fix on both nodes, VXLAN without ESP: must stay untouched.
     NatfixCleartext,
+    /// natfix's overlay fix for another reqid: Docker's packets must stay untouched.
+    NatfixWrongReqid,
+    /// Overlay TCP throughput (iperf3): natfix (auto) against the noudpcsum workaround, same boot.
+    Throughput,
     /// Every mode without natfix's own fix, in one boot.
     All,
     /// The baseline and every natfix overlay mode, in one boot.
@@ -1402,6 +1408,14 @@ fn check(item: &Value) -> Verdict {
         }
         "natfix" => return Verdict::Informational,
         m if m.starts_with("natfix-") => check_natfix(item, m, &mut why, all_ok),
+        "throughput" => {
+            for k in ["noudpcsum_mbps", "natfix_mbps"] {
+                let v = item[k].as_array().map_or(0.0, |a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max));
+                if v <= 0.0 {
+                    why.push(format!("{k}: no throughput measured"));
+                }
+            }
+        }
         other => why.push(format!("unknown mode {other}")),
     }
     if why.is_empty() { Verdict::Pass } else { Verdict::Fail(why) }
@@ -1445,6 +1459,20 @@ fn check_natfix(item: &Value, mode: &str, why: &mut Vec<String>, all_ok: impl Fn
                 }
                 if num(item, &["a_to_b", size, "received"]) != 0 || num(item, &["b_to_a", size, "requests_delivered"]) != 0 {
                     why.push(format!("{size}: something reached A, which has no fix"));
+                }
+            }
+        }
+        "natfix-wrong-reqid" => {
+            for dir in DIRECTIONS {
+                for size in SIZES {
+                    if num(item, &[dir, size, "received"]) != 0 {
+                        why.push(format!("{dir} {size}: fixed although the SA's reqid is not natfix's"));
+                    }
+                }
+            }
+            for node in nodes {
+                if counter(node, "other_sa") == 0 || counter(node, "zeroed") != 0 {
+                    why.push(format!("{node}: expected other_sa and no zeroed packets"));
                 }
             }
         }
