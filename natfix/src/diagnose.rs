@@ -1391,53 +1391,9 @@ fn read_vxlan() -> Result<Vec<VxlanDev>, String> {
     parse_vxlan_links(&json).map_err(|e| format!("{e:#}"))
 }
 
-/// GRO per interface (legacy `ETHTOOL_GGRO` ioctl), copied from overlay.rs's helper.
+/// GRO per interface, as the overlay fix reads it.
 fn gro_state(iface: &str) -> std::io::Result<bool> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    const ETHTOOL_GGRO: u32 = 0x2b;
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    #[repr(C)]
-    struct IfReq {
-        name: [libc::c_char; libc::IFNAMSIZ],
-        data: *mut EthtoolValue,
-        _pad: [u8; 16],
-    }
-    // SAFETY: plain socket(2); the fd is owned below.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: raw is a fresh, valid fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut value = EthtoolValue {
-        cmd: ETHTOOL_GGRO,
-        data: 0,
-    };
-    let mut req = IfReq {
-        name: [0; libc::IFNAMSIZ],
-        data: &raw mut value,
-        _pad: [0; 16],
-    };
-    for (dst, src) in req
-        .name
-        .iter_mut()
-        .zip(iface.as_bytes().iter().take(libc::IFNAMSIZ - 1))
-    {
-        // c_char is i8 or u8 depending on the target.
-        #[allow(clippy::cast_possible_wrap)]
-        {
-            *dst = *src as libc::c_char;
-        }
-    }
-    // SAFETY: SIOCETHTOOL reads req and writes value, both live for the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(value.data != 0)
+    crate::overlay::gro_enabled(iface)
 }
 
 fn local_addrs() -> Vec<IpAddr> {

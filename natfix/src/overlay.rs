@@ -86,6 +86,11 @@ fn ethtool(iface: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
     Ok(value.data)
 }
 
+/// Whether GRO is on for `iface` (in the calling thread's namespace).
+pub fn gro_enabled(iface: &str) -> std::io::Result<bool> {
+    ethtool(iface, ETHTOOL_GGRO, 0).map(|v| v != 0)
+}
+
 /// Switches GRO on for `iface` (in the calling thread's namespace) if it is off.
 pub fn enable_gro(iface: &str, changes: &mut OverlayChanges) -> Result<()> {
     let on = ethtool(iface, ETHTOOL_GGRO, 0).with_context(|| format!("cannot read GRO state of {iface}"))?;

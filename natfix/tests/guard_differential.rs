@@ -5,42 +5,11 @@
 
 mod common;
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::collections::BTreeMap;
 
-use common::frames::{self, HOST, HOST6, PEER, PEER6};
-use natfix::{
-    abi::Counter,
-    harness::{GuardHarness, flow_key, monotonic_ns},
-    model::guard::{Flow, GuardModel},
-};
+use common::frames;
+use natfix::{abi::Counter, harness::GuardHarness};
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
-
-fn setup(hook: &str) -> (GuardHarness, GuardModel, u64) {
-    let plan = common::plan(&[
-        "--guard", "20000-30000", "--guard", "40000", "--allow-port", "25001", "--allow-src", "203.0.113.0/24",
-        "--allow-src", "2001:db8:ff::/48", "--flow-source", "own", "--guard-hook", hook,
-    ]);
-    let mut h = GuardHarness::load(&plan).unwrap();
-    let now = monotonic_ns();
-    let stale = now - plan.config.flow_timeout_ns - 10_000_000_000;
-    let mut model = GuardModel {
-        ranges: plan.config.ranges[..plan.config.nr_ranges as usize].to_vec(),
-        allow_ports: plan.allow_ports.iter().copied().collect(),
-        allow_src: plan.allow_src.clone(),
-        timeout_ns: plan.config.flow_timeout_ns,
-        ..GuardModel::default()
-    };
-    let flows: [(IpAddr, u16, IpAddr, u16, u64); 3] = [
-        (HOST.into(), 25000, PEER.into(), 7000, now),
-        (HOST.into(), 25002, PEER.into(), 7000, stale),
-        (HOST6.into(), 25000, PEER6.into(), 7000, now),
-    ];
-    for (l, lp, r, rp, seen) in flows {
-        h.insert_flow(&flow_key(l, lp, Some((r, rp))), seen).unwrap();
-        model.flows.insert(Flow { local: l, local_port: lp, remote: Some((r, rp)) }, seen);
-    }
-    (h, model, now)
-}
 
 /// tc's BPF_PROG_TEST_RUN refuses IP frames shorter than the IP header; the
 /// stack would not deliver them to tc either.
@@ -53,7 +22,7 @@ fn counter_map(h: &GuardHarness) -> BTreeMap<Counter, u64> {
 }
 
 fn run(hook: &str) {
-    let (h, model, now) = setup(hook);
+    let (h, model, now) = common::guard_fixture(hook, &[]);
     let want_verdict = |frame: &[u8]| if model.drops(frame, now) { h.drop_verdict() } else { h.pass() };
 
     // The corpus, frame by frame, counters included.

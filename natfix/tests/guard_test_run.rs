@@ -3,26 +3,22 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use common::{
+    frames::{HOST, HOST6, PEER, PEER6},
+    guard_fixture as setup,
+};
+
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use natfix::{
     abi::Counter,
-    harness::{GuardHarness, flow_key, monotonic_ns, packet},
-    model::guard::{Flow, GuardModel},
+    harness::{flow_key, packet},
 };
 
-const HOST: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
-const PEER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
 const ALLOWED_NET_HOST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-const HOST6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
-const PEER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
 const ALLOWED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
 
-const BASE: &[&str] = &[
-    "--guard", "20000-30000", "--guard", "40000", "--allow-port", "25001",
-    "--allow-src", "203.0.113.0/24", "--allow-src", "2001:db8:ff::/48", "--flow-source", "own",
-];
 
 struct Case {
     what: &'static str,
@@ -120,36 +116,6 @@ fn cases() -> Vec<Case> {
         // IP header, so truncation is covered by the UDP case above.)
         Case { what: "IP version 5 in an IPv4 frame", frame: eth(0x0800, &[0x55; 28]), want: Counter::GuardMalformed },
     ]
-}
-
-/// Loads the guard for `hook` with BASE + extra words, and the same state into the model.
-fn setup(hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u64) {
-    let mut words = BASE.to_vec();
-    words.extend_from_slice(&["--guard-hook", hook]);
-    words.extend_from_slice(extra);
-    let plan = common::plan(&words);
-    let mut h = GuardHarness::load(&plan).expect("guard loads and verifies");
-    let now = monotonic_ns();
-    let stale = now - plan.config.flow_timeout_ns - 10_000_000_000;
-    let mut model = GuardModel {
-        ranges: plan.config.ranges[..plan.config.nr_ranges as usize].to_vec(),
-        dry_run: extra.contains(&"--dry-run"),
-        endpoint_independent: extra.contains(&"endpoint-independent"),
-        allow_ports: plan.allow_ports.iter().copied().collect(),
-        allow_src: plan.allow_src.clone(),
-        timeout_ns: plan.config.flow_timeout_ns,
-        ..GuardModel::default()
-    };
-    let flows: [(IpAddr, u16, IpAddr, u16, u64); 3] = [
-        (HOST.into(), 25000, PEER.into(), 7000, now),
-        (HOST.into(), 25002, PEER.into(), 7000, stale),
-        (HOST6.into(), 25000, PEER6.into(), 7000, now),
-    ];
-    for (l, lp, r, rp, seen) in flows {
-        h.insert_flow(&flow_key(l, lp, Some((r, rp))), seen).unwrap();
-        model.flows.insert(Flow { local: l, local_port: lp, remote: Some((r, rp)) }, seen);
-    }
-    (h, model, now)
 }
 
 fn run_table(hook: &str, extra: &[&str], adjust: impl Fn(Counter) -> Counter) {

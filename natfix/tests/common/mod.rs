@@ -1,8 +1,15 @@
 //! Shared by natfix's kernel-facing tests: plans from CLI words, root check.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod frames;
+
+use std::net::IpAddr;
+
 use clap::Parser as _;
+use frames::{HOST, HOST6, PEER, PEER6};
 use natfix::{
+    harness::{GuardHarness, flow_key, monotonic_ns},
+    model::guard::{Flow, GuardModel},
     cli::{Cli, Command},
     loader::{self, GuardPlan},
 };
@@ -25,4 +32,41 @@ pub fn require_root() -> bool {
     eprintln!("SKIP: needs root (BPF_PROG_TEST_RUN)");
     false
 }
-pub mod frames;
+
+
+/// The guard's test configuration: ranges, exemptions, own flow table.
+pub const GUARD_WORDS: &[&str] = &[
+    "--guard", "20000-30000", "--guard", "40000", "--allow-port", "25001",
+    "--allow-src", "203.0.113.0/24", "--allow-src", "2001:db8:ff::/48", "--flow-source", "own",
+];
+
+/// Loads the guard for `hook` with GUARD_WORDS + `extra`, with three flows
+/// (fresh IPv4, stale IPv4, fresh IPv6), and the same state into the model.
+pub fn guard_fixture(hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u64) {
+    let mut words = GUARD_WORDS.to_vec();
+    words.extend_from_slice(&["--guard-hook", hook]);
+    words.extend_from_slice(extra);
+    let plan = plan(&words);
+    let mut h = GuardHarness::load(&plan).expect("guard loads and verifies");
+    let now = monotonic_ns();
+    let stale = now - plan.config.flow_timeout_ns - 10_000_000_000;
+    let mut model = GuardModel {
+        ranges: plan.config.ranges[..plan.config.nr_ranges as usize].to_vec(),
+        dry_run: extra.contains(&"--dry-run"),
+        endpoint_independent: extra.contains(&"endpoint-independent"),
+        allow_ports: plan.allow_ports.iter().copied().collect(),
+        allow_src: plan.allow_src.clone(),
+        timeout_ns: plan.config.flow_timeout_ns,
+        ..GuardModel::default()
+    };
+    let flows: [(IpAddr, u16, IpAddr, u16, u64); 3] = [
+        (HOST.into(), 25000, PEER.into(), 7000, now),
+        (HOST.into(), 25002, PEER.into(), 7000, stale),
+        (HOST6.into(), 25000, PEER6.into(), 7000, now),
+    ];
+    for (l, lp, r, rp, seen) in flows {
+        h.insert_flow(&flow_key(l, lp, Some((r, rp))), seen).unwrap();
+        model.flows.insert(Flow { local: l, local_port: lp, remote: Some((r, rp)) }, seen);
+    }
+    (h, model, now)
+}
