@@ -1319,6 +1319,10 @@ const SIZES: [&str; 2] = ["small", "large"];
 
 fn summarize(item: &Value) -> String {
     let mut s = format!("{}/{}:", item["scenario"].as_str().unwrap_or("?"), item["mode"].as_str().unwrap_or("?"));
+    if item["mode"] == "throughput" {
+        let _ = write!(s, " noudpcsum {} Mbit/s, natfix {} Mbit/s", item["noudpcsum_mbps"], item["natfix_mbps"]);
+        return s;
+    }
     for dir in DIRECTIONS {
         let _ = write!(s, " {dir}");
         for size in SIZES {
