@@ -10,7 +10,6 @@ mod common;
 
 use std::{
     net::Ipv4Addr,
-    process::Command,
     time::{Duration, Instant},
 };
 

@@ -176,21 +176,157 @@ pub struct VmArgs {
     /// Do not compare the result with each mode's expected outcome.
     #[arg(long)]
     no_check: bool,
+    /// Run the scenarios on every kernel available (the host's, each Debian 6.1 flavour the
+    /// package lists offer, and --kernel) and write KERNELS.md.
+    #[arg(long)]
+    matrix: bool,
 }
 
 pub fn run(args: &VmArgs) -> Result<()> {
+    if args.matrix {
+        return matrix(args);
+    }
     let workspace = workspace_root();
     let cache = workspace.join("vm-cache");
     fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
-
     let kernel = resolve_kernel(args, &cache)?;
+    let result = run_on(args, &kernel, &args.mode)?;
+    report(&result, !args.no_check)
+}
+
+/// The overlay modes each kernel of the matrix runs.
+const MATRIX_MODES: [Mode; 7] = [
+    Mode::Cleartext,
+    Mode::Baseline,
+    Mode::NatfixAuto,
+    Mode::NatfixTc,
+    Mode::NatfixTcRecompute,
+    Mode::NatfixNft,
+    Mode::NatfixWrongReqid,
+];
+
+/// `--matrix`: every kernel it can get, each scenario, into KERNELS.md.
+fn matrix(args: &VmArgs) -> Result<()> {
+    let workspace = workspace_root();
+    let cache = workspace.join("vm-cache");
+    fs::create_dir_all(&cache)?;
+    let mut kernels = Vec::new();
+    for flavour in ["amd64", "cloud-amd64"] {
+        match debian_kernel_flavour(&cache, flavour) {
+            Ok(k) => kernels.push((format!("Debian linux-image-{} ({flavour})", k.version), Some(k))),
+            Err(e) => kernels.push((format!("Debian 6.1 {flavour}: not available ({e:#})"), None)),
+        }
+    }
+    if args.kernel.is_some() {
+        kernels.push(("--kernel".to_owned(), Some(resolve_kernel(args, &cache)?)));
+    }
+    let mut md = String::from(
+        "# natfix across kernels\n\nWritten by `cargo xtask vm --matrix`. The host kernel runs the scenarios that need no \
+         ESP (namespaces: `cargo test -p natfix-tests`); each VM kernel runs the encrypted-overlay scenario \
+         (tests/vm/esp-nat.sh) under qemu/TCG. `fallback` lists what natfix reported missing or fell back from.\n\n\
+         | kernel | scenario | result | fallback / missing |\n|---|---|---|---|\n",
+    );
+    let mut failed = 0;
+    md.push_str(&host_rows(&workspace, &mut failed));
+    for (label, kernel) in &kernels {
+        let Some(kernel) = kernel else {
+            let _ = writeln!(md, "| {label} | - | not run | - |");
+            continue;
+        };
+        match run_on(args, kernel, &MATRIX_MODES) {
+            Err(e) => {
+                failed += 1;
+                let _ = writeln!(md, "| {label} | esp-nat | **error**: {} | - |", format!("{e:#}").replace('|', "/"));
+            }
+            Ok(result) => {
+                let items: Vec<&Value> = result.as_array().map(|a| a.iter().collect()).unwrap_or_else(|| vec![&result]);
+                for item in items {
+                    let mode = item["mode"].as_str().unwrap_or("?");
+                    let verdict = match check(item) {
+                        Verdict::Pass => "pass".to_owned(),
+                        Verdict::Informational => "info".to_owned(),
+                        Verdict::Fail(why) => {
+                            failed += 1;
+                            format!("**FAIL**: {}", why.join("; ").replace('|', "/"))
+                        }
+                    };
+                    let _ = writeln!(md, "| {label} | esp-nat/{mode} | {verdict} | {} |", fallbacks(item));
+                }
+            }
+        }
+    }
+    let path = workspace.join("KERNELS.md");
+    fs::write(&path, &md).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{md}");
+    ensure!(failed == 0, "{failed} kernel/scenario combination(s) failed (see KERNELS.md)");
+    Ok(())
+}
+
+/// What natfix warned about in a VM mode (fallbacks), and modules that failed to load.
+fn fallbacks(item: &Value) -> String {
+    let mut notes: Vec<String> = Vec::new();
+    for node in ["a", "b"] {
+        let out = item["natfix"][node]["output"].as_str().unwrap_or_default();
+        for part in out.split("WARN").skip(1) {
+            let text = part.split(" natfix").next().unwrap_or(part).trim().to_owned();
+            if !notes.contains(&text) {
+                notes.push(text);
+            }
+        }
+    }
+    if let Some(failed) = item["vm"]["modules_failed"].as_array().filter(|a| !a.is_empty()) {
+        notes.push(format!("modules not loaded: {}", failed.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" ")));
+    }
+    if notes.is_empty() { "-".into() } else { notes.join("; ").replace('|', "/") }
+}
+
+/// The host kernel's rows: the namespace scenarios, and what `natfix diagnose` says of its features.
+fn host_rows(workspace: &Path, failed: &mut usize) -> String {
+    let release = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let label = format!("host {release}");
+    let mut md = String::new();
+    let features = Command::new(workspace.join("target/debug/natfix"))
+        .args(["diagnose", "--json", "--sample", "1"])
+        .output()
+        .ok()
+        .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+        .map(|v| {
+            v["findings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["check"].as_str().is_some_and(|c| c.starts_with("kernel.")))
+                .map(|f| format!("{}: {}", f["check"].as_str().unwrap_or(""), f["summary"].as_str().unwrap_or("")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_else(|| "natfix diagnose did not run".into());
+    for (scenario, tests) in [("guard (seed 000) in namespaces", "guard_e2e"), ("attach/detach/pin in namespaces", "attach")] {
+        let ok = Command::new(env!("CARGO"))
+            .args(["test", "-q", "-p", "natfix-tests", "--test", tests])
+            .current_dir(workspace)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            *failed += 1;
+        }
+        let _ = writeln!(md, "| {label} | {scenario} | {} | {} |", if ok { "pass" } else { "**FAIL**" }, features.replace('|', "/"));
+    }
+    let _ = writeln!(md, "| {label} | esp-nat (encrypted overlay) | not run: no ESP crypto in this kernel | - |");
+    md
+}
+
+/// Builds the initramfs for `kernel`, boots it with `modes`, returns the result (one object or an array).
+fn run_on(args: &VmArgs, kernel: &Kernel, modes: &[Mode]) -> Result<Value> {
+    let workspace = workspace_root();
+    let cache = workspace.join("vm-cache");
     eprintln!("vm: kernel {} ({})", kernel.version, kernel.image.display());
     if let Some(summary) = config_summary(&kernel) {
         eprintln!("vm: config {summary}");
     }
 
     let natfix = natfix_binary(args, &workspace)?;
-    let initramfs = build_initramfs(&workspace, &cache, &kernel, natfix.as_deref())?;
+    let initramfs = build_initramfs(&workspace, &cache, kernel, natfix.as_deref())?;
     remove_stale_run_images(&cache);
     let initrd = cache.join(format!("initrd-run-{}.img", std::process::id()));
     // `$NATFIX_ARGS` (whitespace-separated) when no --natfix-arg is given.
@@ -201,12 +337,12 @@ pub fn run(args: &VmArgs) -> Result<()> {
     };
     write_run_initrd(&initramfs.path, &natfix_args, &initrd)?;
 
-    let modes = if args.mode.contains(&Mode::All) {
+    let modes = if modes.contains(&Mode::All) {
         value_name(&Mode::All)
-    } else if args.mode.contains(&Mode::NatfixAll) {
+    } else if modes.contains(&Mode::NatfixAll) {
         value_name(&Mode::NatfixAll)
     } else {
-        args.mode.iter().map(value_name).collect::<Vec<_>>().join(",")
+        modes.iter().map(value_name).collect::<Vec<_>>().join(",")
     };
     let cmdline = format!(
         "console=ttyS0 panic=-1 quiet mitigations=off natfix.scenario={} natfix.mode={modes} natfix.gro={} natfix.verbose={}",
@@ -243,7 +379,7 @@ pub fn run(args: &VmArgs) -> Result<()> {
     if let Some(path) = &args.json_out {
         fs::write(path, format!("{text}\n")).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    report(&result, !args.no_check)
+    Ok(result)
 }
 
 /// One line per mode on stderr; with `check`, fails unless every mode behaved as expected.
@@ -434,17 +570,22 @@ fn ensure_depmod(modules: &Path, version: &str) -> Result<()> {
 }
 
 fn debian_kernel(cache: &Path) -> Result<Kernel> {
+    debian_kernel_flavour(cache, "amd64")
+}
+
+/// The newest `linux-image-6.1.0-N-<flavour>` (amd64, cloud-amd64), fetched and unpacked once.
+fn debian_kernel_flavour(cache: &Path, flavour: &str) -> Result<Kernel> {
     let dir = cache.join("debian");
-    let package = match newest_debian_kernel() {
+    let package = match newest_debian_kernel(flavour) {
         Ok(Some(p)) => p,
         Ok(None) => {
-            eprintln!("vm: apt-cache knows no linux-image-6.1.0-N-amd64; running apt-get update");
+            eprintln!("vm: apt-cache knows no linux-image-6.1.0-N-{flavour}; running apt-get update");
             run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-            newest_debian_kernel()?.context("apt-cache still finds no linux-image-6.1.0-N-amd64 package")?
+            newest_debian_kernel(flavour)?.with_context(|| format!("apt-cache finds no linux-image-6.1.0-N-{flavour} package"))?
         }
         Err(e) => {
             // Offline: fall back to the newest kernel already unpacked.
-            let cached = newest_cached(&dir).with_context(|| format!("{e:#}; and no kernel in {}", dir.display()))?;
+            let cached = newest_cached(&dir, flavour).with_context(|| format!("{e:#}; and no kernel in {}", dir.display()))?;
             eprintln!("vm: apt-cache failed ({e:#}); using cached {cached}");
             cached
         }
@@ -484,36 +625,36 @@ fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
 }
 
 /// The highest ABI number among `linux-image-6.1.0-N-amd64` packages apt knows.
-fn newest_debian_kernel() -> Result<Option<String>> {
+fn newest_debian_kernel(flavour: &str) -> Result<Option<String>> {
     let out = Command::new("apt-cache")
-        .args(["search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$"])
+        .args(["search", "--names-only", &format!(r"^linux-image-6\.1\.0-[0-9]+-{flavour}$")])
         .output()
         .context("cannot run apt-cache")?;
     ensure!(out.status.success(), "apt-cache search failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(pick_newest_kernel(&String::from_utf8_lossy(&out.stdout)))
+    Ok(pick_newest_kernel(&String::from_utf8_lossy(&out.stdout), flavour))
 }
 
-fn kernel_abi(package: &str) -> Option<u32> {
-    package.strip_prefix("linux-image-6.1.0-")?.strip_suffix("-amd64")?.parse().ok()
+fn kernel_abi(package: &str, flavour: &str) -> Option<u32> {
+    package.strip_prefix("linux-image-6.1.0-")?.strip_suffix(&format!("-{flavour}"))?.parse().ok()
 }
 
-fn pick_newest_kernel(apt_cache_output: &str) -> Option<String> {
+fn pick_newest_kernel(apt_cache_output: &str, flavour: &str) -> Option<String> {
     apt_cache_output
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .filter_map(|name| kernel_abi(name).map(|abi| (abi, name.to_owned())))
+        .filter_map(|name| kernel_abi(name, flavour).map(|abi| (abi, name.to_owned())))
         .max()
         .map(|(_, name)| name)
 }
 
-fn newest_cached(dir: &Path) -> Option<String> {
+fn newest_cached(dir: &Path, flavour: &str) -> Option<String> {
     fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .filter(|e| e.path().join(".unpacked").exists())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            kernel_abi(&name).map(|abi| (abi, name))
+            kernel_abi(&name, flavour).map(|abi| (abi, name))
         })
         .max()
         .map(|(_, name)| name)
@@ -1513,8 +1654,12 @@ mod tests {
     fn picks_the_highest_abi_not_the_last_line() {
         let out =
             "linux-image-6.1.0-9-amd64 - Linux 6.1\nlinux-image-6.1.0-56-amd64 - x\nlinux-image-6.1.0-47-amd64 - y\n";
-        assert_eq!(pick_newest_kernel(out).as_deref(), Some("linux-image-6.1.0-56-amd64"));
-        assert_eq!(pick_newest_kernel("linux-image-6.1.0-56-rt-amd64 - rt\n"), None);
+        assert_eq!(pick_newest_kernel(out, "amd64").as_deref(), Some("linux-image-6.1.0-56-amd64"));
+        assert_eq!(pick_newest_kernel("linux-image-6.1.0-56-rt-amd64 - rt\n", "amd64"), None);
+        assert_eq!(
+            pick_newest_kernel("linux-image-6.1.0-55-cloud-amd64 - c\nlinux-image-6.1.0-56-amd64 - a\n", "cloud-amd64").as_deref(),
+            Some("linux-image-6.1.0-55-cloud-amd64")
+        );
     }
 
     #[test]
