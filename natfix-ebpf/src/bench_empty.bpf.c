@@ -2,7 +2,8 @@
 /*
  * bench_empty.bpf.c - empty XDP and tc programs: the baseline each benchmark
  * ratio is measured against in the same run; and the flood generator, an
- * XDP program that transmits every frame BPF_PROG_TEST_RUN (live frames) feeds it.
+ * XDP program that transmits every frame BPF_PROG_TEST_RUN (live frames) feeds it,
+ * and a counting drop-all XDP program: the most a flood rig can measure.
  */
 #include "natfix_common.h"
 
@@ -22,6 +23,24 @@ SEC("xdp")
 int natfix_gen_xdp(struct xdp_md *ctx)
 {
 	return XDP_TX;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} natfix_bench_drops SEC(".maps");
+
+SEC("xdp")
+int natfix_drop_xdp(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(&natfix_bench_drops, &zero);
+
+	if (n)
+		(*n)++;
+	return XDP_DROP;
 }
 
 char LICENSE[] SEC("license") = "GPL";

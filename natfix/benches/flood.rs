@@ -40,6 +40,7 @@ fn env_u32(name: &str, default: u32) -> u32 {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Variant {
+    Ceiling,
     NoFilter,
     NatfixXdp,
     NatfixTc,
@@ -50,6 +51,7 @@ enum Variant {
 impl Variant {
     fn name(self) -> &'static str {
         match self {
+            Self::Ceiling => "XDP drop-all, no work (the most this rig can measure)",
             Self::NoFilter => "no filter (packets reach UDP, no socket)",
             Self::NatfixXdp => "natfix guard, XDP",
             Self::NatfixTc => "natfix guard, tc",
@@ -88,6 +90,24 @@ fn empty_xdp(ns: &Netns) -> aya::Ebpf {
         Ok(ebpf)
     })
     .unwrap()
+}
+
+/// The counting drop-all XDP program on the receiver.
+fn drop_all_xdp(ns: &Netns) -> aya::Ebpf {
+    ns.run(|| {
+        let mut ebpf = aya::Ebpf::load(objects::BENCH_EMPTY)?;
+        let p: &mut Xdp = ebpf.program_mut(programs::DROP_XDP).unwrap().try_into()?;
+        p.load()?;
+        p.attach("fr0", XdpMode::Driver)?;
+        Ok(ebpf)
+    })
+    .unwrap()
+}
+
+fn drop_all_count(ebpf: &aya::Ebpf) -> u64 {
+    let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> =
+        aya::maps::PerCpuArray::try_from(ebpf.map("natfix_bench_drops").unwrap()).unwrap();
+    map.get(&0, 0).unwrap().iter().sum()
 }
 
 /// Sends `n` copies of the frame out of the generator's veth.
@@ -167,6 +187,7 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
                 .unwrap();
         }
         Variant::NoFilter => keep.push(empty_xdp(&rx)),
+        Variant::Ceiling => keep.push(drop_all_xdp(&rx)),
     }
     let count = |att: &Option<loader::Attachment>| -> u64 {
         match v {
@@ -177,6 +198,7 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
             Variant::IptablesInput => iptables_counter(&rig.rx_ns),
             Variant::NftPrerouting => nft_counter(&rig.rx_ns),
             Variant::NoFilter => snmp_udp_noports(&rig.rx_ns),
+            Variant::Ceiling => drop_all_count(&keep[0]),
         }
     };
     let before = count(&attachment);
@@ -206,7 +228,7 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
 fn main() {
     let runs = env_u32("NATFIX_BENCH_RUNS", 3) as usize;
     let n = env_u32("NATFIX_FLOOD_PACKETS", 1_000_000);
-    let variants = [Variant::NoFilter, Variant::NatfixXdp, Variant::NatfixTc, Variant::IptablesInput, Variant::NftPrerouting];
+    let variants = [Variant::Ceiling, Variant::NoFilter, Variant::NatfixXdp, Variant::NatfixTc, Variant::IptablesInput, Variant::NftPrerouting];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut reached: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     for r in 0..runs {

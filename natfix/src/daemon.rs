@@ -56,6 +56,10 @@ pub fn attach(args: &AttachArgs) -> Result<()> {
         drop(att);
         return Ok(());
     }
+    // Loading parsed the kernel's BTF (megabytes) and the objects: hand the
+    // freed heap back to the system before idling for days.
+    // SAFETY: glibc's malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
