@@ -68,3 +68,27 @@ fn events_are_rate_limited_in_the_kernel() {
     assert!(n >= 1 && n <= 5 * cpus * 2, "{n} events for 2000 drops on {cpus} CPUs");
     assert!(d.stop().unwrap().success());
 }
+
+#[test]
+fn attach_log_events_logs_drops_through_tracing() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("lev");
+    let peer = TestNs::new("levp");
+    veth(&host, "gv0", "10.68.0.1/24", &peer, "gw0", "10.68.0.2/24").unwrap();
+    let mut d = Daemon::start(&[
+        "--iface", "gv0", "--netns", &host.name, "--guard", "20000-30000", "--flow-source", "own", "--log-events",
+    ])
+    .unwrap();
+    send_udp(&peer, addr("10.68.0.2:7000"), addr("10.68.0.1:25000"), 2).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut stderr = d.child.stderr.take().unwrap();
+    assert!(d.stop().unwrap().success());
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
+    let events: Vec<&str> = log.lines().filter(|l| l.contains("event:")).collect();
+    assert_eq!(events.len(), 2, "{log}");
+    assert!(events.iter().all(|l| l.contains("dropped_unsolicited") && l.contains("10.68.0.2:7000 -> 10.68.0.1:25000")));
+}

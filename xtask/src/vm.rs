@@ -356,10 +356,10 @@ fn run_on(args: &VmArgs, kernel: &Kernel, modes: &[Mode]) -> Result<Value> {
     let outcome = outcome?;
     eprintln!("vm: finished in {:.1} s (console log: {})", outcome.elapsed.as_secs_f64(), log_path.display());
 
-    serde_json::from_str::<Value>(&outcome.result_json)
+    // serde_json's preserve_order keeps the scenario's key order.
+    let top: Value = serde_json::from_str(&outcome.result_json)
         .with_context(|| format!("the VM printed a result that is not JSON (console log: {})", log_path.display()))?;
-    let member = |key: &str| member_text(&outcome.result_json, key).unwrap_or("null");
-    let parsed = |key: &str| serde_json::from_str::<Value>(member(key)).unwrap_or(Value::Null);
+    let parsed = |key: &str| top[key].clone();
     let host = serde_json::json!({
         "wall_s": (outcome.elapsed.as_secs_f64() * 100.0).round() / 100.0,
         "boot_s": parsed("boot_s"),
@@ -370,11 +370,19 @@ fn run_on(args: &VmArgs, kernel: &Kernel, modes: &[Mode]) -> Result<Value> {
         "modules_builtin": initramfs.builtin,
         "modules_failed": parsed("modules_failed"),
     });
-    // Merged as text to keep the scenario's key order (serde_json's map sorts keys).
-    let combined = with_member_each(member("result"), "vm", &host.to_string());
-    let result: Value = serde_json::from_str(&combined).context("merging the host's fields broke the JSON")?;
-
-    let text = reindent(&combined);
+    let mut result = parsed("result");
+    match &mut result {
+        Value::Array(items) => {
+            for item in items.iter_mut().filter_map(Value::as_object_mut) {
+                item.insert("vm".into(), host.clone());
+            }
+        }
+        Value::Object(item) => {
+            item.insert("vm".into(), host);
+        }
+        _ => bail!("the VM's result is neither an object nor an array"),
+    }
+    let text = serde_json::to_string_pretty(&result)?;
     println!("{text}");
     if let Some(path) = &args.json_out {
         fs::write(path, format!("{text}\n")).with_context(|| format!("cannot write {}", path.display()))?;
@@ -1275,173 +1283,6 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// JSON text (validated with serde_json first; these only keep the scenario's key order)
-
-/// End (exclusive) of the JSON value starting at byte `start`.
-fn value_end(text: &[u8], start: usize) -> usize {
-    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
-    let mut i = start;
-    while i < text.len() {
-        let c = text[i];
-        if in_str {
-            if esc {
-                esc = false;
-            } else if c == b'\\' {
-                esc = true;
-            } else if c == b'"' {
-                in_str = false;
-                if depth == 0 {
-                    return i + 1;
-                }
-            }
-        } else {
-            match c {
-                b'"' => in_str = true,
-                b'{' | b'[' => depth += 1,
-                b'}' | b']' => {
-                    if depth <= 1 {
-                        return i + 1;
-                    }
-                    depth -= 1;
-                }
-                b',' | b':' if depth == 0 => return i,
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    i
-}
-
-/// Byte ranges of the top-level values inside an object or array (for objects: alternating
-/// key and value).
-fn top_level_values(text: &str) -> Vec<&str> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 1;
-    while i < bytes.len() {
-        match bytes[i] {
-            b',' | b':' | b'}' | b']' => i += 1,
-            c if c.is_ascii_whitespace() => i += 1,
-            _ => {
-                let end = value_end(bytes, i);
-                out.push(text[i..end].trim());
-                i = end;
-            }
-        }
-    }
-    out
-}
-
-fn member_text<'a>(object: &'a str, key: &str) -> Option<&'a str> {
-    let object = object.trim();
-    let parts = top_level_values(object);
-    let wanted = serde_json::to_string(key).ok()?;
-    parts.chunks(2).find(|kv| kv[0] == wanted).and_then(|kv| kv.get(1).copied())
-}
-
-fn array_items(array: &str) -> Vec<&str> {
-    top_level_values(array.trim())
-}
-
-/// The object with one more member at the end.
-fn with_member(object: &str, key: &str, value: &str) -> String {
-    let object = object.trim();
-    let Some(body) = object.strip_prefix('{').and_then(|o| o.strip_suffix('}')) else {
-        return object.to_owned();
-    };
-    let sep = if body.trim().is_empty() { "" } else { "," };
-    format!("{{{body}{sep}\"{key}\":{value}}}")
-}
-
-/// `value` added as member `key` to the object, or to each object of the array.
-fn with_member_each(object_or_array: &str, key: &str, value: &str) -> String {
-    if object_or_array.starts_with('[') {
-        let items: Vec<String> =
-            array_items(object_or_array).iter().map(|item| with_member(item, key, value)).collect();
-        format!("[{}]", items.join(","))
-    } else {
-        with_member(object_or_array, key, value)
-    }
-}
-
-/// Pretty-prints compact JSON; containers without nested containers stay on one line.
-fn reindent(text: &str) -> String {
-    fn flat(bytes: &[u8], start: usize, end: usize) -> bool {
-        let mut in_str = false;
-        let mut esc = false;
-        for &c in &bytes[start + 1..end - 1] {
-            if in_str {
-                if esc {
-                    esc = false;
-                } else if c == b'\\' {
-                    esc = true;
-                } else if c == b'"' {
-                    in_str = false;
-                }
-            } else if c == b'"' {
-                in_str = true;
-            } else if c == b'{' || c == b'[' {
-                return false;
-            }
-        }
-        end - start <= 100
-    }
-    let bytes = text.as_bytes();
-    let mut out = String::new();
-    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
-    let mut inline_until = 0usize;
-    let newline = |out: &mut String, depth: usize| {
-        out.push('\n');
-        out.push_str(&"  ".repeat(depth));
-    };
-    for (i, ch) in text.char_indices() {
-        if in_str {
-            out.push(ch);
-            if esc {
-                esc = false;
-            } else if ch == '\\' {
-                esc = true;
-            } else if ch == '"' {
-                in_str = false;
-            }
-            continue;
-        }
-        let inline = i < inline_until;
-        match ch {
-            '"' => {
-                in_str = true;
-                out.push(ch);
-            }
-            '{' | '[' if !inline => {
-                let end = value_end(bytes, i);
-                out.push(ch);
-                if flat(bytes, i, end) {
-                    inline_until = end;
-                } else {
-                    depth += 1;
-                    newline(&mut out, depth);
-                }
-            }
-            '}' | ']' if !inline => {
-                depth = depth.saturating_sub(1);
-                newline(&mut out, depth);
-                out.push(ch);
-            }
-            ',' if inline => out.push_str(", "),
-            ',' => {
-                out.push(',');
-                newline(&mut out, depth);
-            }
-            ':' => out.push_str(": "),
-            c if c.is_whitespace() => {}
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------------------------
 // Expected outcomes
 
 enum Verdict {
@@ -1710,21 +1551,6 @@ mod tests {
         image[0x20e..0x210].copy_from_slice(&0x100u16.to_le_bytes());
         image[0x300..0x313].copy_from_slice(b"6.1.0-56-amd64 (x)\0");
         assert_eq!(bzimage_version(&image).as_deref(), Some("6.1.0-56-amd64"));
-    }
-
-    #[test]
-    fn json_text_keeps_key_order() {
-        let top = r#"{"modules_failed":["x: \"y\""],"result":[{"z":1,"a":{"k":[1,2]}},{}]}"#;
-        assert_eq!(member_text(top, "modules_failed"), Some(r#"["x: \"y\""]"#));
-        let result = member_text(top, "result").unwrap();
-        let items = array_items(result);
-        assert_eq!(items, [r#"{"z":1,"a":{"k":[1,2]}}"#, "{}"]);
-        assert_eq!(with_member(items[0], "vm", "2"), r#"{"z":1,"a":{"k":[1,2]},"vm":2}"#);
-        assert_eq!(with_member(items[1], "vm", "2"), r#"{"vm":2}"#);
-        let pretty = reindent(r#"{"z":1,"a":{"k":[1,2],"s":"a,{b"},"e":[]}"#);
-        assert_eq!(pretty, "{\n  \"z\": 1,\n  \"a\": {\n    \"k\": [1, 2],\n    \"s\": \"a,{b\"\n  },\n  \"e\": []\n}");
-        let reparsed: Value = serde_json::from_str(&pretty).unwrap();
-        assert_eq!(reparsed["a"]["s"], "a,{b");
     }
 
     #[test]
