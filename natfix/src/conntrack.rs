@@ -458,13 +458,20 @@ fn recv_datagram(sock: &Socket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr
 /// All UDP conntrack entries (IPv4 and IPv6) of the calling thread's network
 /// namespace. Needs `CAP_NET_ADMIN` there.
 pub fn dump_udp() -> Result<Vec<CtEntry>> {
+    // One dump per family, as `conntrack -L -f ipv4/ipv6` asks: the form every
+    // kernel version serves the same way.
+    let mut entries = dump_family(libc::AF_INET as u8)?;
+    entries.extend(dump_family(libc::AF_INET6 as u8)?);
+    Ok(entries)
+}
+
+/// UDP entries of one address family. UDP filtering happens here, because
+/// the kernel's CTA_FILTER support varies by version.
+fn dump_family(family: u8) -> Result<Vec<CtEntry>> {
     let mut sock = Socket::new(NETLINK_NETFILTER).context("cannot open a NETLINK_NETFILTER socket")?;
     sock.bind_auto().context("cannot bind the netlink socket")?;
     let seq = next_seq();
-    // AF_UNSPEC: the kernel filters on family only when one is given, so this
-    // dumps IPv4 and IPv6 in one go. UDP filtering happens here, because the
-    // kernel's CTA_FILTER support varies by version.
-    sock.send_to(&dump_request(seq, 0), &SocketAddr::new(0, 0), 0)
+    sock.send_to(&dump_request(seq, family), &SocketAddr::new(0, 0), 0)
         .context("cannot send the conntrack dump request")?;
     let mut buf = vec![0u8; RECV_BUF_LEN];
     let mut dump = DumpCollector {

@@ -60,6 +60,9 @@ const MODULES: &[&str] = &[
     "nf_defrag_ipv6",
     "nf_nat",
     "nft_chain_nat",
+    // The guard scenario's masquerading host, and ctnetlink (natfix reads conntrack over netlink).
+    "nft_masq",
+    "nf_conntrack_netlink",
     "nft_nat",
     "nft_ct",
     "nft_xfrm",
@@ -77,6 +80,8 @@ const HOST_PROGRAMS: &[(&str, &[&str])] = &[
     ("tc", &["/usr/sbin/tc", "/sbin/tc"]),
     // Overlay throughput (mode `throughput`).
     ("iperf3", &["/usr/bin/iperf3"]),
+    // UDP datagrams from chosen ports (scenario guard); busybox nc has no UDP.
+    ("socat", &["/usr/bin/socat"]),
 ];
 
 /// Bump when the initramfs layout changes, to invalidate cached images.
@@ -89,6 +94,8 @@ const RESULT_MARKER: &str = "NATFIX-RESULT ";
 enum Scenario {
     /// Encrypted VXLAN overlay (ESP transport mode) through a 1:1 NAT.
     EspNat,
+    /// Seed 000: unsolicited UDP steals a container's NAT port.
+    Guard,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -123,6 +130,14 @@ enum Mode {
     NatfixWrongReqid,
     /// Overlay TCP throughput (iperf3): natfix (auto) against the noudpcsum workaround, same boot.
     Throughput,
+    /// guard scenario: no natfix, the container's flow leaves on another port.
+    GuardBaseline,
+    /// guard scenario: natfix's XDP guard (flow source auto).
+    GuardXdp,
+    /// guard scenario: natfix's tc guard.
+    GuardTc,
+    /// guard scenario: --flow-source conntrack must be refused where kfuncs are in module BTF.
+    GuardConntrackRefused,
     /// Every mode without natfix's own fix, in one boot.
     All,
     /// The baseline and every natfix overlay mode, in one boot.
@@ -139,7 +154,7 @@ fn value_name<T: ValueEnum>(v: &T) -> String {
     v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct VmArgs {
     /// Scenario script (tests/vm/<scenario>.sh) to run inside the VM.
     #[arg(long, value_enum, default_value_t = Scenario::EspNat)]
@@ -205,6 +220,29 @@ const MATRIX_MODES: [Mode; 7] = [
     Mode::NatfixWrongReqid,
 ];
 
+/// The guard modes each kernel of the matrix runs.
+const GUARD_MODES: [Mode; 4] = [Mode::GuardBaseline, Mode::GuardXdp, Mode::GuardTc, Mode::GuardConntrackRefused];
+
+/// KERNELS.md rows of one VM run (one per mode).
+fn matrix_rows(label: &str, result: &Value, failed: &mut usize) -> String {
+    let mut md = String::new();
+    let items: Vec<&Value> = result.as_array().map(|a| a.iter().collect()).unwrap_or_else(|| vec![result]);
+    for item in items {
+        let scenario = item["scenario"].as_str().unwrap_or("?");
+        let mode = item["mode"].as_str().unwrap_or("?");
+        let verdict = match check(item) {
+            Verdict::Pass => "pass".to_owned(),
+            Verdict::Informational => "info".to_owned(),
+            Verdict::Fail(why) => {
+                *failed += 1;
+                format!("**FAIL**: {}", why.join("; ").replace('|', "/"))
+            }
+        };
+        let _ = writeln!(md, "| {label} | {scenario}/{mode} | {verdict} | {} |", fallbacks(item));
+    }
+    md
+}
+
 /// `--matrix`: every kernel it can get, each scenario, into KERNELS.md.
 fn matrix(args: &VmArgs) -> Result<()> {
     let workspace = workspace_root();
@@ -222,8 +260,8 @@ fn matrix(args: &VmArgs) -> Result<()> {
     }
     let mut md = String::from(
         "# natfix across kernels\n\nWritten by `cargo xtask vm --matrix`. The host kernel runs the scenarios that need no \
-         ESP (namespaces: `cargo test -p natfix-tests`); each VM kernel runs the encrypted-overlay scenario \
-         (tests/vm/esp-nat.sh) under qemu/TCG. `fallback` lists what natfix reported missing or fell back from.\n\n\
+         ESP (namespaces: `cargo test -p natfix-tests`); each VM kernel runs the guard scenario (tests/vm/guard.sh) \
+         and the encrypted-overlay scenario (tests/vm/esp-nat.sh) under qemu/TCG. `fallback` lists what natfix reported missing or fell back from.\n\n\
          | kernel | scenario | result | fallback / missing |\n|---|---|---|---|\n",
     );
     let mut failed = 0;
@@ -233,26 +271,20 @@ fn matrix(args: &VmArgs) -> Result<()> {
             let _ = writeln!(md, "| {label} | - | not run | - |");
             continue;
         };
+        let guard_args = VmArgs { scenario: Scenario::Guard, ..args.clone() };
+        match run_on(&guard_args, kernel, &GUARD_MODES) {
+            Err(e) => {
+                failed += 1;
+                let _ = writeln!(md, "| {label} | guard | **error**: {} | - |", format!("{e:#}").replace('|', "/"));
+            }
+            Ok(result) => md.push_str(&matrix_rows(label, &result, &mut failed)),
+        }
         match run_on(args, kernel, &MATRIX_MODES) {
             Err(e) => {
                 failed += 1;
                 let _ = writeln!(md, "| {label} | esp-nat | **error**: {} | - |", format!("{e:#}").replace('|', "/"));
             }
-            Ok(result) => {
-                let items: Vec<&Value> = result.as_array().map(|a| a.iter().collect()).unwrap_or_else(|| vec![&result]);
-                for item in items {
-                    let mode = item["mode"].as_str().unwrap_or("?");
-                    let verdict = match check(item) {
-                        Verdict::Pass => "pass".to_owned(),
-                        Verdict::Informational => "info".to_owned(),
-                        Verdict::Fail(why) => {
-                            failed += 1;
-                            format!("**FAIL**: {}", why.join("; ").replace('|', "/"))
-                        }
-                    };
-                    let _ = writeln!(md, "| {label} | esp-nat/{mode} | {verdict} | {} |", fallbacks(item));
-                }
-            }
+            Ok(result) => md.push_str(&matrix_rows(label, &result, &mut failed)),
         }
     }
     let path = workspace.join("KERNELS.md");
@@ -265,8 +297,8 @@ fn matrix(args: &VmArgs) -> Result<()> {
 /// What natfix warned about in a VM mode (fallbacks), and modules that failed to load.
 fn fallbacks(item: &Value) -> String {
     let mut notes: Vec<String> = Vec::new();
-    for node in ["a", "b"] {
-        let out = item["natfix"][node]["output"].as_str().unwrap_or_default();
+    for out in [&item["natfix"]["a"]["output"], &item["natfix"]["b"]["output"], &item["natfix"]["output"]] {
+        let out = out.as_str().unwrap_or_default();
         for part in out.split("WARN").skip(1) {
             let text = part.split(" natfix").next().unwrap_or(part).trim().to_owned();
             if !notes.contains(&text) {
@@ -1301,6 +1333,14 @@ const SIZES: [&str; 2] = ["small", "large"];
 
 fn summarize(item: &Value) -> String {
     let mut s = format!("{}/{}:", item["scenario"].as_str().unwrap_or("?"), item["mode"].as_str().unwrap_or("?"));
+    if item["scenario"] == "guard" {
+        let _ = write!(
+            s,
+            " external port {}, reply delivered {}, natfix exit {}, dropped {}",
+            item["external_port"], item["reply_delivered"], item["natfix"]["exit"], item["natfix"]["dropped_unsolicited"]
+        );
+        return s;
+    }
     if item["mode"] == "throughput" {
         let _ = write!(s, " noudpcsum {} Mbit/s, natfix {} Mbit/s", item["noudpcsum_mbps"], item["natfix_mbps"]);
         return s;
@@ -1394,6 +1434,7 @@ fn check(item: &Value) -> Verdict {
         }
         "natfix" => return Verdict::Informational,
         m if m.starts_with("natfix-") => check_natfix(item, m, &mut why, all_ok),
+        m if m.starts_with("guard-") => check_guard(item, m, &mut why),
         "throughput" => {
             for k in ["noudpcsum_mbps", "natfix_mbps"] {
                 let v = item[k].as_array().map_or(0.0, |a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max));
@@ -1405,6 +1446,39 @@ fn check(item: &Value) -> Verdict {
         other => why.push(format!("unknown mode {other}")),
     }
     if why.is_empty() { Verdict::Pass } else { Verdict::Fail(why) }
+}
+
+/// Expectations of the guard scenario (tests/vm/guard.sh).
+fn check_guard(item: &Value, mode: &str, why: &mut Vec<String>) {
+    let port = item["external_port"].as_i64();
+    match mode {
+        "guard-baseline" => {
+            if port.is_none() || port == Some(25000) {
+                why.push(format!("the failure did not reproduce: external port {port:?}"));
+            }
+        }
+        "guard-xdp" | "guard-tc" => {
+            if num(item, &["natfix", "exit"]) != 0 {
+                why.push(format!("natfix attach failed: {}", item["natfix"]["output"]));
+            }
+            if port != Some(25000) {
+                why.push(format!("the container's flow left on port {port:?}, not 25000"));
+            }
+            if item["reply_delivered"] != Value::Bool(true) {
+                why.push("the remote's reply did not reach the container".into());
+            }
+            if num(item, &["natfix", "dropped_unsolicited"]) < 1 {
+                why.push("the probe was not counted as dropped".into());
+            }
+        }
+        "guard-conntrack-refused" => {
+            let out = item["natfix"]["output"].as_str().unwrap_or_default();
+            if num(item, &["natfix", "exit"]) != 5 || !out.contains("--flow-source own") {
+                why.push(format!("expected exit 5 pointing to --flow-source own: {}", item["natfix"]));
+            }
+        }
+        _ => why.push(format!("unknown mode {mode}")),
+    }
 }
 
 /// Expectations of natfix's overlay modes (see tests/vm/esp-nat.sh).
