@@ -51,14 +51,6 @@ COUNT=3
 
 ERRORS=/tmp/esp-nat.errors
 
-# Run a command; on failure record the command and its output in $ERRORS.
-try() {
-    [ "$VERBOSE" = 1 ] && echo "[$(uptime_s)] $*" >&2
-    if ! _out=$("$@" 2>&1); then
-        echo "$* -> $_out" >> "$ERRORS"
-        return 1
-    fi
-}
 
 reset_all() {
     for ns in A N B; do
@@ -194,12 +186,7 @@ natfix_attach() {
             set -- "$@" "$arg"
         done < /etc/natfix/natfix-args
     fi
-    _out=$(in_ns "$_ns" env NO_COLOR=1 natfix attach --iface "$_if" "$@" --pin 2>&1)
-    _rc=$?
-    # Drop colour escapes in case the logger ignores NO_COLOR.
-    _esc=$(printf '\033')
-    _out=$(printf '%s' "$_out" | sed "s/$_esc\[[0-9;]*m//g")
-    printf '{"exit":%s,"output":%s}' "$_rc" "$(json_str "$(printf '%s' "$_out" | tail -c 800)")"
+    natfix_on "$_ns" "$_if" "$@"
 }
 
 # natfix_on NS IFACE ARGS... -> JSON {exit, output}: attach with fixed arguments.
@@ -209,6 +196,7 @@ natfix_on() {
     shift 2
     _out=$(in_ns "$_ns" env NO_COLOR=1 natfix attach --iface "$_if" "$@" --pin 2>&1)
     _rc=$?
+    # Drop colour escapes in case the logger ignores NO_COLOR.
     _esc=$(printf '\033')
     _out=$(printf '%s' "$_out" | sed "s/$_esc\[[0-9;]*m//g")
     printf '{"exit":%s,"output":%s}' "$_rc" "$(json_str "$(printf '%s' "$_out" | tail -c 800)")"

@@ -17,13 +17,6 @@
 
 ERRORS=/tmp/guard.errors
 
-try() {
-    if ! _out=$("$@" 2>&1); then
-        echo "$* -> $_out" >> "$ERRORS"
-        return 1
-    fi
-}
-
 reset_all() {
     for ns in C H R; do
         ip netns del "$ns" 2> /dev/null

@@ -61,3 +61,12 @@ counters() {
 uptime_s() {
     cut -d' ' -f1 /proc/uptime
 }
+
+# Run a command; on failure record the command and its output in $ERRORS.
+try() {
+    [ "$VERBOSE" = 1 ] && echo "[$(uptime_s)] $*" >&2
+    if ! _out=$("$@" 2>&1); then
+        echo "$* -> $_out" >> "$ERRORS"
+        return 1
+    fi
+}
