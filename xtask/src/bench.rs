@@ -212,9 +212,6 @@ fn target(name: &str) -> Option<(&'static str, Box<dyn Fn(&Value) -> bool>)> {
     if name.starts_with("iperf3 TCP through a veth with natfix") {
         return Some((">= 97% of baseline", Box::new(move |v| ratio(v) >= 0.97)));
     }
-    if name.starts_with("TCP over the encrypted overlay") {
-        return Some((">= noudpcsum (informational under TCG)", Box::new(move |v| ratio(v) >= 1.0)));
-    }
     if name.starts_with("idle RSS") {
         return Some(("<= 20 MB", Box::new(move |v| median(v) <= 20.0)));
     }
