@@ -1320,7 +1320,7 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 enum Verdict {
     Pass,
     Fail(Vec<String>),
-    /// No expectation (natfix's overlay fix does not exist yet).
+    /// No expectation: mode `natfix` runs whatever --natfix-arg says.
     Informational,
 }
 
