@@ -196,10 +196,7 @@ natfix_on() {
     shift 2
     _out=$(in_ns "$_ns" env NO_COLOR=1 natfix attach --iface "$_if" "$@" --pin 2>&1)
     _rc=$?
-    # Drop colour escapes in case the logger ignores NO_COLOR.
-    _esc=$(printf '\033')
-    _out=$(printf '%s' "$_out" | sed "s/$_esc\[[0-9;]*m//g")
-    printf '{"exit":%s,"output":%s}' "$_rc" "$(json_str "$(printf '%s' "$_out" | tail -c 800)")"
+    printf '{"exit":%s,"output":%s}' "$_rc" "$(json_str "$(plain_tail 800 "$_out")")"
 }
 
 # natfix_counters NS -> JSON object reason -> packets of the overlay program (null if none).
@@ -434,16 +431,5 @@ modes=$(echo "${1:-baseline}" | tr , ' ')
 [ "$modes" = all ] && modes="cleartext baseline noudpcsum nft nft-one-side natfix"
 [ "$modes" = natfix-all ] && modes="baseline natfix-auto natfix-auto-recompute natfix-tc natfix-tc-recompute natfix-nft natfix-one-side natfix-cleartext natfix-wrong-reqid"
 set -- $modes
-if [ $# -gt 1 ]; then
-    printf '['
-    sep=
-    for m in "$@"; do
-        printf '%s' "$sep"
-        run_mode "$m"
-        sep=,
-    done
-    printf ']'
-else
-    run_mode "$1"
-fi
+run_modes "$@"
 reset_all

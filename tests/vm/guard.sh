@@ -109,22 +109,11 @@ run_mode() {
     printf '{"scenario":"guard","mode":"%s","kernel":"%s","external_port":%s,"reply_delivered":%s,' \
         "$mode" "$(uname -r)" "${port:-null}" "$([ "${reply:-0}" -gt 0 ] && echo true || echo false)"
     printf '"natfix":{"exit":%s,"output":%s,"dropped_unsolicited":%s,"passed_solicited":%s},"errors":%s}' \
-        "$attach_rc" "$(json_str "$(printf '%s' "$attach_out" | sed "s/$(printf '\033')\[[0-9;]*m//g" | tail -c 600)")" \
+        "$attach_rc" "$(json_str "$(plain_tail 600 "$attach_out")")" \
         "$(natfix_stat H dropped_unsolicited | grep . || echo null)" "$(natfix_stat H passed_solicited | grep . || echo null)" \
         "$(json_lines "$ERRORS")"
 }
 
 modes=$(echo "${1:-guard-baseline}" | tr , ' ')
 set -- $modes
-if [ $# -gt 1 ]; then
-    printf '['
-    sep=
-    for m in "$@"; do
-        printf '%s' "$sep"
-        run_mode "$m"
-        sep=,
-    done
-    printf ']'
-else
-    run_mode "$1"
-fi
+run_modes "$@"

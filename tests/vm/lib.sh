@@ -70,3 +70,25 @@ try() {
         return 1
     fi
 }
+
+# The last $1 bytes of text $2, without colour escapes (in case a logger ignores NO_COLOR).
+plain_tail() {
+    printf '%s' "$2" | sed "s/$(printf '\033')\[[0-9;]*m//g" | tail -c "$1"
+}
+
+# Runs run_mode (defined by the scenario) for each mode given: one JSON
+# object for one mode, an array for several.
+run_modes() {
+    if [ $# -gt 1 ]; then
+        printf '['
+        _sep=
+        for _m in "$@"; do
+            printf '%s' "$_sep"
+            run_mode "$_m"
+            _sep=,
+        done
+        printf ']'
+    else
+        run_mode "$1"
+    fi
+}
