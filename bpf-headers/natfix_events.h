@@ -12,6 +12,7 @@
 
 #include "natfix_common.h"
 #include "natfix_parse.h"
+#include "natfix_clock.h"
 
 const volatile __u32 natfix_events_per_sec __weak = 0;
 
@@ -21,7 +22,7 @@ struct {
 } natfix_events SEC(".maps") __weak;
 
 struct natfix_event_budget {
-	__u64 window_start_ns;
+	__u64 window_start_jiffies;
 	__u32 used;
 	__u32 pad;
 };
@@ -41,9 +42,11 @@ static __always_inline int natfix_event_allowed(void)
 
 	if (!b)
 		return 0;
-	now = bpf_ktime_get_coarse_ns();
-	if (now - b->window_start_ns > 1000000000ULL) {
-		b->window_start_ns = now;
+	/* Jiffies: an inline load, so a flood's drop path makes no clock call.
+	 * Unknown HZ: 1000 jiffies is at least a second for any HZ <= 1000. */
+	now = bpf_jiffies64();
+	if (now - b->window_start_jiffies >= (natfix_hz ? natfix_hz : 1000)) {
+		b->window_start_jiffies = now;
 		b->used = 0;
 	}
 	if (b->used >= natfix_events_per_sec)

@@ -42,11 +42,13 @@ static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
 	key->remote_port = 0;
 }
 
-/* Ingress: does this packet answer a flow we saw leave (and is it still live)? */
-static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt, __u64 now)
+/* Ingress: does this packet answer a flow we saw leave (and is it still live)?
+ * The clock is read only on a hit: an unsolicited flood pays for one lookup. */
+static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt)
 {
 	struct natfix_flow_key key = {};
 	struct natfix_flow_value *v;
+	__u64 now;
 
 	flow_key_fill(&key, pkt->family, pkt->daddr, pkt->dport, pkt->saddr, pkt->sport);
 	v = bpf_map_lookup_elem(&guard_flows, &key);
@@ -56,6 +58,7 @@ static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt, __u6
 	}
 	if (!v)
 		return 0;
+	now = bpf_ktime_get_coarse_ns();
 	/* Signed: an entry stamped by userspace may be a tick ahead of the coarse clock. */
 	if ((__s64)(now - v->last_seen_ns) > (__s64)natfix_guard_cfg.flow_timeout_ns)
 		return 0;

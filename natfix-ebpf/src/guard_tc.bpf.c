@@ -8,6 +8,7 @@
 #include "natfix_parse.h"
 #include "natfix_guard.h"
 #include "natfix_events.h"
+#include "natfix_flow_cache.h"
 #ifdef NATFIX_FLOW_CONNTRACK
 #include "natfix_ct.h"
 #else
@@ -35,9 +36,9 @@ int natfix_guard_tc(struct __sk_buff *skb)
 	why = guard_classify(rc, &pkt);
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
-		int solicited = NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt);
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt));
 #else
-		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_coarse_ns());
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, flow_own_solicited(&pkt));
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
 		if (!solicited)

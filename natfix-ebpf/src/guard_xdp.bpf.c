@@ -9,6 +9,7 @@
 #include "natfix_parse.h"
 #include "natfix_guard.h"
 #include "natfix_events.h"
+#include "natfix_flow_cache.h"
 #ifdef NATFIX_FLOW_CONNTRACK
 #include "natfix_ct.h"
 #else
@@ -26,9 +27,9 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
-		int solicited = NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt);
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt));
 #else
-		int solicited = flow_own_solicited(&pkt, bpf_ktime_get_coarse_ns());
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, flow_own_solicited(&pkt));
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
 		if (!solicited)

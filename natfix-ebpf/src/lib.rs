@@ -44,4 +44,5 @@ pub mod maps {
     pub const OVERLAY_CONFIG: &str = "natfix_overlay_cfg";
     pub const EVENTS: &str = "natfix_events";
     pub const EVENTS_PER_SEC: &str = "natfix_events_per_sec";
+    pub const HZ: &str = "natfix_hz";
 }

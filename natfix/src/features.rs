@@ -93,3 +93,27 @@ pub fn ct_kfuncs_unavailable_reason(ct: &CtKfuncs) -> Option<String> {
         CtKfuncs::Absent(why) => Some(why.clone()),
     }
 }
+
+/// The kernel's CONFIG_HZ, for the data plane's jiffies windows
+/// (`bpf-headers/natfix_clock.h`): CLOCK_MONOTONIC_COARSE advances once per
+/// tick, so its resolution is 1/HZ. None if that looks implausible.
+#[must_use]
+pub fn kernel_hz() -> Option<u32> {
+    let res = nix::time::clock_getres(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).ok()?;
+    let ns = u64::try_from(res.tv_sec()).ok()? * 1_000_000_000 + u64::try_from(res.tv_nsec()).ok()?;
+    if ns == 0 {
+        return None;
+    }
+    let hz = (1_000_000_000 + ns / 2) / ns;
+    (10..=10_000).contains(&hz).then(|| u32::try_from(hz).ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_hz_is_a_configurable_value() {
+        // Kconfig offers 100, 250, 300 and 1000 on x86; others exist elsewhere.
+        let hz = super::kernel_hz().expect("coarse clock resolution");
+        assert!([24, 32, 48, 64, 100, 128, 200, 250, 256, 300, 500, 1000, 1024, 1200].contains(&hz), "HZ {hz}");
+    }
+}

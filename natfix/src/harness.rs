@@ -95,6 +95,14 @@ impl GuardHarness {
         Ok(())
     }
 
+    /// Removes an own-table flow (as LRU eviction would).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<()> {
+        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::GUARD_FLOWS).context("no flow table")?)?;
+        flows.remove(key)?;
+        Ok(())
+    }
+
     pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>> {
         let flows: BpfHashMap<&MapData, FlowKey, FlowValue> =
             BpfHashMap::try_from(self.ebpf.map(map_names::GUARD_FLOWS).context("no flow table")?)?;

@@ -156,6 +156,14 @@ pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32) -> Result<Ebpf> 
     load_guard_object_reusing(plan, events_per_sec, None)
 }
 
+/// HZ for the data plane's jiffies windows; 0 (those features off) if unknown.
+fn data_plane_hz() -> u32 {
+    crate::features::kernel_hz().unwrap_or_else(|| {
+        tracing::warn!("cannot tell the kernel's HZ: the guard's flow cache is off");
+        0
+    })
+}
+
 /// Maps of an existing attachment that an upgrade keeps (state survives).
 fn reuse_pinned<'a>(loader: &mut EbpfLoader<'a>, dir: &PinDir, maps: &[(&'a str, &str)]) {
     for (name, file) in maps {
@@ -172,9 +180,11 @@ fn load_guard_object_reusing(plan: &GuardPlan, events_per_sec: u32, reuse: Optio
         (ResolvedFlowSource::Conntrack, GuardHook::Xdp) => kfunc::relocate_kfuncs(objects::GUARD_XDP_CT)?,
         (ResolvedFlowSource::Conntrack, GuardHook::Tc) => kfunc::relocate_kfuncs(objects::GUARD_TC_CT)?,
     };
+    let hz = data_plane_hz();
     let mut loader = EbpfLoader::new();
     loader.override_global(map_names::GUARD_CONFIG, &plan.config, true);
     loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
+    loader.override_global(map_names::HZ, &hz, true);
     if plan.source == ResolvedFlowSource::Own {
         loader.map_max_entries(map_names::GUARD_FLOWS, plan.flow_table_size);
     }
@@ -276,9 +286,11 @@ pub fn load_overlay_object(config: &OverlayConfig, events_per_sec: u32) -> Resul
 }
 
 fn load_overlay_object_reusing(config: &OverlayConfig, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
+    let hz = data_plane_hz();
     let mut loader = EbpfLoader::new();
     loader.override_global(map_names::OVERLAY_CONFIG, config, true);
     loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
+    loader.override_global(map_names::HZ, &hz, true);
     if let Some(dir) = reuse {
         reuse_pinned(&mut loader, dir, &[(map_names::COUNTERS, pins::OVERLAY_COUNTERS), (map_names::EVENTS, pins::OVERLAY_EVENTS)]);
     }

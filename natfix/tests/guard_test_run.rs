@@ -202,3 +202,25 @@ fn endpoint_independent_filtering_admits_any_peer_after_egress() {
     let never_sent = packet::udp4(Ipv4Addr::new(192, 0, 2, 77), 5555, HOST, 27001, b"r");
     assert_eq!(h.classify(&never_sent).unwrap().1, Some(Counter::GuardDropUnsolicited));
 }
+
+/// The per-CPU flow cache (`natfix_flow_cache.h`) may admit a flow for one
+/// window (100 ms) after the table stops knowing it, never longer.
+#[test]
+fn flow_cache_forgets_a_removed_flow_within_its_window() {
+    if !common::require_root() {
+        return;
+    }
+    // The cache is per CPU: stay on one so the second run sees the first one's slot.
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    for hook in ["xdp", "tc"] {
+        let (mut h, _, _) = setup(hook, &[]);
+        let reply = v4(PEER, 7000, 25000);
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardPassSolicited), "{hook}: learned flow");
+        h.remove_flow(&flow_key(HOST.into(), 25000, Some((PEER.into(), 7000)))).unwrap();
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardPassSolicited), "{hook}: cached for one window");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardDropUnsolicited), "{hook}: asked the table again");
+    }
+}

@@ -23,6 +23,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "/usr/bin/iperf3"),
     ("prometheus", "/usr/bin/promtool"),
     ("iputils-ping", "/usr/bin/ping"),
+    ("socat", "/usr/bin/socat"),
 ];
 
 pub fn install() -> Result<()> {
