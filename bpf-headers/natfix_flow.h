@@ -42,19 +42,19 @@ static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
 	key->remote_port = 0;
 }
 
-/* Ingress: does this packet answer a flow we saw leave (and is it still live)?
- * The clock is read only on a hit: an unsolicited flood pays for one lookup. */
-static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt)
+/* Ingress: is `exact` (the arriving packet's key, flow_key_of_ingress) a flow
+ * we saw leave, still live? The clock is read only on a hit: an unsolicited
+ * flood pays for one lookup. */
+static __always_inline int flow_own_solicited(const struct natfix_flow_key *exact)
 {
-	struct natfix_flow_key key = {};
-	struct natfix_flow_value *v;
+	struct natfix_flow_value *v = bpf_map_lookup_elem(&guard_flows, exact);
 	__u64 now;
 
-	flow_key_fill(&key, pkt->family, pkt->daddr, pkt->dport, pkt->saddr, pkt->sport);
-	v = bpf_map_lookup_elem(&guard_flows, &key);
 	if (!v && (natfix_guard_cfg.flags & NATFIX_GUARD_F_ENDPOINT_INDEP)) {
-		flow_key_wildcard(&key);
-		v = bpf_map_lookup_elem(&guard_flows, &key);
+		struct natfix_flow_key any = *exact;
+
+		flow_key_wildcard(&any);
+		v = bpf_map_lookup_elem(&guard_flows, &any);
 	}
 	if (!v)
 		return 0;

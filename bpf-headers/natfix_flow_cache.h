@@ -86,20 +86,17 @@ static __always_inline void flow_cache_fill(struct natfix_flow_cache_slot *slot,
 	}
 }
 
-/* Whether the arriving packet `pkt` is solicited: the cache first, then
- * `ask_source` (evaluated only on a miss), whose "yes" is cached. */
-#define NATFIX_SOLICITED_CACHED(pkt, ask_source)                            \
+/* Whether the arriving packet with key `key` (a struct natfix_flow_key *,
+ * flow_key_of_ingress) is solicited: the cache first, then `ask_source`
+ * (evaluated only on a miss), whose "yes" is cached. */
+#define NATFIX_SOLICITED_CACHED(key, ask_source)                            \
 	({                                                                  \
-		struct natfix_flow_key __key;                               \
-		struct natfix_flow_cache_slot *__slot;                      \
+		struct natfix_flow_cache_slot *__slot = flow_cache_slot(key); \
 		__u64 __now = bpf_jiffies64();                              \
-		int __ok;                                                   \
+		int __ok = flow_cache_hit(__slot, (key), __now);            \
                                                                             \
-		flow_key_of_ingress(&__key, (pkt));                         \
-		__slot = flow_cache_slot(&__key);                           \
-		__ok = flow_cache_hit(__slot, &__key, __now);               \
 		if (!__ok && (ask_source)) {                                \
-			flow_cache_fill(__slot, &__key, __now);             \
+			flow_cache_fill(__slot, (key), __now);              \
 			__ok = 1;                                           \
 		}                                                           \
 		__ok;                                                       \
