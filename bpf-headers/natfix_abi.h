@@ -30,13 +30,14 @@ enum natfix_counter {
 	/* 12..15 reserved for the guard */
 	/* overlay checksum fixer (tc ingress on the underlay) */
 	NATFIX_CNT_OVERLAY_ZEROED          = 16, /* decrypted VXLAN: UDP checksum set to 0 */
-	NATFIX_CNT_OVERLAY_RECOMPUTED      = 17, /* decrypted VXLAN: UDP checksum recomputed */
+	NATFIX_CNT_OVERLAY_RECOMPUTED      = 17, /* decrypted VXLAN: UDP checksum recomputed by summing the datagram */
 	NATFIX_CNT_OVERLAY_CLEARTEXT       = 18, /* VXLAN without xfrm secpath: untouched */
 	NATFIX_CNT_OVERLAY_NOT_VXLAN       = 19, /* not UDP to a VXLAN port: untouched */
 	NATFIX_CNT_OVERLAY_MALFORMED       = 20, /* headers or UDP length invalid: untouched */
 	NATFIX_CNT_OVERLAY_ERROR           = 21, /* a helper failed: untouched */
 	NATFIX_CNT_OVERLAY_OTHER_SA        = 22, /* decrypted by an SA with another reqid: untouched */
-	/* 23..31 reserved for the overlay checksum fixer */
+	NATFIX_CNT_OVERLAY_RECOMPUTED_DELTA = 23, /* decrypted VXLAN: checksum updated with the learned address delta */
+	/* 24..31 reserved for the overlay checksum fixer */
 	NATFIX_CNT_MAX                     = 32,
 };
 
@@ -78,7 +79,9 @@ struct natfix_overlay_config {
 	__u32 nr_ports;
 	__u32 flags;
 	__u32 reqid;
-	__u32 pad;
+	/* Recompute: how long a checksum delta learned for an address pair is
+	 * trusted before the next datagram is summed in full (0 = always sum). */
+	__u32 delta_window_jiffies;
 };
 
 /* A sampled event (ring buffer `natfix_events`): a drop or a rewrite. */

@@ -103,4 +103,70 @@ static __always_inline int udp_csum_full(struct __sk_buff *skb, void *data, void
 	return 0;
 }
 
+/*
+ * Learned deltas. Behind a 1:1 NAT every datagram of one address pair carries
+ * a checksum off by the same amount: the pseudo-header difference between the
+ * addresses it was sealed with and those it arrives with. ESP authenticated
+ * the datagram, so the sent checksum is exactly what the sender computed.
+ * After one datagram is summed in full, delta = ~right + sent (ones'
+ * complement), and the next datagrams of the pair need only
+ * right' = ~(~sent' + delta). Per-CPU slots, direct-mapped by address pair;
+ * a delta is trusted for delta_window_jiffies, then re-learned, so a NAT that
+ * changes its mapping costs at most one window of bad checksums.
+ * A sent checksum of 0 (IPv4: none) teaches nothing and is always summed.
+ */
+#define NATFIX_CSUM_DELTA_BITS 8
+#define NATFIX_CSUM_DELTA_SLOTS (1U << NATFIX_CSUM_DELTA_BITS)
+
+struct natfix_csum_delta_slot {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u64 learned_jiffies;
+	__u32 delta;
+	__u32 family;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, NATFIX_CSUM_DELTA_SLOTS);
+	__type(key, __u32);
+	__type(value, struct natfix_csum_delta_slot);
+} overlay_csum_delta SEC(".maps") __weak;
+
+static __always_inline struct natfix_csum_delta_slot *csum_delta_slot(const struct natfix_pkt *pkt)
+{
+	__u32 h = pkt->saddr[0] ^ pkt->saddr[3] ^ pkt->daddr[0] ^ pkt->daddr[3];
+	__u32 idx = (h * 0x9e3779b1U) >> (32 - NATFIX_CSUM_DELTA_BITS);
+
+	return bpf_map_lookup_elem(&overlay_csum_delta, &idx);
+}
+
+static __always_inline int csum_delta_same_pair(const struct natfix_csum_delta_slot *slot,
+						const struct natfix_pkt *pkt)
+{
+	/* 32-bit words: the packet summary on the stack is only 4-aligned. */
+	const __u32 *a = slot->saddr, *b = pkt->saddr, *c = slot->daddr, *d = pkt->daddr;
+
+	return slot->family == pkt->family && a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] &&
+	       c[0] == d[0] && c[1] == d[1] && c[2] == d[2] && c[3] == d[3];
+}
+
+static __always_inline void csum_delta_learn(struct natfix_csum_delta_slot *slot, const struct natfix_pkt *pkt,
+					     __u16 sent, __u16 right, __u64 now_jiffies)
+{
+	__builtin_memcpy(slot->saddr, pkt->saddr, sizeof(slot->saddr));
+	__builtin_memcpy(slot->daddr, pkt->daddr, sizeof(slot->daddr));
+	slot->family = pkt->family;
+	slot->delta = (__u32)(__u16)~right + sent;
+	slot->learned_jiffies = now_jiffies;
+}
+
+/* The checksum to write, from the sent one and a learned delta; 0 goes out as 0xffff. */
+static __always_inline __u16 csum_delta_apply(__u16 sent, __u32 delta)
+{
+	__u16 right = csum_fold32((__u64)(__u16)~sent + delta);
+
+	return right ? right : 0xffff;
+}
+
 #endif /* NATFIX_CSUM_H */

@@ -26,13 +26,14 @@ pub enum Counter {
     OverlayMalformed = 20,
     OverlayError = 21,
     OverlayOtherSa = 22,
+    OverlayRecomputedDelta = 23,
 }
 
 /// Number of slots in the counters map (NATFIX_CNT_MAX).
 pub const COUNTER_SLOTS: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Self; 19] = [
+    pub const ALL: [Self; 20] = [
         Self::GuardOutOfScope,
         Self::GuardPassSolicited,
         Self::GuardDropUnsolicited,
@@ -52,6 +53,7 @@ impl Counter {
         Self::OverlayMalformed,
         Self::OverlayError,
         Self::OverlayOtherSa,
+        Self::OverlayRecomputedDelta,
     ];
 
     /// Which program family the counter belongs to.
@@ -65,7 +67,8 @@ impl Counter {
             | Self::OverlayNotVxlan
             | Self::OverlayMalformed
             | Self::OverlayError
-            | Self::OverlayOtherSa => "overlay",
+            | Self::OverlayOtherSa
+            | Self::OverlayRecomputedDelta => "overlay",
             _ => "guard",
         }
     }
@@ -82,6 +85,7 @@ impl Counter {
             Self::OverlayMalformed => "malformed",
             Self::OverlayError => "error",
             Self::OverlayOtherSa => "other_sa",
+            Self::OverlayRecomputedDelta => "recomputed_incremental",
             Self::GuardPassSolicited => "passed_solicited",
             Self::GuardDropUnsolicited => "dropped_unsolicited",
             Self::GuardWouldDrop => "would_drop",
@@ -144,7 +148,8 @@ pub struct OverlayConfig {
     pub nr_ports: u32,
     pub flags: u32,
     pub reqid: u32,
-    pub pad: u32,
+    /// Recompute: jiffies a learned checksum delta is trusted (0 = always sum in full).
+    pub delta_window_jiffies: u32,
 }
 
 /// A sampled event from the `natfix_events` ring buffer (struct natfix_event).

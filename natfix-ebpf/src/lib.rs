@@ -27,6 +27,7 @@ pub mod programs {
     pub const GUARD_TC: &str = "natfix_guard_tc";
     pub const FLOW_EGRESS: &str = "natfix_flow_egress";
     pub const OVERLAY_TC: &str = "natfix_overlay_tc";
+    pub const OVERLAY_WRITE: &str = "natfix_overlay_write";
     pub const EMPTY_XDP: &str = "natfix_empty_xdp";
     pub const EMPTY_TC: &str = "natfix_empty_tc";
     pub const GEN_XDP: &str = "natfix_gen_xdp";
@@ -37,6 +38,7 @@ pub mod programs {
 pub mod maps {
     pub const COUNTERS: &str = "natfix_counters";
     pub const GUARD_FLOWS: &str = "guard_flows";
+    pub const GUARD_FLOW_PORTS: &str = "guard_flow_ports";
     pub const GUARD_ALLOW_PORTS: &str = "guard_allow_ports";
     pub const GUARD_ALLOW_SRC4: &str = "guard_allow_src4";
     pub const GUARD_ALLOW_SRC6: &str = "guard_allow_src6";
@@ -45,4 +47,5 @@ pub mod maps {
     pub const EVENTS: &str = "natfix_events";
     pub const EVENTS_PER_SEC: &str = "natfix_events_per_sec";
     pub const HZ: &str = "natfix_hz";
+    pub const OVERLAY_WRITER: &str = "overlay_writer";
 }

@@ -89,10 +89,27 @@ impl GuardHarness {
 
     /// Inserts an own-table flow with the given last-seen time.
     pub fn insert_flow(&mut self, key: &FlowKey, last_seen_ns: u64) -> Result<()> {
+        let mut ports: aya::maps::Array<&mut MapData, u8> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(map_names::GUARD_FLOW_PORTS).context("no port map")?)?;
+        crate::flowsync::mark_port(&mut ports, key)?;
         let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
             BpfHashMap::try_from(self.ebpf.map_mut(map_names::GUARD_FLOWS).context("no flow table")?)?;
         flows.insert(key, FlowValue { last_seen_ns }, 0)?;
         Ok(())
+    }
+
+    /// Inserts a flow without marking its port, as a table kept from an
+    /// older natfix (without the port map) would hold it.
+    pub fn insert_flow_unmarked(&mut self, key: &FlowKey, last_seen_ns: u64) -> Result<()> {
+        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
+            BpfHashMap::try_from(self.ebpf.map_mut(map_names::GUARD_FLOWS).context("no flow table")?)?;
+        flows.insert(key, FlowValue { last_seen_ns }, 0)?;
+        Ok(())
+    }
+
+    /// What an in-place upgrade does to a kept table: marks its flows' ports.
+    pub fn mark_ports_of_table(&mut self) -> Result<()> {
+        loader::mark_ports_of_table(&mut self.ebpf)
     }
 
     /// Removes an own-table flow (as LRU eviction would).
@@ -137,7 +154,16 @@ pub struct OverlayHarness {
 }
 
 impl OverlayHarness {
+    /// As attached: the in-place writer installed.
     pub fn load(config: &crate::abi::OverlayConfig) -> Result<Self> {
+        let mut ebpf = loader::load_overlay_object(config, loader::DEFAULT_EVENTS_PER_SEC)?;
+        loader::install_overlay_writer(&mut ebpf)?;
+        loader::load_tc(&mut ebpf, prog_names::OVERLAY_TC)?;
+        Ok(Self { ebpf })
+    }
+
+    /// Without the writer: the program's bpf_skb_store_bytes() fallback.
+    pub fn load_without_writer(config: &crate::abi::OverlayConfig) -> Result<Self> {
         let mut ebpf = loader::load_overlay_object(config, loader::DEFAULT_EVENTS_PER_SEC)?;
         loader::load_tc(&mut ebpf, prog_names::OVERLAY_TC)?;
         Ok(Self { ebpf })

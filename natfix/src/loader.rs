@@ -6,7 +6,7 @@ use std::{ffi::CString, net::IpAddr, time::Duration};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, LpmTrie, MapData, lpm_trie::Key},
+    maps::{HashMap as BpfHashMap, LpmTrie, MapData, ProgramArray, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -156,6 +156,19 @@ pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32) -> Result<Ebpf> 
     load_guard_object_reusing(plan, events_per_sec, None)
 }
 
+/// Marks the local port of every flow in the own table (see flowsync::mark_port).
+pub fn mark_ports_of_table(ebpf: &mut Ebpf) -> Result<()> {
+    let flows: BpfHashMap<&MapData, abi::FlowKey, abi::FlowValue> =
+        BpfHashMap::try_from(ebpf.map(map_names::GUARD_FLOWS).context("flow table missing")?)?;
+    let keys: Vec<abi::FlowKey> = flows.keys().filter_map(Result::ok).collect();
+    let mut ports: aya::maps::Array<&mut MapData, u8> =
+        aya::maps::Array::try_from(ebpf.map_mut(map_names::GUARD_FLOW_PORTS).context("port map missing")?)?;
+    for key in &keys {
+        crate::flowsync::mark_port(&mut ports, key)?;
+    }
+    Ok(())
+}
+
 /// HZ for the data plane's jiffies windows; 0 (those features off) if unknown.
 fn data_plane_hz() -> u32 {
     crate::features::kernel_hz().unwrap_or_else(|| {
@@ -192,10 +205,19 @@ fn load_guard_object_reusing(plan: &GuardPlan, events_per_sec: u32, reuse: Optio
         reuse_pinned(
             &mut loader,
             dir,
-            &[(map_names::COUNTERS, pins::GUARD_COUNTERS), (map_names::GUARD_FLOWS, pins::GUARD_FLOWS), (map_names::EVENTS, pins::GUARD_EVENTS)],
+            &[
+                (map_names::COUNTERS, pins::GUARD_COUNTERS),
+                (map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
+                (map_names::GUARD_FLOW_PORTS, pins::GUARD_FLOW_PORTS),
+                (map_names::EVENTS, pins::GUARD_EVENTS),
+            ],
         );
     }
     let mut ebpf = loader.load(&bytes).context("cannot load the guard's eBPF object")?;
+    if plan.source == ResolvedFlowSource::Own && reuse.is_some() {
+        // A kept table may predate its port map (older natfix): mark its ports.
+        mark_ports_of_table(&mut ebpf)?;
+    }
 
     if !plan.allow_ports.is_empty() {
         let mut ports: BpfHashMap<&mut MapData, u16, u8> =
@@ -252,6 +274,8 @@ pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
     let mut config = OverlayConfig {
         nr_ports: u32::try_from(ports.len()).unwrap_or(0),
         reqid: args.reqid.unwrap_or(0),
+        // A learned checksum delta is re-checked once a second (natfix_csum.h).
+        delta_window_jiffies: data_plane_hz(),
         ..OverlayConfig::default()
     };
     for (slot, port) in config.vxlan_ports.iter_mut().zip(&ports) {
@@ -302,6 +326,24 @@ fn load_overlay_object_reusing(config: &OverlayConfig, events_per_sec: u32, reus
 type LpmV4Key = u32;
 const _: () = assert!(size_of::<Key<LpmV4Key>>() == size_of::<LpmV4>());
 const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<LpmV6>());
+
+/// Loads the overlay's writer and puts it in the tail-call array of the
+/// (not yet attached) overlay program, so that its first packets are written
+/// in place (`overlay_tc.bpf.c` says why a separate program).
+pub fn install_overlay_writer(ebpf: &mut Ebpf) -> Result<()> {
+    load_tc(ebpf, prog_names::OVERLAY_WRITE)?;
+    let fd = ebpf
+        .program(prog_names::OVERLAY_WRITE)
+        .context("overlay writer missing")?
+        .fd()
+        .context("overlay writer not loaded")?
+        .try_clone()
+        .context("cannot duplicate the writer's fd")?;
+    let mut writer: ProgramArray<&mut MapData> =
+        ProgramArray::try_from(ebpf.map_mut(map_names::OVERLAY_WRITER).context("overlay writer array missing")?)?;
+    writer.set(0, &fd, 0).context("cannot install the overlay writer")?;
+    Ok(())
+}
 
 /// Loads one program of the object by its C name, with the verifier's log on failure.
 pub fn load_xdp<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
@@ -540,6 +582,9 @@ fn upgrade_here(req: AttachRequest, pin_dir: PinDir, old: AttachmentMeta, ifinde
         iface: req.iface.clone(),
         pin_dir,
     };
+    if let Some(object) = att.overlay.as_mut() {
+        install_overlay_writer(object)?;
+    }
     for (feature, name, hook) in planned {
         let old_mode = old.programs.iter().find(|p| p.name == name).map(|p| p.mode.clone()).unwrap_or_default();
         let path = att.pin_dir.link(name);
@@ -558,6 +603,14 @@ fn upgrade_here(req: AttachRequest, pin_dir: PinDir, old: AttachmentMeta, ifinde
             prog.info()?.id()
         };
         att.meta.programs.push(ProgramMeta { name: name.to_owned(), hook: hook.to_owned(), mode: old_mode, prog_id });
+    }
+    if let Some(map) = att.overlay.as_ref().and_then(|o| o.map(map_names::OVERLAY_WRITER)) {
+        // The old array went with the old program; pin the new one in its place.
+        let path = att.pin_dir.map(pins::OVERLAY_WRITER);
+        if path.exists() {
+            std::fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+        }
+        map.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
     }
     if let Some(plan) = req.overlay.as_ref().filter(|o| o.uses_nft()) {
         let mut changes = att.meta.overlay.as_ref().map(|m| m.changes.clone()).unwrap_or_default();
@@ -667,6 +720,7 @@ impl Attachment {
                     (Err(e), CsumBackend::Tc) => return Err(e.context(UserError::Unsupported("the tc backend needs the ESP GRO path".into()))),
                     (Err(e), _) => warn!("{e:#}; the nftables rule still covers IPv4"),
                 }
+                install_overlay_writer(self.object(Feature::Overlay)?)?;
                 self.attach_tc(Feature::Overlay, prog_names::OVERLAY_TC, TcAttachType::Ingress)?;
             }
             if plan.uses_nft() {
@@ -688,9 +742,13 @@ impl Attachment {
         let maps = [
             (self.guard.as_ref(), map_names::COUNTERS, pins::GUARD_COUNTERS),
             (self.guard.as_ref(), map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
+            (self.guard.as_ref(), map_names::GUARD_FLOW_PORTS, pins::GUARD_FLOW_PORTS),
             (self.guard.as_ref(), map_names::EVENTS, pins::GUARD_EVENTS),
             (self.overlay.as_ref(), map_names::COUNTERS, pins::OVERLAY_COUNTERS),
             (self.overlay.as_ref(), map_names::EVENTS, pins::OVERLAY_EVENTS),
+            // A pin keeps the tail-call array filled after natfix exits (the
+            // kernel clears a program array when no fd or pin holds it).
+            (self.overlay.as_ref(), map_names::OVERLAY_WRITER, pins::OVERLAY_WRITER),
         ];
         for (object, name, file) in maps {
             if let Some(map) = object.and_then(|o| o.map(name)) {

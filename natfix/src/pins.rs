@@ -21,9 +21,11 @@ pub const BPFFS: &str = "/sys/fs/bpf";
 /// Pin names of the maps in an attachment's directory.
 pub const GUARD_COUNTERS: &str = "counters";
 pub const GUARD_FLOWS: &str = "flows";
+pub const GUARD_FLOW_PORTS: &str = "flow_ports";
 pub const OVERLAY_COUNTERS: &str = "overlay_counters";
 pub const GUARD_EVENTS: &str = "events";
 pub const OVERLAY_EVENTS: &str = "overlay_events";
+pub const OVERLAY_WRITER: &str = "overlay_writer";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const META_SIZE: usize = 4096;
 

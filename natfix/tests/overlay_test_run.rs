@@ -169,3 +169,104 @@ fn model_checksum_agrees_with_etherparse() {
         }
     }
 }
+
+/// Stay on one CPU: learned deltas are per CPU.
+fn pin_to_cpu0() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+}
+
+/// A datagram as a 1:1 NAT delivers it: its checksum sealed (inside ESP) over
+/// `sealed`, its addresses now `src` -> `dst`.
+fn natted(sealed: (IpAddr, IpAddr), src: IpAddr, dst: IpAddr, payload: &[u8]) -> (Vec<u8>, usize) {
+    let (mut f, l4) = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => (packet::udp4(s, 40000, d, 4789, payload), 34),
+        (IpAddr::V6(s), IpAddr::V6(d)) => (packet::udp6(s, 40000, d, 4789, payload), 54),
+        _ => unreachable!(),
+    };
+    let c = overlay::udp_checksum(sealed.0, sealed.1, &f[l4..]);
+    f[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+    (f, l4)
+}
+
+#[test]
+fn recompute_learns_the_nat_delta_and_stays_exact() {
+    if !common::require_root() {
+        return;
+    }
+    pin_to_cpu0();
+    let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
+    cfg.delta_window_jiffies = u32::MAX;
+    let h = OverlayHarness::load(&cfg).unwrap();
+    let mut cache = overlay::DeltaCache::default();
+    let private = Ipv4Addr::new(10, 0, 0, 5);
+    let private6 = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 5);
+    for (sealed, src, dst) in [
+        ((IpAddr::from(private), IpAddr::from(B)), IpAddr::from(A), IpAddr::from(B)),
+        ((IpAddr::from(private6), IpAddr::from(B6)), IpAddr::from(A6), IpAddr::from(B6)),
+    ] {
+        for i in 0..40usize {
+            let payload: Vec<u8> = (0..(i * 37) % 1500).map(|j| (j * 13 + i) as u8).collect();
+            let (f, l4) = natted(sealed, src, dst, &payload);
+            let (_, moved, out) = h.classify(&f).unwrap();
+            let want = if i == 0 { Counter::OverlayRecomputed } else { Counter::OverlayRecomputedDelta };
+            assert_eq!(moved, Some(want), "{src} packet {i}");
+            assert_eq!(u16::from_be_bytes([out[l4 + 6], out[l4 + 7]]), reference_checksum(&f, l4), "{src} packet {i}: exact");
+            assert_eq!((want, out), overlay::fix_with(&cfg, None, &f, &mut cache), "{src} packet {i}: model");
+        }
+    }
+    // A sender without a checksum (IPv4 0) teaches nothing: summed every time.
+    for i in 0..3 {
+        let mut f = packet::udp4(Ipv4Addr::new(192, 0, 2, 9), 40000, B, 4789, &[i; 100]);
+        f[40..42].copy_from_slice(&[0, 0]);
+        let (_, moved, out) = h.classify(&f).unwrap();
+        assert_eq!(moved, Some(Counter::OverlayRecomputed), "zero-checksum packet {i}");
+        assert_eq!(u16::from_be_bytes([out[40], out[41]]), reference_checksum(&f, 34));
+    }
+}
+
+/// A NAT that changes the mapping of a pair costs at most one window.
+#[test]
+fn a_learned_delta_is_relearned_after_its_window() {
+    if !common::require_root() {
+        return;
+    }
+    pin_to_cpu0();
+    let hz = natfix::features::kernel_hz().expect("HZ");
+    let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
+    cfg.delta_window_jiffies = hz / 10; // 100 ms
+    let h = OverlayHarness::load(&cfg).unwrap();
+    let (first, _) = natted((Ipv4Addr::new(10, 0, 0, 5).into(), B.into()), A.into(), B.into(), b"one");
+    assert_eq!(h.classify(&first).unwrap().1, Some(Counter::OverlayRecomputed));
+    let (moved_nat, l4) = natted((Ipv4Addr::new(10, 0, 0, 99).into(), B.into()), A.into(), B.into(), b"two");
+    let (_, c, out) = h.classify(&moved_nat).unwrap();
+    assert_eq!(c, Some(Counter::OverlayRecomputedDelta), "within the window the old delta is used");
+    assert_ne!(u16::from_be_bytes([out[l4 + 6], out[l4 + 7]]), reference_checksum(&moved_nat, l4), "and is wrong");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, c, out) = h.classify(&moved_nat).unwrap();
+    assert_eq!(c, Some(Counter::OverlayRecomputed), "after it, summed in full");
+    assert_eq!(u16::from_be_bytes([out[l4 + 6], out[l4 + 7]]), reference_checksum(&moved_nat, l4));
+}
+
+/// The in-place writer (tail call) and the bpf_skb_store_bytes() fallback
+/// leave the same bytes and count the same.
+#[test]
+fn writer_and_helper_fallback_agree() {
+    if !common::require_root() {
+        return;
+    }
+    for flags in [OVERLAY_F_NO_SECPATH, OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE] {
+        let cfg = config(flags);
+        let writer = OverlayHarness::load(&cfg).unwrap();
+        let helper = OverlayHarness::load_without_writer(&cfg).unwrap();
+        for len in [0, 1, 255, 256, 1450, 3401] {
+            for f in [vxlan4(4789, len), vxlan6(7789, len), vxlan4(9999, len)] {
+                let (_, a_counter, a_out) = writer.classify(&f).unwrap();
+                let (_, b_counter, b_out) = helper.classify(&f).unwrap();
+                assert_eq!(a_counter, b_counter, "flags {flags:#x} len {len}");
+                assert_eq!(a_out, b_out, "flags {flags:#x} len {len}");
+            }
+        }
+    }
+}

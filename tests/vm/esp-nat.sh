@@ -301,6 +301,16 @@ run_throughput() {
         "$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')" "$(json_lines "$ERRORS")"
 }
 
+# `natfix lab --scenario overlay` as a user runs it on a kernel with ESP: the
+# native path of the demo (its own namespaces, in a private mount namespace).
+run_lab() {
+    reset_all
+    out=$(natfix lab --scenario overlay 2>&1)
+    rc=$?
+    printf '{"scenario":"esp-nat","mode":"lab","kernel":"%s","exit":%s,"output":%s,"errors":%s}' \
+        "$(uname -r)" "$rc" "$(json_str "$out")" "$(json_lines "$ERRORS")"
+}
+
 run_mode() {
     mode=$1
     t0=$(uptime_s)
@@ -327,6 +337,10 @@ run_mode() {
         natfix-wrong-reqid) nf_args="--overlay-fix --reqid 0x1234" ;;
         throughput)
             run_throughput
+            return
+            ;;
+        lab)
+            run_lab
             return
             ;;
         *)

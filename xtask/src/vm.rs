@@ -130,6 +130,8 @@ enum Mode {
     NatfixWrongReqid,
     /// Overlay TCP throughput (iperf3): natfix (auto) against the noudpcsum workaround, same boot.
     Throughput,
+    /// `natfix lab --scenario overlay`, the demo's native path (this kernel has ESP).
+    Lab,
     /// guard scenario: no natfix, the container's flow leaves on another port.
     GuardBaseline,
     /// guard scenario: natfix's XDP guard (flow source auto).
@@ -1345,6 +1347,12 @@ fn summarize(item: &Value) -> String {
         let _ = write!(s, " noudpcsum {} Mbit/s, natfix {} Mbit/s", item["noudpcsum_mbps"], item["natfix_mbps"]);
         return s;
     }
+    if item["mode"] == "lab" {
+        let output = item["output"].as_str().unwrap_or_default();
+        let tail: String = output.chars().rev().take(90).collect::<Vec<_>>().into_iter().rev().collect();
+        let _ = write!(s, " natfix lab exit {}: ...{tail}", item["exit"]);
+        return s;
+    }
     for dir in DIRECTIONS {
         let _ = write!(s, " {dir}");
         for size in SIZES {
@@ -1435,6 +1443,12 @@ fn check(item: &Value) -> Verdict {
         "natfix" => return Verdict::Informational,
         m if m.starts_with("natfix-") => check_natfix(item, m, &mut why, all_ok),
         m if m.starts_with("guard-") => check_guard(item, m, &mut why),
+        "lab" => {
+            let output = item["output"].as_str().unwrap_or_default();
+            if num(item, &["exit"]) != 0 || !output.contains("fixed with `natfix attach --overlay-fix` (ok)") {
+                why.push(format!("natfix lab --scenario overlay did not show the fix: exit {}: {output}", item["exit"]));
+            }
+        }
         "throughput" => {
             for k in ["noudpcsum_mbps", "natfix_mbps"] {
                 let v = item[k].as_array().map_or(0.0, |a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max));
@@ -1556,6 +1570,14 @@ fn check_natfix(item: &Value, mode: &str, why: &mut Vec<String>, all_ok: impl Fn
         for node in nodes {
             if counter(node, reason) == 0 {
                 why.push(format!("{node}: the tc program counted no {reason} packets"));
+            }
+        }
+    }
+    // Pings 0.2 s apart fall within a learned delta's second: most are incremental.
+    if matches!(mode, "natfix-tc-recompute" | "natfix-auto-recompute") {
+        for node in nodes {
+            if counter(node, "recomputed_incremental") == 0 {
+                why.push(format!("{node}: no datagram was fixed with a learned checksum delta"));
             }
         }
     }

@@ -57,9 +57,70 @@ pub fn udp_checksum(src: IpAddr, dst: IpAddr, datagram: &[u8]) -> u16 {
     if c == 0 { 0xffff } else { c }
 }
 
-/// The program's verdict: counter and output frame.
+/// One CPU's learned checksum deltas (`csum_delta_*` in natfix_csum.h):
+/// direct-mapped slots keyed by address pair. The model never lets a delta's
+/// window run out; tests give the program a window of 0 (off) or u32::MAX.
+#[derive(Debug, Clone)]
+pub struct DeltaCache {
+    slots: Vec<Option<DeltaSlot>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeltaSlot {
+    src: IpAddr,
+    dst: IpAddr,
+    delta: u32,
+}
+
+impl Default for DeltaCache {
+    fn default() -> Self {
+        Self { slots: vec![None; 256] }
+    }
+}
+
+/// The address as the program's `__u32 addr[4]` holds it (x86: little-endian loads).
+fn words(ip: IpAddr) -> [u32; 4] {
+    let b: [u8; 16] = match ip {
+        IpAddr::V4(a) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    };
+    std::array::from_fn(|i| u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))
+}
+
+impl DeltaCache {
+    fn index(src: IpAddr, dst: IpAddr) -> usize {
+        let (s, d) = (words(src), words(dst));
+        let h = s[0] ^ s[3] ^ d[0] ^ d[3];
+        (h.wrapping_mul(0x9e37_79b1) >> 24) as usize
+    }
+}
+
+/// The checksum a learned delta gives for a sent one; 0 goes out as 0xffff.
+/// (Ones' complement sums do not care about byte order: big-endian here.)
+#[must_use]
+pub fn delta_apply(sent: u16, delta: u32) -> u16 {
+    let c = fold(u64::from(!sent) + u64::from(delta));
+    if c == 0 { 0xffff } else { c }
+}
+
+#[must_use]
+pub fn delta_learn(sent: u16, right: u16) -> u32 {
+    u32::from(!right) + u32::from(sent)
+}
+
+/// The program's verdict: counter and output frame, with no deltas learned.
 #[must_use]
 pub fn fix(cfg: &OverlayConfig, secpath: Secpath, frame: &[u8]) -> (Counter, Vec<u8>) {
+    fix_with(cfg, secpath, frame, &mut DeltaCache::default())
+}
+
+/// The program's verdict on one CPU whose learned deltas are `cache`.
+#[must_use]
+pub fn fix_with(cfg: &OverlayConfig, secpath: Secpath, frame: &[u8], cache: &mut DeltaCache) -> (Counter, Vec<u8>) {
     let untouched = |c| (c, frame.to_vec());
     let pkt = match parse_udp(frame) {
         Parsed::Malformed => return untouched(Counter::OverlayMalformed),
@@ -89,10 +150,22 @@ pub fn fix(cfg: &OverlayConfig, secpath: Secpath, frame: &[u8]) -> (Counter, Vec
         out[check_at..check_at + 2].copy_from_slice(&[0, 0]);
         return (Counter::OverlayZeroed, out);
     }
+    let sent = u16::from_be_bytes([frame[check_at], frame[check_at + 1]]);
+    let learning = sent != 0 && cfg.delta_window_jiffies != 0;
+    let slot = DeltaCache::index(pkt.src, pkt.dst);
+    if learning {
+        if let Some(s) = cache.slots[slot].filter(|s| s.src == pkt.src && s.dst == pkt.dst) {
+            out[check_at..check_at + 2].copy_from_slice(&delta_apply(sent, s.delta).to_be_bytes());
+            return (Counter::OverlayRecomputedDelta, out);
+        }
+    }
     if udp_len > MAX_RECOMPUTE_LEN {
         return untouched(Counter::OverlayError);
     }
     let c = udp_checksum(pkt.src, pkt.dst, &frame[pkt.l4_off..pkt.l4_off + udp_len]);
+    if learning {
+        cache.slots[slot] = Some(DeltaSlot { src: pkt.src, dst: pkt.dst, delta: delta_learn(sent, c) });
+    }
     out[check_at..check_at + 2].copy_from_slice(&c.to_be_bytes());
     (Counter::OverlayRecomputed, out)
 }
