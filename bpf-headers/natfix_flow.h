@@ -25,6 +25,38 @@ struct {
 	__type(value, struct natfix_flow_value);
 } guard_flows SEC(".maps") __weak;
 
+/*
+ * Local ports that ever had a flow: a packet to a port that never did is
+ * unsolicited without a table lookup (a flood's drop path). A port is marked
+ * before its first flow is inserted (here and by userspace, flowsync.rs) and
+ * never unmarked, so the map can wrongly say "maybe", never wrongly "no".
+ * One byte per port, always stored as 1: concurrent writers cannot undo
+ * each other's mark the way read-modify-write of a shared bitmap word could.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 65536);
+	__type(key, __u32);  /* port, host byte order */
+	__type(value, __u8); /* 1 once the port had a flow */
+} guard_flow_ports SEC(".maps") __weak;
+
+static __always_inline void flow_port_mark(__u16 port_be)
+{
+	__u32 port = bpf_ntohs(port_be);
+	__u8 *seen = bpf_map_lookup_elem(&guard_flow_ports, &port);
+
+	if (seen && !*seen)
+		*seen = 1;
+}
+
+static __always_inline int flow_port_maybe(__u16 port_be)
+{
+	__u32 port = bpf_ntohs(port_be);
+	__u8 *seen = bpf_map_lookup_elem(&guard_flow_ports, &port);
+
+	return seen && *seen;
+}
+
 static __always_inline void flow_key_fill(struct natfix_flow_key *key, __u8 family,
 					  const __u32 *local, __u16 lport,
 					  const __u32 *remote, __u16 rport)
@@ -47,9 +79,12 @@ static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
  * flood pays for one lookup. */
 static __always_inline int flow_own_solicited(const struct natfix_flow_key *exact)
 {
-	struct natfix_flow_value *v = bpf_map_lookup_elem(&guard_flows, exact);
+	struct natfix_flow_value *v;
 	__u64 now;
 
+	if (!flow_port_maybe(exact->local_port))
+		return 0;
+	v = bpf_map_lookup_elem(&guard_flows, exact);
 	if (!v && (natfix_guard_cfg.flags & NATFIX_GUARD_F_ENDPOINT_INDEP)) {
 		struct natfix_flow_key any = *exact;
 
@@ -70,9 +105,11 @@ static __always_inline int flow_own_solicited(const struct natfix_flow_key *exac
 /* Egress: record or refresh one key; returns the counter id for it. */
 static __always_inline int flow_own_learn_key(struct natfix_flow_key *key, __u64 now)
 {
-	struct natfix_flow_value *v = bpf_map_lookup_elem(&guard_flows, key);
 	struct natfix_flow_value fresh = { .last_seen_ns = now };
+	struct natfix_flow_value *v;
 
+	flow_port_mark(key->local_port); /* before the flow exists */
+	v = bpf_map_lookup_elem(&guard_flows, key);
 	if (v) {
 		if ((__s64)(now - v->last_seen_ns) > (__s64)NATFIX_FLOW_REFRESH_NS)
 			v->last_seen_ns = now;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use tracing::{debug, warn};
 
 use crate::{
@@ -47,18 +47,30 @@ pub fn keys_for(entry: &CtEntry, ranges: &[PortRange], endpoint_independent: boo
     keys
 }
 
+/// Marks `key`'s local port in the guard's port map (`guard_flow_ports` in
+/// natfix_flow.h). Must happen before the flow enters the table: the guard
+/// drops packets to unmarked ports without looking the flow up.
+pub fn mark_port<T: std::borrow::BorrowMut<MapData>>(ports: &mut Array<T, u8>, key: &FlowKey) -> Result<()> {
+    ports.set(u32::from(u16::from_be(key.local_port)), 1, 0).context("cannot mark a flow's port")
+}
+
 /// Writes conntrack-derived flows into the pinned own flow table.
 pub struct FlowSync {
     flows: BpfHashMap<MapData, FlowKey, FlowValue>,
+    ports: Array<MapData, u8>,
     ranges: Vec<PortRange>,
     endpoint_independent: bool,
 }
 
 impl FlowSync {
+    /// `flows_pin`: the pinned flow table; its port map is pinned beside it.
     pub fn open(flows_pin: &Path, ranges: Vec<PortRange>, endpoint_independent: bool) -> Result<Self> {
         let data = MapData::from_pin(flows_pin).with_context(|| format!("cannot open {}", flows_pin.display()))?;
         let flows = BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-        Ok(Self { flows, ranges, endpoint_independent })
+        let ports_pin = flows_pin.with_file_name(crate::pins::GUARD_FLOW_PORTS);
+        let data = MapData::from_pin(&ports_pin).with_context(|| format!("cannot open {}", ports_pin.display()))?;
+        let ports = Array::try_from(aya::maps::Map::Array(data))?;
+        Ok(Self { flows, ports, ranges, endpoint_independent })
     }
 
     /// Inserts the keys of `entries`; returns how many keys were written.
@@ -67,6 +79,10 @@ impl FlowSync {
         let mut written = 0;
         for entry in entries {
             for key in keys_for(entry, &self.ranges, self.endpoint_independent) {
+                if let Err(e) = mark_port(&mut self.ports, &key) {
+                    warn!("{e:#}; not adding the flow");
+                    continue;
+                }
                 match self.flows.insert(key, now, 0) {
                     Ok(()) => written += 1,
                     Err(e) => warn!("cannot add a conntrack flow to the own table: {e}"),

@@ -224,3 +224,22 @@ fn flow_cache_forgets_a_removed_flow_within_its_window() {
         assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardDropUnsolicited), "{hook}: asked the table again");
     }
 }
+
+/// The port map (`guard_flow_ports`): a port that never had a flow is
+/// unsolicited without a table lookup, so every way a flow enters the table
+/// must mark its port first; an upgrade marks the ports of a kept table.
+#[test]
+fn flows_count_only_on_marked_ports() {
+    if !common::require_root() {
+        return;
+    }
+    for hook in ["xdp", "tc"] {
+        let (mut h, _, now) = setup(hook, &[]);
+        let key = flow_key(HOST.into(), 26500, Some((PEER.into(), 7000)));
+        h.insert_flow_unmarked(&key, now).unwrap();
+        let reply = v4(PEER, 7000, 26500);
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardDropUnsolicited), "{hook}: unmarked port");
+        h.mark_ports_of_table().unwrap();
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardPassSolicited), "{hook}: after marking");
+    }
+}
