@@ -50,10 +50,16 @@ static __always_inline void flow_key_of_ingress(struct natfix_flow_key *key, con
 
 static __always_inline int flow_key_equal(const struct natfix_flow_key *a, const struct natfix_flow_key *b)
 {
-	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	/* 32-bit words: a key on the stack is only 4-aligned. */
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	int i;
 
-	_Static_assert(sizeof(*a) == 5 * sizeof(__u64), "flow key is five words");
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+	_Static_assert(sizeof(*a) == 10 * sizeof(__u32), "flow key is ten words");
+#pragma unroll
+	for (i = 0; i < 10; i++)
+		if (x[i] != y[i])
+			return 0;
+	return 1;
 }
 
 static __always_inline __u64 flow_cache_window(void)

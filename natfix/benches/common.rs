@@ -10,17 +10,23 @@ pub fn summary(v: &mut [f64]) -> (f64, f64, f64) {
 }
 
 /// Prints one result row as a JSON line for `cargo xtask bench` to collect.
-pub fn report(group: &str, name: &str, unit: &str, runs: &mut [f64], baseline_name: &str, baseline: &mut [f64], higher_is_better: bool) {
-    let (med, min, max) = summary(runs);
-    let (bmed, _, _) = summary(baseline);
-    let ratio = med / bmed;
+/// Runs are paired with their baseline (`runs[i]` measured right after
+/// `baseline[i]`): ratio and delta are medians of the per-run ratios and
+/// differences, so drift of a noisy machine cancels out.
+pub fn report_paired(group: &str, name: &str, unit: &str, runs: &[f64], baseline_name: &str, baseline: &[f64], higher_is_better: bool) {
+    let mut ratios: Vec<f64> = runs.iter().zip(baseline).map(|(r, b)| r / b).collect();
+    let mut deltas: Vec<f64> = runs.iter().zip(baseline).map(|(r, b)| r - b).collect();
+    let (ratio, _, _) = summary(&mut ratios);
+    let (delta, _, _) = summary(&mut deltas);
+    let (med, min, max) = summary(&mut runs.to_vec());
+    let (bmed, _, _) = summary(&mut baseline.to_vec());
     println!(
         "{}",
         json!({
             "group": group, "name": name, "unit": unit, "runs": runs.len(),
             "median": med, "min": min, "max": max,
             "baseline": baseline_name, "baseline_median": bmed,
-            "ratio": ratio, "delta": med - bmed, "higher_is_better": higher_is_better,
+            "ratio": ratio, "delta": delta, "higher_is_better": higher_is_better, "paired": true,
         })
     );
 }

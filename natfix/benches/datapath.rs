@@ -1,7 +1,8 @@
 //! Per-packet cost of every program path with BPF_PROG_TEST_RUN, as a ratio
 //! to an empty program of the same type measured in the same run
 //! (interleaved, so machine noise hits both alike). One JSON line per row.
-//! Run by `cargo xtask bench`; `NATFIX_BENCH_RUNS`/`NATFIX_BENCH_REPEAT` override.
+//! Run by `cargo xtask bench`; `NATFIX_BENCH_RUNS`/`NATFIX_BENCH_REPEAT` override,
+//! `NATFIX_BENCH_ONLY=<substring>` keeps the matching rows.
 
 mod common;
 
@@ -108,22 +109,38 @@ fn bench(runs: usize, repeat: u32) {
             ));
         }
     }
-    let overlay_cfg = |flags| {
-        let mut c = OverlayConfig { nr_ports: 1, flags, ..OverlayConfig::default() };
+    let overlay_cfg = |flags, delta_window_jiffies| {
+        let mut c = OverlayConfig { nr_ports: 1, flags, delta_window_jiffies, ..OverlayConfig::default() };
         c.vxlan_ports[0] = 4789;
         c
     };
-    let zero = std::rc::Rc::new(OverlayHarness::load(&overlay_cfg(OVERLAY_F_NO_SECPATH)).unwrap());
-    let recompute = std::rc::Rc::new(OverlayHarness::load(&overlay_cfg(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE)).unwrap());
-    let gated = std::rc::Rc::new(OverlayHarness::load(&overlay_cfg(0)).unwrap());
+    let hz = natfix::features::kernel_hz().expect("HZ");
+    let load = |flags, window| std::rc::Rc::new(OverlayHarness::load(&overlay_cfg(flags, window)).unwrap());
+    let zero = load(OVERLAY_F_NO_SECPATH, hz);
+    // As attached: a delta learned per address pair, re-learned once a second.
+    let learned = load(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE, hz);
+    // What a pair's first datagram (and one a second after) costs.
+    let full = load(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE, 0);
+    let gated = load(0, hz);
     for size in [64usize, 1450] {
-        let frame = packet::udp4(PEER, 40000, HOST, 4789, &vec![0x5a; size - 42]);
-        for (mode, h) in [("zero", &zero), ("recompute", &recompute), ("secpath gate (cleartext)", &gated)] {
+        // Sealed with the sender's pre-NAT address, as behind a 1:1 NAT.
+        let mut frame = packet::udp4(PEER, 40000, HOST, 4789, &vec![0x5a; size - 42]);
+        let sealed = natfix::model::overlay::udp_checksum(Ipv4Addr::new(10, 0, 0, 5).into(), HOST.into(), &frame[34..]);
+        frame[40..42].copy_from_slice(&sealed.to_be_bytes());
+        for (mode, h) in [
+            ("zero", &zero),
+            ("recompute, steady state (learned delta)", &learned),
+            ("recompute, full sum (a pair's first datagram, then once a second)", &full),
+            ("secpath gate (cleartext)", &gated),
+        ] {
             let h = h.clone();
             subjects.push((format!("overlay {mode}: {size} B"), false, frame.clone(), Box::new(move |f, r| h.run_repeat(f, r).unwrap())));
         }
     }
 
+    if let Ok(only) = std::env::var("NATFIX_BENCH_ONLY") {
+        subjects.retain(|s| s.0.contains(&only));
+    }
     let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); subjects.len()];
     for _ in 0..runs {
         for (i, (_, xdp, frame, run)) in subjects.iter().enumerate() {
@@ -132,8 +149,8 @@ fn bench(runs: usize, repeat: u32) {
             results[i].0.push(run(frame, repeat));
         }
     }
-    for ((name, xdp, _, _), (mut r, mut b)) in subjects.into_iter().zip(results) {
+    for ((name, xdp, _, _), (r, b)) in subjects.into_iter().zip(results) {
         let base = if xdp { "empty XDP" } else { "empty tc" };
-        common::report("test_run", &name, "ns/packet", &mut r, base, &mut b, false);
+        common::report_paired("test_run", &name, "ns/packet", &r, base, &b, false);
     }
 }

@@ -239,10 +239,9 @@ fn main() {
         }
     }
     let base = variants.iter().position(|v| *v == Variant::IptablesInput).unwrap();
-    let mut base_rates = rates[base].clone();
+    // Round r of every variant ran back to back: pair them.
     for (i, v) in variants.iter().enumerate() {
         let (f, _, _) = common::summary(&mut reached[i]);
-        let mut r = rates[i].clone();
-        common::report("flood", &format!("{} ({:.0}% of {n} frames counted)", v.name(), f * 100.0), "packets/s", &mut r, Variant::IptablesInput.name(), &mut base_rates, true);
+        common::report_paired("flood", &format!("{} ({:.0}% of {n} frames counted)", v.name(), f * 100.0), "packets/s", &rates[i], Variant::IptablesInput.name(), &rates[base], true);
     }
 }
