@@ -15,6 +15,7 @@
 #include "natfix_common.h"
 #include "natfix_parse.h"
 #include "natfix_guard.h"
+#include "natfix_flow_cache.h"
 
 #define NATFIX_FLOW_REFRESH_NS 1000000000ULL
 
@@ -74,22 +75,22 @@ static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
 	key->remote_port = 0;
 }
 
-/* Ingress: is `exact` (the arriving packet's key, flow_key_of_ingress) a flow
- * we saw leave, still live? The clock is read only on a hit: an unsolicited
- * flood pays for one lookup. */
-static __always_inline int flow_own_solicited(const struct natfix_flow_key *exact)
+/* Ingress: does the arriving packet answer a flow we saw leave (and is it
+ * still live)? A port that never had a flow answers without a lookup; the
+ * clock is read only on a hit. */
+static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt)
 {
+	struct natfix_flow_key key;
 	struct natfix_flow_value *v;
 	__u64 now;
 
-	if (!flow_port_maybe(exact->local_port))
+	if (!flow_port_maybe(pkt->dport))
 		return 0;
-	v = bpf_map_lookup_elem(&guard_flows, exact);
+	flow_key_of_ingress(&key, pkt);
+	v = bpf_map_lookup_elem(&guard_flows, &key);
 	if (!v && (natfix_guard_cfg.flags & NATFIX_GUARD_F_ENDPOINT_INDEP)) {
-		struct natfix_flow_key any = *exact;
-
-		flow_key_wildcard(&any);
-		v = bpf_map_lookup_elem(&guard_flows, &any);
+		flow_key_wildcard(&key);
+		v = bpf_map_lookup_elem(&guard_flows, &key);
 	}
 	if (!v)
 		return 0;

@@ -35,14 +35,10 @@ int natfix_guard_tc(struct __sk_buff *skb)
 	rc = natfix_parse_udp(data, data_end, &pkt);
 	why = guard_classify(rc, &pkt);
 	if (why == GUARD_NEED_FLOW) {
-		struct natfix_flow_key key;
-		int solicited;
-
-		flow_key_of_ingress(&key, &pkt);
 #ifdef NATFIX_FLOW_CONNTRACK
-		solicited = NATFIX_SOLICITED_CACHED(&key, NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt));
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt));
 #else
-		solicited = NATFIX_SOLICITED_CACHED(&key, flow_own_solicited(&key));
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, flow_own_solicited(&pkt));
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
 		if (!solicited)

@@ -26,14 +26,10 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 	int why = guard_classify(rc, &pkt);
 
 	if (why == GUARD_NEED_FLOW) {
-		struct natfix_flow_key key;
-		int solicited;
-
-		flow_key_of_ingress(&key, &pkt);
 #ifdef NATFIX_FLOW_CONNTRACK
-		solicited = NATFIX_SOLICITED_CACHED(&key, NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt));
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt));
 #else
-		solicited = NATFIX_SOLICITED_CACHED(&key, flow_own_solicited(&key));
+		int solicited = NATFIX_SOLICITED_CACHED(&pkt, flow_own_solicited(&pkt));
 #endif
 		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
 		if (!solicited)

@@ -82,6 +82,8 @@ fn bench(runs: usize, repeat: u32) {
     let solicited = packet::udp4(PEER, 7000, HOST, 25000, &[0u8; 18]);
     let unsolicited = packet::udp4(PEER, 7001, HOST, 25000, &[0u8; 18]);
     let out_of_scope = packet::udp4(PEER, 7000, HOST, 443, &[0u8; 18]);
+    // To a guarded port no flow ever used: the port map decides (own table).
+    let unused_port = packet::udp4(PEER, 7001, HOST, 29999, &[0u8; 18]);
 
     let empty = Empty::load();
     let mut subjects: Vec<Subject> = Vec::new();
@@ -89,7 +91,12 @@ fn bench(runs: usize, repeat: u32) {
         let mut own = GuardHarness::load(&plan(&["--guard-hook", hook, "--flow-source", "own"])).unwrap();
         own.insert_flow(&flow_key(HOST.into(), 25000, Some((PEER.into(), 7000))), monotonic_ns()).unwrap();
         let own = std::rc::Rc::new(own);
-        for (path, frame) in [("pass", &solicited), ("drop", &unsolicited), ("out-of-scope", &out_of_scope)] {
+        for (path, frame) in [
+            ("pass", &solicited),
+            ("drop", &unsolicited),
+            ("drop, port without flows", &unused_port),
+            ("out-of-scope", &out_of_scope),
+        ] {
             let h = own.clone();
             subjects.push((
                 format!("guard {hook} own: {path}"),

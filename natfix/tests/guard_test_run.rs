@@ -204,7 +204,7 @@ fn endpoint_independent_filtering_admits_any_peer_after_egress() {
 }
 
 /// The per-CPU flow cache (`natfix_flow_cache.h`) may admit a flow for one
-/// window (100 ms) after the table stops knowing it, never longer.
+/// window (125 ms) after the table stops knowing it, never longer.
 #[test]
 fn flow_cache_forgets_a_removed_flow_within_its_window() {
     if !common::require_root() {

@@ -1,7 +1,7 @@
 //! Model of the guard's decision (`bpf-headers/natfix_guard.h`,
 //! `natfix_flow.h`, `guard_xdp.bpf.c`): which counter a packet lands in.
 //! The per-CPU flow cache (`natfix_flow_cache.h`) is not modelled: it only
-//! differs from the table within 100 ms of a flow's removal or expiry, which
+//! differs from the table within 125 ms of a flow's removal or expiry, which
 //! the differential tests never do (and `guard_test_run` tests on its own).
 
 use std::{
