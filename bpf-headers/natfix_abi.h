@@ -73,6 +73,7 @@ struct natfix_guard_config {
 #define NATFIX_OVERLAY_F_RECOMPUTE      (1U << 0) /* recompute (else zero IPv4, recompute IPv6) */
 #define NATFIX_OVERLAY_F_MATCH_REQID    (1U << 1) /* only packets decrypted by SAs with `reqid` */
 #define NATFIX_OVERLAY_F_NO_SECPATH     (1U << 2) /* TEST BUILDS ONLY: skip the xfrm secpath gate */
+#define NATFIX_OVERLAY_F_CSUM_COMPLETE  (1U << 3) /* ESP hardware offload: decrypted packets may be CHECKSUM_COMPLETE */
 
 struct natfix_overlay_config {
 	__u16 vxlan_ports[NATFIX_MAX_VXLAN_PORTS]; /* host byte order */

@@ -140,6 +140,8 @@ pub const OVERLAY_F_RECOMPUTE: u32 = 1 << 0;
 pub const OVERLAY_F_MATCH_REQID: u32 = 1 << 1;
 /// Test builds only: skip the xfrm secpath gate so BPF_PROG_TEST_RUN reaches the rewrite.
 pub const OVERLAY_F_NO_SECPATH: u32 = 1 << 2;
+/// Decrypted packets may arrive CHECKSUM_COMPLETE (ESP hardware offload): the writer keeps skb->csum in step.
+pub const OVERLAY_F_CSUM_COMPLETE: u32 = 1 << 3;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

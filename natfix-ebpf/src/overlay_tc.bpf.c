@@ -176,9 +176,11 @@ int natfix_overlay_write(struct __sk_buff *skb)
 	}
 	old = *check;
 	*check = new;
-	/* Keeps skb->csum right under CHECKSUM_COMPLETE (a no-op otherwise):
-	 * ESP offload drivers may deliver decrypted packets so. */
-	bpf_csum_update(skb, (__u32)(__u16)~old + new);
+	/* Software decryption (esp_input) leaves CHECKSUM_NONE; only a NIC that
+	 * decrypts ESP may hand over CHECKSUM_COMPLETE, whose skb->csum must
+	 * follow the change. The loader sets the flag for such interfaces. */
+	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_CSUM_COMPLETE)
+		bpf_csum_update(skb, (__u32)(__u16)~old + new);
 	natfix_count(skb->cb[OVERLAY_CB_COUNTER], skb->len);
 	return NATFIX_TC_NEXT;
 }

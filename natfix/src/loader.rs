@@ -304,6 +304,16 @@ pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
     Ok(Some(OverlayPlan { config, backend: args.csum_backend, ports, meta }))
 }
 
+/// The overlay configuration for `iface` (in the calling thread's namespace):
+/// whether the writer must keep skb->csum in step (ESP hardware offload).
+fn overlay_config_for(config: &OverlayConfig, iface: &str) -> OverlayConfig {
+    let mut config = *config;
+    if overlay::decrypted_may_be_csum_complete(iface) {
+        config.flags |= abi::OVERLAY_F_CSUM_COMPLETE;
+    }
+    config
+}
+
 /// Loads the overlay object with its configuration; the program is not loaded yet.
 pub fn load_overlay_object(config: &OverlayConfig, events_per_sec: u32) -> Result<Ebpf> {
     load_overlay_object_reusing(config, events_per_sec, None)
@@ -486,7 +496,11 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
             created_clsact: false,
         },
         guard: req.guard.as_ref().map(|g| load_guard_object(g, req.events_per_sec)).transpose()?,
-        overlay: req.overlay.as_ref().map(|o| load_overlay_object(&o.config, req.events_per_sec)).transpose()?,
+        overlay: req
+            .overlay
+            .as_ref()
+            .map(|o| load_overlay_object(&overlay_config_for(&o.config, &req.iface), req.events_per_sec))
+            .transpose()?,
         links: Vec::new(),
         ct_events: None,
         netns: req.netns.clone(),
@@ -574,7 +588,7 @@ fn upgrade_here(req: AttachRequest, pin_dir: PinDir, old: AttachmentMeta, ifinde
         overlay: req
             .overlay
             .as_ref()
-            .map(|o| load_overlay_object_reusing(&o.config, req.events_per_sec, Some(&pin_dir)))
+            .map(|o| load_overlay_object_reusing(&overlay_config_for(&o.config, &req.iface), req.events_per_sec, Some(&pin_dir)))
             .transpose()?,
         links: Vec::new(),
         ct_events: None,

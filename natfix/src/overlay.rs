@@ -65,7 +65,9 @@ struct IfReq {
     _pad: [u8; 16],
 }
 
-fn ethtool(iface: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
+/// SIOCETHTOOL on `iface` with `buf`, an ethtool command structure (its
+/// first u32 is the command) that the kernel reads and writes in place.
+fn ethtool_ioctl(iface: &str, buf: *mut u8) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: plain socket(2); the fd is owned below.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -74,16 +76,71 @@ fn ethtool(iface: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
     }
     // SAFETY: raw is a fresh, valid fd.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut value = EthtoolValue { cmd, data };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &raw mut value, _pad: [0; 16] };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: buf.cast(), _pad: [0; 16] };
     for (dst, src) in req.name.iter_mut().zip(iface.as_bytes().iter().take(libc::IFNAMSIZ - 1)) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: SIOCETHTOOL reads req and writes value, both live for the call.
+    // SAFETY: SIOCETHTOOL reads req and reads/writes *buf, which the caller
+    // sized for the command; both live for the call.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+fn ethtool(iface: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
+    let mut value = EthtoolValue { cmd, data };
+    ethtool_ioctl(iface, (&raw mut value).cast())?;
     Ok(value.data)
+}
+
+const ETHTOOL_GSTRINGS: u32 = 0x1b;
+const ETHTOOL_GSSET_INFO: u32 = 0x37;
+const ETHTOOL_GFEATURES: u32 = 0x3a;
+const ETH_SS_FEATURES: u32 = 4;
+const ETH_GSTRING_LEN: usize = 32;
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+/// Whether `iface` has a netdev feature named `name` (as `ethtool -k` lists
+/// them) switched on; feature bit numbers differ between kernels, names do not.
+pub fn netdev_feature_active(iface: &str, name: &str) -> std::io::Result<bool> {
+    // struct ethtool_sset_info { cmd, reserved, u64 sset_mask, u32 data[1] }
+    let mut info = [0u8; 20];
+    info[..4].copy_from_slice(&ETHTOOL_GSSET_INFO.to_ne_bytes());
+    info[8..16].copy_from_slice(&(1u64 << ETH_SS_FEATURES).to_ne_bytes());
+    ethtool_ioctl(iface, info.as_mut_ptr())?;
+    let count = u32_at(&info, 16) as usize;
+    // struct ethtool_gstrings { cmd, string_set, len, u8 data[len * 32] }
+    let mut strings = vec![0u8; 12 + count * ETH_GSTRING_LEN];
+    strings[..4].copy_from_slice(&ETHTOOL_GSTRINGS.to_ne_bytes());
+    strings[4..8].copy_from_slice(&ETH_SS_FEATURES.to_ne_bytes());
+    strings[8..12].copy_from_slice(&u32::try_from(count).unwrap_or(0).to_ne_bytes());
+    ethtool_ioctl(iface, strings.as_mut_ptr())?;
+    let Some(bit) = strings[12..].chunks(ETH_GSTRING_LEN).position(|s| s.split(|b| *b == 0).next() == Some(name.as_bytes())) else {
+        return Ok(false);
+    };
+    // struct ethtool_gfeatures { cmd, size, blocks[size] { available, requested, active, never_changed } }
+    let blocks = count.div_ceil(32);
+    let mut features = vec![0u8; 8 + blocks * 16];
+    features[..4].copy_from_slice(&ETHTOOL_GFEATURES.to_ne_bytes());
+    features[4..8].copy_from_slice(&u32::try_from(blocks).unwrap_or(0).to_ne_bytes());
+    ethtool_ioctl(iface, features.as_mut_ptr())?;
+    let active = u32_at(&features, 8 + (bit / 32) * 16 + 8);
+    Ok(active & (1 << (bit % 32)) != 0)
+}
+
+/// Whether decrypted packets may reach the overlay program as
+/// CHECKSUM_COMPLETE: only when `iface` decrypts ESP in hardware (software
+/// decryption, esp_input(), leaves CHECKSUM_NONE). Unknown counts as yes.
+#[must_use]
+pub fn decrypted_may_be_csum_complete(iface: &str) -> bool {
+    netdev_feature_active(iface, "esp-hw-offload").unwrap_or_else(|e| {
+        warn!("cannot read {iface}'s features ({e}); assuming ESP hardware offload");
+        true
+    })
 }
 
 /// Whether GRO is on for `iface` (in the calling thread's namespace).
@@ -190,6 +247,15 @@ pub fn undo(iface: &str, changes: &OverlayChanges) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_netdev_features_by_name() {
+        // lo always has the loopback feature and never offloads ESP.
+        assert!(netdev_feature_active("lo", "loopback").unwrap());
+        assert!(!netdev_feature_active("lo", "esp-hw-offload").unwrap());
+        assert!(!netdev_feature_active("lo", "no-such-feature").unwrap());
+        assert!(netdev_feature_active("natfix-no-such-if", "loopback").is_err());
+    }
 
     #[test]
     fn ruleset_json_carries_ports_and_iface_as_data() {

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::UdpHeader;
 use natfix::{
-    abi::{Counter, OVERLAY_F_MATCH_REQID, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig},
+    abi::{Counter, OVERLAY_F_CSUM_COMPLETE, OVERLAY_F_MATCH_REQID, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig},
     harness::{OverlayHarness, TC_NEXT, packet},
     model::overlay,
 };
@@ -260,12 +260,16 @@ fn writer_and_helper_fallback_agree() {
         let cfg = config(flags);
         let writer = OverlayHarness::load(&cfg).unwrap();
         let helper = OverlayHarness::load_without_writer(&cfg).unwrap();
+        // As on an ESP-offloading NIC: the writer also keeps skb->csum in step.
+        let complete = OverlayHarness::load(&config(flags | OVERLAY_F_CSUM_COMPLETE)).unwrap();
         for len in [0, 1, 255, 256, 1450, 3401] {
             for f in [vxlan4(4789, len), vxlan6(7789, len), vxlan4(9999, len)] {
                 let (_, a_counter, a_out) = writer.classify(&f).unwrap();
                 let (_, b_counter, b_out) = helper.classify(&f).unwrap();
+                let (_, c_counter, c_out) = complete.classify(&f).unwrap();
                 assert_eq!(a_counter, b_counter, "flags {flags:#x} len {len}");
                 assert_eq!(a_out, b_out, "flags {flags:#x} len {len}");
+                assert_eq!((a_counter, a_out), (c_counter, c_out), "flags {flags:#x} len {len}: csum-complete writer");
             }
         }
     }

@@ -214,7 +214,7 @@ fn target(name: &str) -> Option<(&'static str, Box<dyn Fn(&Value) -> bool>)> {
     if name == "guard xdp own: pass" || name == "guard xdp conntrack: pass" {
         return Some(("<= 15 ns over empty", Box::new(move |v| delta(v) <= 15.0)));
     }
-    if name.starts_with("overlay zero") {
+    if name == "overlay zero: 64 B" || name == "overlay zero: 1450 B" {
         return Some(("<= 10 ns over empty", Box::new(move |v| delta(v) <= 10.0)));
     }
     if name == "overlay recompute, steady state (learned delta): 1450 B" {
