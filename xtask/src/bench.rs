@@ -288,6 +288,26 @@ fn vm_throughput() -> Result<Vec<Value>> {
     )])
 }
 
+/// How to read the rows; appended to BENCHMARKS.md.
+const NOTES: &str = "
+## Reading the rows
+
+- test_run rows use the test configuration where the kernel cannot help: `overlay *` rows skip
+  the xfrm secpath gate (BPF_PROG_TEST_RUN cannot attach a secpath); the gate's own cost is the
+  `secpath gate (cleartext)` row. Guard rows run with the events budget on (20/s per CPU), as attached.
+- `guard * own: pass` hits the per-CPU flow cache (the steady state of a flow); the flow table
+  itself is asked at most every 125 ms per flow and CPU. `drop` targets a port that has a flow
+  (the table is looked up); `drop, port without flows` is decided by the port map.
+- `overlay recompute, steady state` applies the delta learned for the address pair; `full sum`
+  is what the first datagram of a pair costs on each CPU, and one datagram a second after that.
+- `overlay zero, ESP-offloading NIC` is the writer with `bpf_csum_update()`, which natfix only
+  uses on interfaces with `esp-hw-offload` (software decryption leaves `CHECKSUM_NONE`).
+- On this machine every kernel function return goes through the SRSO \"Safe RET\" thunk
+  (`spec_rstack_overflow: Vulnerable: Safe RET, no microcode`): each helper call, map-lookup call
+  or tail call costs several nanoseconds more than on unmitigated hardware, which is why the
+  data plane avoids calls on its hot paths (inlined jiffies and array lookups, the flow cache).
+";
+
 pub fn bench(args: &BenchArgs) -> Result<()> {
     setup()?;
     cargo(&["build", "--release", "-p", "natfix"])?;
@@ -308,7 +328,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
         ("all of it", "cargo xtask bench"),
     ];
-    let text = render(&rows, &commands, &host);
+    let mut text = render(&rows, &commands, &host);
+    text.push_str(NOTES);
     let out = Path::new(&workspace()).join(&args.out);
     std::fs::write(&out, &text).with_context(|| format!("cannot write {}", out.display()))?;
     println!("{text}");
