@@ -105,6 +105,18 @@ fn bench(runs: usize, repeat: u32) {
                 Box::new(move |f, r| h.run_ingress_repeat(f, r).unwrap().1),
             ));
         }
+        if xdp {
+            // The tc egress learner (the same program under either hook): an
+            // outgoing packet of a known flow, and one it does not learn from.
+            let reply_out = packet::udp4(HOST, 25000, PEER, 7000, &[0u8; 18]);
+            let mut tcp = packet::ipv4_header(HOST, PEER, 6, &[], 0, 20);
+            tcp.extend_from_slice(&[0u8; 20]);
+            let tcp_out = packet::eth(0x0800, &tcp);
+            for (path, frame) in [("refresh", reply_out), ("out-of-scope", tcp_out)] {
+                let h = own.clone();
+                subjects.push((format!("flow learner (tc egress): {path}"), false, frame, Box::new(move |f, r| h.run_egress_repeat(f, r).unwrap())));
+            }
+        }
         let ct = std::rc::Rc::new(GuardHarness::load(&plan(&["--guard-hook", hook, "--flow-source", "conntrack"])).unwrap());
         for (path, frame) in [("pass", &solicited), ("drop", &unsolicited)] {
             let h = ct.clone();
@@ -131,6 +143,10 @@ fn bench(runs: usize, repeat: u32) {
     // What a pair's first datagram (and one a second after) costs.
     let full = load(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE, 0);
     let gated = load(0, hz);
+    let fallback = std::rc::Rc::new({
+        let cfg = overlay_cfg(OVERLAY_F_NO_SECPATH, hz);
+        OverlayHarness::load_without_writer(&cfg).unwrap()
+    });
     for size in [64usize, 1450] {
         // Sealed with the sender's pre-NAT address, as behind a 1:1 NAT.
         let mut frame = packet::udp4(PEER, 40000, HOST, 4789, &vec![0x5a; size - 42]);
@@ -139,6 +155,7 @@ fn bench(runs: usize, repeat: u32) {
         for (mode, h) in [
             ("zero", &zero),
             ("zero, ESP-offloading NIC (keeps skb->csum)", &zero_hw),
+            ("zero, no writer (bpf_skb_store_bytes fallback)", &fallback),
             ("recompute, steady state (learned delta)", &learned),
             ("recompute, full sum (a pair's first datagram, then once a second)", &full),
             ("secpath gate (cleartext)", &gated),

@@ -74,6 +74,13 @@ impl GuardHarness {
         Ok(p.test_run(TestRunOptions { data_in: Some(frame), ..TestRunOptions::default() })?.return_value)
     }
 
+    /// Runs the egress flow learner `repeat` times; returns the mean ns per run.
+    pub fn run_egress_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
+        let p: &SchedClassifier =
+            self.ebpf.program(prog_names::FLOW_EGRESS).context("no flow learner in this object")?.try_into()?;
+        Ok(p.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?.duration.as_nanos() as f64)
+    }
+
     /// Counter totals, summed over CPUs, in `Counter::ALL` order.
     pub fn counters(&self) -> Result<Vec<CounterValue>> {
         counters_of(&self.ebpf)
