@@ -128,7 +128,8 @@ fn iperf(p: &Pair, secs: u32) -> Result<f64> {
         .stdout(Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
-    let out = sh(&["ip", "netns", "exec", &p.b, "taskset", "-c", "0", "iperf3", "-c", "198.51.100.10", "-t", &secs.to_string(), "-J"]);
+    // -O 1: the first second (slow start, settling) is not counted.
+    let out = sh(&["ip", "netns", "exec", &p.b, "taskset", "-c", "0", "iperf3", "-c", "198.51.100.10", "-t", &secs.to_string(), "-O", "1", "-J"]);
     let _ = server.wait();
     let v: Value = serde_json::from_str(&out?)?;
     Ok(v["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9)
@@ -158,21 +159,35 @@ fn system_benches(runs: u32) -> Result<Vec<Value>> {
     // XDP on a veth costs by itself (no GRO/TSO aggregation): natfix's XDP
     // guard is compared with an empty XDP program, its tc guard with no program.
     let empty_obj = bench_empty_object()?;
+    // One measurement of configuration 0 (no program), 1 (empty XDP), 2 (natfix XDP) or 3 (natfix tc).
+    let measure = |config: usize| -> Result<f64> {
+        match config {
+            0 => iperf(&p, 2),
+            1 => {
+                sh(&["ip", "-n", &p.a, "link", "set", "dev", "nfxba", "xdpdrv", "obj", &empty_obj, "sec", "xdp", "program", "natfix_empty_xdp"])?;
+                let r = iperf(&p, 2);
+                sh(&["ip", "-n", &p.a, "link", "set", "dev", "nfxba", "xdpdrv", "off"])?;
+                r
+            }
+            _ => {
+                let mut args = attach_args(&p);
+                args.extend(["--guard-hook".to_owned(), if config == 2 { "xdp" } else { "tc" }.to_owned()]);
+                let mut daemon = Command::new(natfix_bin()).args(&args).env("NATFIX_LOG", "warn").spawn()?;
+                std::thread::sleep(Duration::from_millis(700));
+                let r = iperf(&p, 2);
+                let _ = Command::new("kill").arg(daemon.id().to_string()).status();
+                let _ = daemon.wait();
+                r
+            }
+        }
+    };
     let mut series: [Vec<f64>; 4] = Default::default();
-    for _ in 0..runs.max(7) {
-        series[0].push(iperf(&p, 3)?);
-        sh(&["ip", "-n", &p.a, "link", "set", "dev", "nfxba", "xdpdrv", "obj", &empty_obj, "sec", "xdp", "program", "natfix_empty_xdp"])?;
-        series[1].push(iperf(&p, 3)?);
-        sh(&["ip", "-n", &p.a, "link", "set", "dev", "nfxba", "xdpdrv", "off"])?;
-        for (i, hook) in [(2, "xdp"), (3, "tc")] {
-            let mut args = attach_args(&p);
-            args.extend(["--guard-hook".to_owned(), hook.to_owned()]);
-            let mut daemon = Command::new(natfix_bin()).args(&args).env("NATFIX_LOG", "warn").spawn()?;
-            std::thread::sleep(Duration::from_millis(700));
-            let r = iperf(&p, 3);
-            let _ = Command::new("kill").arg(daemon.id().to_string()).status();
-            let _ = daemon.wait();
-            series[i].push(r?);
+    for round in 0..runs.max(12) {
+        // Each subject right next to its baseline, the order flipped every
+        // round (ABBA) so that drift within a round cancels too.
+        let order: [usize; 4] = if round % 2 == 0 { [0, 3, 1, 2] } else { [3, 0, 2, 1] };
+        for config in order {
+            series[config].push(measure(config)?);
         }
     }
     let [none, empty_xdp, natfix_xdp, natfix_tc] = series;
