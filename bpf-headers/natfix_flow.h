@@ -58,17 +58,6 @@ static __always_inline int flow_port_maybe(__u16 port_be)
 	return seen && *seen;
 }
 
-static __always_inline void flow_key_fill(struct natfix_flow_key *key, __u8 family,
-					  const __u32 *local, __u16 lport,
-					  const __u32 *remote, __u16 rport)
-{
-	__builtin_memcpy(key->local_addr, local, sizeof(key->local_addr));
-	__builtin_memcpy(key->remote_addr, remote, sizeof(key->remote_addr));
-	key->local_port = lport;
-	key->remote_port = rport;
-	key->family = family;
-}
-
 static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
 {
 	__builtin_memset(key->remote_addr, 0, sizeof(key->remote_addr));

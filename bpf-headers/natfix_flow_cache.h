@@ -37,15 +37,23 @@ struct {
 	__type(value, struct natfix_flow_cache_slot);
 } guard_flow_cache SEC(".maps") __weak;
 
+/* A whole flow key (pad zeroed: keys are hashed and compared as bytes). */
+static __always_inline void flow_key_fill(struct natfix_flow_key *key, __u8 family,
+					  const __u32 *local, __u16 lport,
+					  const __u32 *remote, __u16 rport)
+{
+	__builtin_memcpy(key->local_addr, local, sizeof(key->local_addr));
+	__builtin_memcpy(key->remote_addr, remote, sizeof(key->remote_addr));
+	key->local_port = lport;
+	key->remote_port = rport;
+	key->family = family;
+	key->pad[0] = key->pad[1] = key->pad[2] = 0;
+}
+
 /* The key of an arriving packet: we are the local end. */
 static __always_inline void flow_key_of_ingress(struct natfix_flow_key *key, const struct natfix_pkt *pkt)
 {
-	__builtin_memcpy(key->local_addr, pkt->daddr, sizeof(key->local_addr));
-	__builtin_memcpy(key->remote_addr, pkt->saddr, sizeof(key->remote_addr));
-	key->local_port = pkt->dport;
-	key->remote_port = pkt->sport;
-	key->family = pkt->family;
-	key->pad[0] = key->pad[1] = key->pad[2] = 0;
+	flow_key_fill(key, pkt->family, pkt->daddr, pkt->dport, pkt->saddr, pkt->sport);
 }
 
 /* An eighth of a second: a shift, not a division (the JIT would run a div). */

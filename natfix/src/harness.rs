@@ -94,15 +94,12 @@ impl GuardHarness {
         Ok((verdict, moved(&before, &after)))
     }
 
-    /// Inserts an own-table flow with the given last-seen time.
+    /// Inserts an own-table flow with the given last-seen time, its port marked first.
     pub fn insert_flow(&mut self, key: &FlowKey, last_seen_ns: u64) -> Result<()> {
         let mut ports: aya::maps::Array<&mut MapData, u8> =
             aya::maps::Array::try_from(self.ebpf.map_mut(map_names::GUARD_FLOW_PORTS).context("no port map")?)?;
         crate::flowsync::mark_port(&mut ports, key)?;
-        let mut flows: BpfHashMap<&mut MapData, FlowKey, FlowValue> =
-            BpfHashMap::try_from(self.ebpf.map_mut(map_names::GUARD_FLOWS).context("no flow table")?)?;
-        flows.insert(key, FlowValue { last_seen_ns }, 0)?;
-        Ok(())
+        self.insert_flow_unmarked(key, last_seen_ns)
     }
 
     /// Inserts a flow without marking its port, as a table kept from an

@@ -304,14 +304,14 @@ pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
     Ok(Some(OverlayPlan { config, backend: args.csum_backend, ports, meta }))
 }
 
-/// The overlay configuration for `iface` (in the calling thread's namespace):
-/// whether the writer must keep skb->csum in step (ESP hardware offload).
-fn overlay_config_for(config: &OverlayConfig, iface: &str) -> OverlayConfig {
+/// Loads the overlay object for `iface` (in the calling thread's namespace):
+/// the writer keeps skb->csum in step only where the NIC decrypts ESP.
+fn load_overlay_object_for(config: &OverlayConfig, iface: &str, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
     let mut config = *config;
     if overlay::decrypted_may_be_csum_complete(iface) {
         config.flags |= abi::OVERLAY_F_CSUM_COMPLETE;
     }
-    config
+    load_overlay_object_reusing(&config, events_per_sec, reuse)
 }
 
 /// Loads the overlay object with its configuration; the program is not loaded yet.
@@ -499,7 +499,7 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
         overlay: req
             .overlay
             .as_ref()
-            .map(|o| load_overlay_object(&overlay_config_for(&o.config, &req.iface), req.events_per_sec))
+            .map(|o| load_overlay_object_for(&o.config, &req.iface, req.events_per_sec, None))
             .transpose()?,
         links: Vec::new(),
         ct_events: None,
@@ -588,7 +588,7 @@ fn upgrade_here(req: AttachRequest, pin_dir: PinDir, old: AttachmentMeta, ifinde
         overlay: req
             .overlay
             .as_ref()
-            .map(|o| load_overlay_object_reusing(&overlay_config_for(&o.config, &req.iface), req.events_per_sec, Some(&pin_dir)))
+            .map(|o| load_overlay_object_for(&o.config, &req.iface, req.events_per_sec, Some(&pin_dir)))
             .transpose()?,
         links: Vec::new(),
         ct_events: None,
