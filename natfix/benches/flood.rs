@@ -80,23 +80,11 @@ fn rig(tag: &str) -> Rig {
     Rig { gen_ns, rx_ns, frame, gen_ifindex: u32::try_from(gshow[0]["ifindex"].as_u64().unwrap()).unwrap() }
 }
 
-/// An empty XDP program on the receiver (kept alive by the returned object).
-fn empty_xdp(ns: &Netns) -> aya::Ebpf {
-    ns.run(|| {
+/// `program` of the bench object, native XDP on the receiver (kept alive by the returned object).
+fn receiver_xdp(ns: &Netns, program: &'static str) -> aya::Ebpf {
+    ns.run(move || {
         let mut ebpf = aya::Ebpf::load(objects::BENCH_EMPTY)?;
-        let p: &mut Xdp = ebpf.program_mut(programs::EMPTY_XDP).unwrap().try_into()?;
-        p.load()?;
-        p.attach("fr0", XdpMode::Driver)?;
-        Ok(ebpf)
-    })
-    .unwrap()
-}
-
-/// The counting drop-all XDP program on the receiver.
-fn drop_all_xdp(ns: &Netns) -> aya::Ebpf {
-    ns.run(|| {
-        let mut ebpf = aya::Ebpf::load(objects::BENCH_EMPTY)?;
-        let p: &mut Xdp = ebpf.program_mut(programs::DROP_XDP).unwrap().try_into()?;
+        let p: &mut Xdp = ebpf.program_mut(program).unwrap().try_into()?;
         p.load()?;
         p.attach("fr0", XdpMode::Driver)?;
         Ok(ebpf)
@@ -166,7 +154,7 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
             let argv = ["natfix", "attach", "--iface", "fr0", "--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"];
             let CliCommand::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
             if v == Variant::NatfixTc {
-                keep.push(empty_xdp(&rx));
+                keep.push(receiver_xdp(&rx, programs::EMPTY_XDP));
             }
             let plan = loader::plan_guard(&a.guard).unwrap();
             attachment = Some(
@@ -175,19 +163,19 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
             );
         }
         Variant::IptablesInput => {
-            keep.push(empty_xdp(&rx));
+            keep.push(receiver_xdp(&rx, programs::EMPTY_XDP));
             rig.rx_ns
                 .exec(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "20000:30000", "-m", "state", "!", "--state", "RELATED,ESTABLISHED", "-j", "DROP"])
                 .unwrap();
         }
         Variant::NftPrerouting => {
-            keep.push(empty_xdp(&rx));
+            keep.push(receiver_xdp(&rx, programs::EMPTY_XDP));
             rig.rx_ns
                 .nft("table ip bench {\n chain pre {\n type filter hook prerouting priority -150;\n udp dport 20000-30000 ct state new counter drop\n }\n}\n")
                 .unwrap();
         }
-        Variant::NoFilter => keep.push(empty_xdp(&rx)),
-        Variant::Ceiling => keep.push(drop_all_xdp(&rx)),
+        Variant::NoFilter => keep.push(receiver_xdp(&rx, programs::EMPTY_XDP)),
+        Variant::Ceiling => keep.push(receiver_xdp(&rx, programs::DROP_XDP)),
     }
     let count = |att: &Option<loader::Attachment>| -> u64 {
         match v {

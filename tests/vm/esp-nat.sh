@@ -53,11 +53,7 @@ ERRORS=/tmp/esp-nat.errors
 
 
 reset_all() {
-    for ns in A N B; do
-        ip netns del "$ns" 2> /dev/null
-    done
-    rm -rf /sys/fs/bpf/natfix 2> /dev/null
-    : > "$ERRORS"
+    reset_netns A N B
 }
 
 setup_underlay() {

@@ -18,11 +18,7 @@
 ERRORS=/tmp/guard.errors
 
 reset_all() {
-    for ns in C H R; do
-        ip netns del "$ns" 2> /dev/null
-    done
-    rm -rf /sys/fs/bpf/natfix 2> /dev/null
-    : > "$ERRORS"
+    reset_netns C H R
 }
 
 setup() {

@@ -92,3 +92,12 @@ run_modes() {
         run_mode "$1"
     fi
 }
+
+# reset_netns NS... : delete the scenario's namespaces and natfix's pins, empty $ERRORS.
+reset_netns() {
+    for ns in "$@"; do
+        ip netns del "$ns" 2> /dev/null
+    done
+    rm -rf /sys/fs/bpf/natfix 2> /dev/null
+    : > "$ERRORS"
+}
