@@ -34,7 +34,7 @@ fn flood(t: &GuardTopology) {
     netns
         .run(|| {
             for s in 0..100u16 {
-                let sock_ = std::net::UdpSocket::bind(sock(REMOTE_IP, 41000 + s))?;
+                let sock_ = natfix::lab::bind_udp(sock(REMOTE_IP, 41000 + s))?;
                 for d in 0..100u16 {
                     sock_.send_to(b"probe", sock(HOST_IP, 20000 + (s * 97 + d * 101) % 10000))?;
                 }

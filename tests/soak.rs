@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -34,10 +34,10 @@ fn attach_upgrade_detach_cycles_lose_no_legitimate_packet() {
     // The host's UDP socket 10.67.0.1:25000 talks first and keeps talking
     // (as a hole-punching peer does); the peer streams numbered datagrams back.
     let (hs, ps) = (host.netns(), peer.netns());
-    let host_sock = hs.run(|| Ok(UdpSocket::bind("10.67.0.1:25000")?)).unwrap();
+    let host_sock = hs.run(|| Ok(natfix::lab::bind_udp("10.67.0.1:25000".parse()?)?)).unwrap();
     host_sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     host_sock.send_to(b"hello", "10.67.0.2:7000").unwrap();
-    let peer_sock = ps.run(|| Ok(UdpSocket::bind("10.67.0.2:7000")?)).unwrap();
+    let peer_sock = ps.run(|| Ok(natfix::lab::bind_udp("10.67.0.2:7000".parse()?)?)).unwrap();
 
     let keepalive = {
         let (sock, stop) = (host_sock.try_clone().unwrap(), stop.clone());

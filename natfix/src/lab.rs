@@ -20,6 +20,24 @@ pub fn run(cmd: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Binds a UDP socket, waiting up to a second while the port is still taken.
+///
+/// A socket closed a moment ago can still hold its port: a process forked by
+/// another thread (any `Command`) keeps a copy of every descriptor until its
+/// exec closes the CLOEXEC ones. The lab reuses fixed ports back to back, so
+/// without this wait a busy machine fails a bind now and then.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let end = Instant::now() + Duration::from_secs(1);
+    loop {
+        match UdpSocket::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A namespace made with `ip netns add`, deleted on drop.
 pub struct LabNs {
     pub name: String,
@@ -65,7 +83,7 @@ impl LabNs {
     /// Sends `count` datagrams from `bind` to `to` inside this namespace.
     pub fn send_udp(&self, bind: SocketAddr, to: SocketAddr, count: u32) -> Result<()> {
         self.netns()?.run(move || {
-            let s = UdpSocket::bind(bind)?;
+            let s = bind_udp(bind)?;
             for i in 0..count {
                 s.send_to(&i.to_be_bytes(), to)?;
             }
@@ -79,7 +97,7 @@ impl LabNs {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
             netns.run(move || {
-                let s = UdpSocket::bind(bind)?;
+                let s = bind_udp(bind)?;
                 ready_tx.send(()).ok();
                 s.set_read_timeout(Some(Duration::from_millis(50)))?;
                 let end = Instant::now() + wait;

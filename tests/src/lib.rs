@@ -3,7 +3,7 @@
 //! binary, and the kernel's own view of what is attached.
 
 use std::{
-    net::{SocketAddr, UdpSocket},
+    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -115,7 +115,7 @@ pub fn veth(a: &TestNs, a_if: &str, a_addr: &str, b: &TestNs, b_if: &str, b_addr
 /// Sends `count` datagrams from `from` (bound to `bind`) to `to`, inside `ns`.
 pub fn send_udp(ns: &TestNs, bind: SocketAddr, to: SocketAddr, count: u32) -> Result<()> {
     ns.run(move || {
-        let s = UdpSocket::bind(bind)?;
+        let s = natfix::lab::bind_udp(bind)?;
         for i in 0..count {
             s.send_to(&i.to_be_bytes(), to)?;
         }
@@ -129,7 +129,7 @@ pub fn count_udp(ns: &TestNs, bind: SocketAddr, wait: Duration) -> Result<std::t
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         netns.run(move || {
-            let s = UdpSocket::bind(bind)?;
+            let s = natfix::lab::bind_udp(bind)?;
             tx.send(()).ok();
             s.set_read_timeout(Some(Duration::from_millis(100)))?;
             let end = Instant::now() + wait;
