@@ -72,7 +72,9 @@ static __always_inline struct natfix_flow_cache_slot *flow_cache_slot(const stru
 	return bpf_map_lookup_elem(&guard_flow_cache, &idx);
 }
 
-/* Compared field by field against the packet: no key is built on a hit. */
+/* Compared field by field against the packet: no key is built on a hit.
+ * An IPv4 slot's address words 1-3 are zero (flow_key_of_ingress of an IPv4
+ * packet), so once the families match, IPv4 compares one word per address. */
 static __always_inline int flow_cache_hit(const struct natfix_flow_cache_slot *slot,
 					  const struct natfix_pkt *pkt, __u64 now_jiffies)
 {
@@ -81,12 +83,14 @@ static __always_inline int flow_cache_hit(const struct natfix_flow_cache_slot *s
 	if (!slot || now_jiffies - slot->checked_jiffies >= flow_cache_window())
 		return 0;
 	k = &slot->key;
-	return k->local_port == pkt->dport && k->remote_port == pkt->sport &&
-	       k->local_addr[0] == pkt->daddr[0] && k->remote_addr[0] == pkt->saddr[0] &&
-	       k->local_addr[1] == pkt->daddr[1] && k->remote_addr[1] == pkt->saddr[1] &&
+	if (k->family != pkt->family || k->local_port != pkt->dport || k->remote_port != pkt->sport ||
+	    k->local_addr[0] != pkt->daddr[0] || k->remote_addr[0] != pkt->saddr[0])
+		return 0;
+	if (pkt->family == NATFIX_FAMILY_V4)
+		return 1;
+	return k->local_addr[1] == pkt->daddr[1] && k->remote_addr[1] == pkt->saddr[1] &&
 	       k->local_addr[2] == pkt->daddr[2] && k->remote_addr[2] == pkt->saddr[2] &&
-	       k->local_addr[3] == pkt->daddr[3] && k->remote_addr[3] == pkt->saddr[3] &&
-	       k->family == pkt->family;
+	       k->local_addr[3] == pkt->daddr[3] && k->remote_addr[3] == pkt->saddr[3];
 }
 
 static __always_inline void flow_cache_fill(struct natfix_flow_cache_slot *slot,

@@ -32,6 +32,7 @@ pub mod programs {
     pub const EMPTY_TC: &str = "natfix_empty_tc";
     pub const GEN_XDP: &str = "natfix_gen_xdp";
     pub const DROP_XDP: &str = "natfix_drop_xdp";
+    pub const COUNT_PASS_XDP: &str = "natfix_count_pass_xdp";
 }
 
 /// Map and global names as they appear in the objects.

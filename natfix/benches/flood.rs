@@ -5,6 +5,12 @@
 //! xdp-trafficgen uses; the receiving veth carries an XDP program in every
 //! variant (veth needs one to receive XDP-transmitted frames).
 //! Rate = packets the filter disposed of / time until its counter settled.
+//!
+//! Then legitimate traffic through the same rig (group "throughput"): the
+//! frames are replies of a flow in the guard's table, read by an application;
+//! natfix's guard and its baseline alternate in short windows (`legit_windows`).
+//! `NATFIX_FLOOD_PART=flood|legit` runs one half; `NATFIX_LEGIT_ROUNDS`,
+//! `NATFIX_LEGIT_WINDOW` size the second.
 
 mod common;
 
@@ -13,12 +19,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use clap::Parser as _;
 use natfix::{
     cli::{Cli, Command as CliCommand},
-    harness::packet,
-    lab::{LabNs, link, run},
+    abi::Counter,
+    harness::{GuardHarness, flow_key, monotonic_ns, packet},
+    lab::{LabNs, bind_udp, link, run, sock},
     loader, netns::Netns, stats,
 };
 use natfix_ebpf::{objects, programs};
@@ -98,7 +105,15 @@ fn drop_all_count(ebpf: &aya::Ebpf) -> u64 {
     map.get(&0, 0).unwrap().iter().sum()
 }
 
-/// Sends `n` copies of the frame out of the generator's veth.
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+/// Sends `n` copies of the frame out of the generator's veth, from CPU 0
+/// (where the receiving veth's softirq then runs too).
 fn generate(rig: &Rig, n: u32) {
     let frame = rig.frame.clone();
     let ifindex = rig.gen_ifindex;
@@ -106,6 +121,7 @@ fn generate(rig: &Rig, n: u32) {
         .netns()
         .unwrap()
         .run(move || {
+            pin_to_cpu(0);
             let mut ebpf = aya::Ebpf::load(objects::BENCH_EMPTY)?;
             let p: &mut Xdp = ebpf.program_mut(programs::GEN_XDP).unwrap().try_into()?;
             p.load()?;
@@ -150,17 +166,10 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
     let mut attachment = None;
     match v {
         Variant::NatfixXdp | Variant::NatfixTc => {
-            let hook = if v == Variant::NatfixXdp { "xdp" } else { "tc" };
-            let argv = ["natfix", "attach", "--iface", "fr0", "--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"];
-            let CliCommand::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
             if v == Variant::NatfixTc {
                 keep.push(receiver_xdp(&rx, programs::EMPTY_XDP));
             }
-            let plan = loader::plan_guard(&a.guard).unwrap();
-            attachment = Some(
-                loader::attach(loader::AttachRequest { netns: rx.clone(), iface: "fr0".into(), guard: Some(plan), overlay: None, pin: false, replace: false, events_per_sec: 0 })
-                    .unwrap(),
-            );
+            attachment = Some(guard_attachment(&rx, if v == Variant::NatfixXdp { "xdp" } else { "tc" }));
         }
         Variant::IptablesInput => {
             keep.push(receiver_xdp(&rx, programs::EMPTY_XDP));
@@ -213,9 +222,193 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
     (handled as f64 / end.as_secs_f64(), handled as f64 / f64::from(n))
 }
 
-fn main() {
-    let runs = env_u32("NATFIX_BENCH_RUNS", 3) as usize;
-    let n = env_u32("NATFIX_FLOOD_PACKETS", 1_000_000);
+fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
+    let argv = ["natfix", "attach", "--iface", "fr0", "--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"];
+    let CliCommand::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+    let plan = loader::plan_guard(&a.guard).unwrap();
+    loader::attach(loader::AttachRequest { netns: rx.clone(), iface: "fr0".into(), guard: Some(plan), overlay: None, pin: false, replace: false, events_per_sec: 0 })
+        .unwrap()
+}
+
+/// Solicited traffic: rates in alternating windows of `window` frames, with
+/// natfix's guard program attached to the receiving veth and without it.
+///
+/// One rig, one flow: the receiving application's socket sent first (the
+/// flow is in the guard's table, as the egress learner would put it) and
+/// every frame is a reply of that flow, read by the application on CPU 1.
+/// A window's rate is frames that reached the receiver / the generator's
+/// time: the receive softirq
+/// runs on the generator's CPU as it flushes each batch, so that time covers
+/// the whole path up to the socket. Programs are swapped between windows
+/// (XDP: bpf_link_update on one link; tc: tcx attach/detach), so subject
+/// and baseline windows are ~0.1 s apart and slower machine drift cancels.
+struct LegitRates {
+    subject: Vec<f64>,
+    baseline: Vec<f64>,
+    read_fraction: f64,
+}
+
+/// A generator thread in the generator's namespace, pinned to CPU 0, its
+/// program loaded once: each request sends that many frames and answers with
+/// the seconds the test_run took.
+struct Generator {
+    requests: std::sync::mpsc::Sender<u32>,
+    seconds: std::sync::mpsc::Receiver<f64>,
+}
+
+impl Generator {
+    fn start(rig: &Rig) -> Self {
+        let (requests, jobs) = std::sync::mpsc::channel::<u32>();
+        let (answer, seconds) = std::sync::mpsc::channel();
+        let (frame, ifindex, netns) = (rig.frame.clone(), rig.gen_ifindex, rig.gen_ns.netns().unwrap());
+        std::thread::spawn(move || {
+            netns.run(move || {
+                pin_to_cpu(0);
+                let mut ebpf = aya::Ebpf::load(objects::BENCH_EMPTY)?;
+                let p: &mut Xdp = ebpf.program_mut(programs::GEN_XDP).unwrap().try_into()?;
+                p.load()?;
+                let md = XdpMd { data_end: u32::try_from(frame.len())?, ingress_ifindex: ifindex, ..XdpMd::default() };
+                // SAFETY: XdpMd is repr(C) plain integers.
+                let ctx = unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
+                for n in jobs {
+                    let t = Instant::now();
+                    p.test_run(TestRunOptions {
+                        data_in: Some(&frame),
+                        ctx_in: Some(ctx),
+                        repeat: n,
+                        attrs: TestRunAttrs::new().xdp_live_frames(64),
+                        ..TestRunOptions::default()
+                    })?;
+                    let wall = t.elapsed().as_secs_f64();
+                    if answer.send(wall).is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            })
+        });
+        Self { requests, seconds }
+    }
+
+    /// Seconds one burst of `n` frames took.
+    fn seconds_for(&self, n: u32) -> f64 {
+        self.requests.send(n).unwrap();
+        self.seconds.recv().expect("generator thread failed")
+    }
+}
+
+fn legit_windows(hook: &'static str, rounds: usize, window: u32) -> LegitRates {
+    let rig = rig(&format!("l{hook}"));
+    // Attaching resolves fr0 in the caller's namespace: run it all in the receiver's.
+    rig.rx_ns.netns().unwrap().run(move || Ok(legit_in_receiver(&rig, hook, rounds, window))).unwrap()
+}
+
+fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> LegitRates {
+    use std::sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}};
+
+    let argv = ["natfix", "attach", "--iface", "fr0", "--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"];
+    let CliCommand::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
+    let mut guard = GuardHarness::load(&loader::plan_guard(&a.guard).unwrap()).unwrap();
+    let host: std::net::IpAddr = Ipv4Addr::new(198, 51, 100, 10).into();
+    let peer: std::net::IpAddr = Ipv4Addr::new(198, 51, 100, 20).into();
+    guard.insert_flow(&flow_key(host, 25000, Some((peer, 7000))), monotonic_ns()).unwrap();
+
+    let socket = bind_udp(sock("198.51.100.10", 25000)).unwrap();
+    // Room for a burst while the reader is scheduled: what is measured is the path, not the reader.
+    nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (got, done) = (got.clone(), done.clone());
+        std::thread::spawn(move || {
+            pin_to_cpu(1); // the generator and the receive softirq run on CPU 0
+            let mut buf = [0u8; 2048];
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(_) => {
+                        got.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) if done.load(Ordering::Acquire) => return,
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+
+    // The veth needs an XDP program to take XDP_TX frames: a counting pass-all
+    // one is the XDP baseline, and stays under the tc guard. A window counts
+    // the frames that reached the receiver (a full veth ring drops some).
+    let mut base = aya::Ebpf::load(objects::BENCH_EMPTY).unwrap();
+    let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+    e.load().unwrap();
+    let id = e.attach("fr0", XdpMode::Driver).unwrap();
+    let mut xdp_link = Some(e.take_link(id).unwrap());
+    let passes = |base: &aya::Ebpf| -> u64 {
+        let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> =
+            aya::maps::PerCpuArray::try_from(base.map("natfix_bench_passes").unwrap()).unwrap();
+        map.get(&0, 0).unwrap().iter().sum()
+    };
+    let solicited = |guard: &GuardHarness| guard.counters().unwrap()[Counter::GuardPassSolicited as usize].packets;
+    let before_all = passes(&base) + solicited(&guard);
+    let generator = Generator::start(rig);
+    generator.seconds_for(window); // warm-up: neighbour tables, caches
+    let mut rates = LegitRates { subject: Vec::new(), baseline: Vec::new(), read_fraction: 0.0 };
+    for round in 0..rounds {
+        // ABBA: the baseline window first in even rounds, second in odd ones.
+        for subject in if round % 2 == 0 { [false, true] } else { [true, false] } {
+            let mut tc_link = None;
+            if subject {
+                let p = guard.ingress_program_mut().unwrap();
+                if hook == "xdp" {
+                    let p: &mut Xdp = p.try_into().unwrap();
+                    let id = p.attach_to_link(xdp_link.take().unwrap()).unwrap();
+                    xdp_link = Some(p.take_link(id).unwrap());
+                } else {
+                    let p: &mut SchedClassifier = p.try_into().unwrap();
+                    tc_link = Some(p.attach("fr0", TcAttachType::Ingress).unwrap());
+                }
+            }
+            // Under the XDP guard the guard's own counter sees the frames.
+            let reached = |base: &aya::Ebpf, guard: &GuardHarness| if subject && hook == "xdp" { solicited(guard) } else { passes(base) };
+            let before = reached(&base, &guard);
+            let secs = generator.seconds_for(window);
+            let rate = (reached(&base, &guard) - before) as f64 / secs;
+            if std::env::var_os("NATFIX_BENCH_VERBOSE").is_some() {
+                eprintln!("{hook} round {round} {}: {rate:.0}/s", if subject { "natfix" } else { "baseline" });
+            }
+            if !subject {
+                rates.baseline.push(rate);
+                continue;
+            }
+            rates.subject.push(rate);
+            if hook == "xdp" {
+                let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+                let id = e.attach_to_link(xdp_link.take().unwrap()).unwrap();
+                xdp_link = Some(e.take_link(id).unwrap());
+            } else {
+                let p: &mut SchedClassifier = guard.ingress_program_mut().unwrap().try_into().unwrap();
+                p.detach(tc_link.unwrap()).unwrap();
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500)); // the reader drains its queue
+    done.store(true, Ordering::Release);
+    reader.join().unwrap();
+    let read = got.load(Ordering::Relaxed);
+    let delivered = passes(&base) + if hook == "xdp" { solicited(&guard) } else { 0 } - before_all;
+    if hook == "tc" {
+        // Every frame the XDP program passed met the tc guard in subject windows: none was dropped.
+        let dropped = guard.counters().unwrap()[Counter::GuardDropUnsolicited as usize].packets;
+        assert_eq!(dropped, 0, "tc: the guard dropped solicited frames");
+    }
+    assert!(read <= delivered, "{hook}: read {read} of {delivered} delivered");
+    rates.read_fraction = read as f64 / delivered as f64;
+    drop(xdp_link);
+    rates
+}
+
+fn flood(runs: usize, n: u32) {
     let variants = [Variant::Ceiling, Variant::NoFilter, Variant::NatfixXdp, Variant::NatfixTc, Variant::IptablesInput, Variant::NftPrerouting];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
     let mut reached: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -231,5 +424,29 @@ fn main() {
     for (i, v) in variants.iter().enumerate() {
         let (f, _, _) = common::summary(&mut reached[i]);
         common::report_paired("flood", &format!("{} ({:.0}% of {n} frames counted)", v.name(), f * 100.0), "packets/s", &rates[i], Variant::IptablesInput.name(), &rates[base], true);
+    }
+}
+
+fn legit(rounds: usize, window: u32) {
+    let baselines = [("xdp", "natfix's XDP guard", "an empty XDP program on the same veth"), ("tc", "natfix's tc guard", "no tc program (an empty XDP program under both)")];
+    for (hook, name, baseline) in baselines {
+        let r = legit_windows(hook, rounds, window);
+        let row = format!(
+            "solicited UDP replies read by the application (64 B frames, windows of {window}) through {name} ({:.0}% read)",
+            r.read_fraction * 100.0
+        );
+        common::report_paired("throughput", &row, "datagrams/s", &r.subject, baseline, &r.baseline, true);
+    }
+}
+
+fn main() {
+    let runs = env_u32("NATFIX_BENCH_RUNS", 3) as usize;
+    let n = env_u32("NATFIX_FLOOD_PACKETS", 1_000_000);
+    let part = std::env::var("NATFIX_FLOOD_PART").unwrap_or_default();
+    if part != "legit" {
+        flood(runs, n);
+    }
+    if part != "flood" {
+        legit(env_u32("NATFIX_LEGIT_ROUNDS", 40) as usize, env_u32("NATFIX_LEGIT_WINDOW", 50_000));
     }
 }

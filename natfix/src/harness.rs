@@ -46,6 +46,15 @@ impl GuardHarness {
         Ok(Self { ebpf, hook: plan.hook })
     }
 
+    /// The loaded ingress guard program, to attach it (benchmarks).
+    pub fn ingress_program_mut(&mut self) -> Result<&mut aya::programs::Program> {
+        let name = match self.hook {
+            GuardHook::Xdp => prog_names::GUARD_XDP,
+            GuardHook::Tc => prog_names::GUARD_TC,
+        };
+        self.ebpf.program_mut(name).context("no guard program")
+    }
+
     /// Runs the ingress guard once; returns the program's return value.
     pub fn run_ingress(&self, frame: &[u8]) -> Result<u32> {
         Ok(self.run_ingress_repeat(frame, 1)?.0)
