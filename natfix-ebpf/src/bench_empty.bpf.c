@@ -26,39 +26,37 @@ int natfix_gen_xdp(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
-struct {
+/* Per-CPU frame counts of the counting programs, one map each (userspace reads them by name). */
+struct natfix_bench_count_map {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u64);
-} natfix_bench_drops SEC(".maps");
+};
+
+struct natfix_bench_count_map natfix_bench_drops SEC(".maps");
+struct natfix_bench_count_map natfix_bench_passes SEC(".maps");
+
+static __always_inline void bench_count(void *map)
+{
+	__u32 zero = 0;
+	__u64 *n = bpf_map_lookup_elem(map, &zero);
+
+	if (n)
+		(*n)++;
+}
 
 SEC("xdp")
 int natfix_drop_xdp(struct xdp_md *ctx)
 {
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&natfix_bench_drops, &zero);
-
-	if (n)
-		(*n)++;
+	bench_count(&natfix_bench_drops);
 	return XDP_DROP;
 }
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} natfix_bench_passes SEC(".maps");
 
 SEC("xdp")
 int natfix_count_pass_xdp(struct xdp_md *ctx)
 {
-	__u32 zero = 0;
-	__u64 *n = bpf_map_lookup_elem(&natfix_bench_passes, &zero);
-
-	if (n)
-		(*n)++;
+	bench_count(&natfix_bench_passes);
 	return XDP_PASS;
 }
 
