@@ -223,7 +223,16 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 struct LegitRates {
     subject: Vec<f64>,
     baseline: Vec<f64>,
+    /// tc only: an empty tc program in natfix's place (the cost of the hook itself).
+    empty_tc: Vec<f64>,
     read_fraction: f64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Window {
+    Baseline,
+    Natfix,
+    EmptyTc,
 }
 
 /// A generator thread in the generator's namespace, pinned to CPU 0, its
@@ -322,6 +331,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
     e.load().unwrap();
     let id = e.attach("fr0", XdpMode::Driver).unwrap();
     let mut xdp_link = Some(e.take_link(id).unwrap());
+    loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
     let passes = |base: &aya::Ebpf| -> u64 {
         let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> =
             aya::maps::PerCpuArray::try_from(base.map("natfix_bench_passes").unwrap()).unwrap();
@@ -331,42 +341,55 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
     let before_all = passes(&base) + solicited(&guard);
     let generator = Generator::start(rig);
     generator.seconds_for(window); // warm-up: neighbour tables, caches
-    let mut rates = LegitRates { subject: Vec::new(), baseline: Vec::new(), read_fraction: 0.0 };
+    let mut rates = LegitRates { subject: Vec::new(), baseline: Vec::new(), empty_tc: Vec::new(), read_fraction: 0.0 };
+    let configs: &[Window] = if hook == "xdp" { &[Window::Baseline, Window::Natfix] } else { &[Window::Baseline, Window::EmptyTc, Window::Natfix] };
     for round in 0..rounds {
-        // ABBA: the baseline window first in even rounds, second in odd ones.
-        for subject in if round % 2 == 0 { [false, true] } else { [true, false] } {
+        // ABBA: the order is reversed every other round.
+        let order: Vec<Window> = if round % 2 == 0 { configs.to_vec() } else { configs.iter().rev().copied().collect() };
+        for w in order {
             let mut tc_link = None;
-            if subject {
-                let p = guard.ingress_program_mut().unwrap();
-                if hook == "xdp" {
-                    let p: &mut Xdp = p.try_into().unwrap();
+            match (w, hook) {
+                (Window::Baseline, _) => {}
+                (Window::Natfix, "xdp") => {
+                    let p: &mut Xdp = guard.ingress_program_mut().unwrap().try_into().unwrap();
                     let id = p.attach_to_link(xdp_link.take().unwrap()).unwrap();
                     xdp_link = Some(p.take_link(id).unwrap());
-                } else {
-                    let p: &mut SchedClassifier = p.try_into().unwrap();
+                }
+                (Window::Natfix, _) => {
+                    let p: &mut SchedClassifier = guard.ingress_program_mut().unwrap().try_into().unwrap();
+                    tc_link = Some(p.attach("fr0", TcAttachType::Ingress).unwrap());
+                }
+                (Window::EmptyTc, _) => {
+                    let p: &mut SchedClassifier = base.program_mut(programs::EMPTY_TC).unwrap().try_into().unwrap();
                     tc_link = Some(p.attach("fr0", TcAttachType::Ingress).unwrap());
                 }
             }
             // Under the XDP guard the guard's own counter sees the frames.
-            let reached = |base: &aya::Ebpf, guard: &GuardHarness| if subject && hook == "xdp" { solicited(guard) } else { passes(base) };
+            let under_xdp_guard = w == Window::Natfix && hook == "xdp";
+            let reached = |base: &aya::Ebpf, guard: &GuardHarness| if under_xdp_guard { solicited(guard) } else { passes(base) };
             let before = reached(&base, &guard);
             let secs = generator.seconds_for(window);
             let rate = (reached(&base, &guard) - before) as f64 / secs;
-            if std::env::var_os("NATFIX_BENCH_VERBOSE").is_some() {
-                eprintln!("{hook} round {round} {}: {rate:.0}/s", if subject { "natfix" } else { "baseline" });
+            match w {
+                Window::Baseline => rates.baseline.push(rate),
+                Window::Natfix => rates.subject.push(rate),
+                Window::EmptyTc => rates.empty_tc.push(rate),
             }
-            if !subject {
-                rates.baseline.push(rate);
-                continue;
-            }
-            rates.subject.push(rate);
-            if hook == "xdp" {
-                let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
-                let id = e.attach_to_link(xdp_link.take().unwrap()).unwrap();
-                xdp_link = Some(e.take_link(id).unwrap());
-            } else {
-                let p: &mut SchedClassifier = guard.ingress_program_mut().unwrap().try_into().unwrap();
-                p.detach(tc_link.unwrap()).unwrap();
+            match (w, hook) {
+                (Window::Baseline, _) => {}
+                (Window::Natfix, "xdp") => {
+                    let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+                    let id = e.attach_to_link(xdp_link.take().unwrap()).unwrap();
+                    xdp_link = Some(e.take_link(id).unwrap());
+                }
+                (Window::Natfix, _) => {
+                    let p: &mut SchedClassifier = guard.ingress_program_mut().unwrap().try_into().unwrap();
+                    p.detach(tc_link.unwrap()).unwrap();
+                }
+                (Window::EmptyTc, _) => {
+                    let p: &mut SchedClassifier = base.program_mut(programs::EMPTY_TC).unwrap().try_into().unwrap();
+                    p.detach(tc_link.unwrap()).unwrap();
+                }
             }
         }
     }
@@ -414,6 +437,13 @@ fn legit(rounds: usize, window: u32) {
             r.read_fraction * 100.0
         );
         common::report_paired("throughput", &row, "datagrams/s", &r.subject, baseline, &r.baseline, true);
+        if hook == "tc" {
+            // The hook's own share, and natfix's share on top of it.
+            let row = "solicited UDP replies (as above) through an empty tc program: the cost of the tc hook itself";
+            common::report_paired("throughput", row, "datagrams/s", &r.empty_tc, baseline, &r.baseline, true);
+            let row = "solicited UDP replies (as above) through natfix's tc guard, against an empty tc program";
+            common::report_paired("throughput", row, "datagrams/s", &r.subject, "an empty tc program", &r.empty_tc, true);
+        }
     }
 }
 
