@@ -238,7 +238,7 @@ fn target(name: &str) -> Option<(&'static str, Box<dyn Fn(&Value) -> bool>)> {
     if name.starts_with("natfix guard, XDP") {
         return Some((">= 5x iptables", Box::new(move |v| ratio(v) >= 5.0)));
     }
-    if name.starts_with("iperf3 TCP through a veth with natfix") || name.starts_with("solicited UDP replies") {
+    if name.starts_with("iperf3 TCP through a veth with natfix") || name.starts_with("solicited UDP replies read by the application") {
         return Some((">= 97% of baseline", Box::new(move |v| ratio(v) >= 0.97)));
     }
     if name.starts_with("idle RSS") {
