@@ -99,9 +99,9 @@ fn receiver_xdp(ns: &Netns, program: &'static str) -> aya::Ebpf {
     .unwrap()
 }
 
-fn drop_all_count(ebpf: &aya::Ebpf) -> u64 {
-    let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> =
-        aya::maps::PerCpuArray::try_from(ebpf.map("natfix_bench_drops").unwrap()).unwrap();
+/// The total of one of the bench object's per-CPU frame counts.
+fn bench_count(ebpf: &aya::Ebpf, map: &str) -> u64 {
+    let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = aya::maps::PerCpuArray::try_from(ebpf.map(map).unwrap()).unwrap();
     map.get(&0, 0).unwrap().iter().sum()
 }
 
@@ -173,7 +173,7 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
             Variant::IptablesInput => iptables_counter(&rig.rx_ns),
             Variant::NftPrerouting => nft_counter(&rig.rx_ns),
             Variant::NoFilter => snmp_udp_noports(&rig.rx_ns),
-            Variant::Ceiling => drop_all_count(&keep[0]),
+            Variant::Ceiling => bench_count(&keep[0], "natfix_bench_drops"),
         }
     };
     let before = count(&attachment);
@@ -200,10 +200,15 @@ fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
     (handled as f64 / end.as_secs_f64(), handled as f64 / f64::from(n))
 }
 
-fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
+/// The guard of every natfix variant: ports 20000-30000, own flow table.
+fn guard_plan(hook: &str) -> loader::GuardPlan {
     let argv = ["natfix", "attach", "--iface", "fr0", "--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"];
     let CliCommand::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
-    let plan = loader::plan_guard(&a.guard).unwrap();
+    loader::plan_guard(&a.guard).unwrap()
+}
+
+fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
+    let plan = guard_plan(hook);
     loader::attach(loader::AttachRequest { netns: rx.clone(), iface: "fr0".into(), guard: Some(plan), overlay: None, pin: false, replace: false, events_per_sec: 0 })
         .unwrap()
 }
@@ -211,15 +216,14 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 /// Solicited traffic: rates in alternating windows of `window` frames, with
 /// natfix's guard program attached to the receiving veth and without it.
 ///
-/// One rig, one flow: the receiving application's socket sent first (the
-/// flow is in the guard's table, as the egress learner would put it) and
-/// every frame is a reply of that flow, read by the application on CPU 1.
-/// A window's rate is frames that reached the receiver / the generator's
-/// time: the receive softirq
-/// runs on the generator's CPU as it flushes each batch, so that time covers
-/// the whole path up to the socket. Programs are swapped between windows
-/// (XDP: bpf_link_update on one link; tc: tcx attach/detach), so subject
-/// and baseline windows are ~0.1 s apart and slower machine drift cancels.
+/// One rig, one flow: the flow is in the guard's table (as the egress
+/// learner would have put it) and every frame is a reply of that flow, read
+/// by the application on CPU 1. A window's rate is frames that reached the
+/// receiver / the generator's time: the receive softirq runs on the
+/// generator's CPU as it flushes each batch, so that time covers the whole
+/// path up to the socket. Programs are swapped between windows (XDP:
+/// bpf_link_update on one link; tc: tcx attach/detach), so subject and
+/// baseline windows are ~0.1 s apart and slower machine drift cancels.
 struct LegitRates {
     subject: Vec<f64>,
     baseline: Vec<f64>,
@@ -284,6 +288,18 @@ impl Generator {
     }
 }
 
+/// Puts `to` in place of the program `link` runs (one bpf_link_update); returns the link.
+fn move_xdp_link(to: &mut Xdp, link: aya::programs::xdp::XdpLink) -> aya::programs::xdp::XdpLink {
+    let id = to.attach_to_link(link).unwrap();
+    to.take_link(id).unwrap()
+}
+
+/// The program a tc window attaches: natfix's guard, or the empty one.
+fn tc_program<'a>(w: Window, guard: &'a mut GuardHarness, base: &'a mut aya::Ebpf) -> &'a mut SchedClassifier {
+    let p = if w == Window::Natfix { guard.ingress_program_mut().unwrap() } else { base.program_mut(programs::EMPTY_TC).unwrap() };
+    p.try_into().unwrap()
+}
+
 fn legit_windows(hook: &'static str, rounds: usize, window: u32) -> LegitRates {
     let rig = rig(&format!("l{hook}"));
     // Attaching resolves fr0 in the caller's namespace: run it all in the receiver's.
@@ -293,9 +309,7 @@ fn legit_windows(hook: &'static str, rounds: usize, window: u32) -> LegitRates {
 fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> LegitRates {
     use std::sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}};
 
-    let argv = ["natfix", "attach", "--iface", "fr0", "--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"];
-    let CliCommand::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { unreachable!() };
-    let mut guard = GuardHarness::load(&loader::plan_guard(&a.guard).unwrap()).unwrap();
+    let mut guard = GuardHarness::load(&guard_plan(hook)).unwrap();
     let host: std::net::IpAddr = Ipv4Addr::new(198, 51, 100, 10).into();
     let peer: std::net::IpAddr = Ipv4Addr::new(198, 51, 100, 20).into();
     guard.insert_flow(&flow_key(host, 25000, Some((peer, 7000))), monotonic_ns()).unwrap();
@@ -332,11 +346,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
     let id = e.attach("fr0", XdpMode::Driver).unwrap();
     let mut xdp_link = Some(e.take_link(id).unwrap());
     loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
-    let passes = |base: &aya::Ebpf| -> u64 {
-        let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> =
-            aya::maps::PerCpuArray::try_from(base.map("natfix_bench_passes").unwrap()).unwrap();
-        map.get(&0, 0).unwrap().iter().sum()
-    };
+    let passes = |base: &aya::Ebpf| bench_count(base, "natfix_bench_passes");
     let solicited = |guard: &GuardHarness| guard.counters().unwrap()[Counter::GuardPassSolicited as usize].packets;
     let before_all = passes(&base) + solicited(&guard);
     let generator = Generator::start(rig);
@@ -351,18 +361,10 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
             match (w, hook) {
                 (Window::Baseline, _) => {}
                 (Window::Natfix, "xdp") => {
-                    let p: &mut Xdp = guard.ingress_program_mut().unwrap().try_into().unwrap();
-                    let id = p.attach_to_link(xdp_link.take().unwrap()).unwrap();
-                    xdp_link = Some(p.take_link(id).unwrap());
+                    let guard_xdp = guard.ingress_program_mut().unwrap().try_into().unwrap();
+                    xdp_link = Some(move_xdp_link(guard_xdp, xdp_link.take().unwrap()));
                 }
-                (Window::Natfix, _) => {
-                    let p: &mut SchedClassifier = guard.ingress_program_mut().unwrap().try_into().unwrap();
-                    tc_link = Some(p.attach("fr0", TcAttachType::Ingress).unwrap());
-                }
-                (Window::EmptyTc, _) => {
-                    let p: &mut SchedClassifier = base.program_mut(programs::EMPTY_TC).unwrap().try_into().unwrap();
-                    tc_link = Some(p.attach("fr0", TcAttachType::Ingress).unwrap());
-                }
+                _ => tc_link = Some(tc_program(w, &mut guard, &mut base).attach("fr0", TcAttachType::Ingress).unwrap()),
             }
             // Under the XDP guard the guard's own counter sees the frames.
             let under_xdp_guard = w == Window::Natfix && hook == "xdp";
@@ -378,18 +380,10 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
             match (w, hook) {
                 (Window::Baseline, _) => {}
                 (Window::Natfix, "xdp") => {
-                    let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
-                    let id = e.attach_to_link(xdp_link.take().unwrap()).unwrap();
-                    xdp_link = Some(e.take_link(id).unwrap());
+                    let counting_xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+                    xdp_link = Some(move_xdp_link(counting_xdp, xdp_link.take().unwrap()));
                 }
-                (Window::Natfix, _) => {
-                    let p: &mut SchedClassifier = guard.ingress_program_mut().unwrap().try_into().unwrap();
-                    p.detach(tc_link.unwrap()).unwrap();
-                }
-                (Window::EmptyTc, _) => {
-                    let p: &mut SchedClassifier = base.program_mut(programs::EMPTY_TC).unwrap().try_into().unwrap();
-                    p.detach(tc_link.unwrap()).unwrap();
-                }
+                _ => tc_program(w, &mut guard, &mut base).detach(tc_link.unwrap()).unwrap(),
             }
         }
     }
