@@ -64,7 +64,7 @@ static __always_inline int natfix_parse_udp_hdr(void *data, void *data_end, __u3
 }
 
 static __always_inline int natfix_parse_ipv4(void *data, void *data_end, __u32 off,
-					     struct natfix_pkt *pkt)
+					     struct natfix_pkt *pkt, const int addrs)
 {
 	struct iphdr *iph = data + off;
 	__u32 hlen;
@@ -84,10 +84,12 @@ static __always_inline int natfix_parse_ipv4(void *data, void *data_end, __u32 o
 		return NATFIX_PARSE_FRAGMENT;
 
 	pkt->family = NATFIX_FAMILY_V4;
-	pkt->saddr[0] = iph->saddr;
-	pkt->daddr[0] = iph->daddr;
-	pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
-	pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+	if (addrs) {
+		pkt->saddr[0] = iph->saddr;
+		pkt->daddr[0] = iph->daddr;
+		pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
+		pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+	}
 	pkt->l3_off = off;
 	return natfix_parse_udp_hdr(data, data_end, off + hlen, pkt);
 }
@@ -105,7 +107,7 @@ struct natfix_ipv6_frag_hdr {
 };
 
 static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 off,
-					     struct natfix_pkt *pkt)
+					     struct natfix_pkt *pkt, const int addrs)
 {
 	struct ipv6hdr *ip6 = data + off;
 	__u8 nexthdr;
@@ -117,8 +119,10 @@ static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 o
 		return NATFIX_PARSE_MALFORMED;
 
 	pkt->family = NATFIX_FAMILY_V6;
-	__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
-	__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
+	if (addrs) {
+		__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
+	}
 	pkt->l3_off = off;
 	nexthdr = ip6->nexthdr;
 	off += sizeof(*ip6);
@@ -167,8 +171,8 @@ static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 o
 	return NATFIX_PARSE_MALFORMED;
 }
 
-/* Parse an Ethernet frame down to its UDP header. */
-static __always_inline int natfix_parse_udp(void *data, void *data_end, struct natfix_pkt *pkt)
+static __always_inline int natfix_parse_eth(void *data, void *data_end, struct natfix_pkt *pkt,
+					    const int addrs)
 {
 	struct ethhdr *eth = data;
 
@@ -176,12 +180,53 @@ static __always_inline int natfix_parse_udp(void *data, void *data_end, struct n
 		return NATFIX_PARSE_MALFORMED;
 	switch (eth->h_proto) {
 	case bpf_htons(ETH_P_IP):
-		return natfix_parse_ipv4(data, data_end, sizeof(*eth), pkt);
+		return natfix_parse_ipv4(data, data_end, sizeof(*eth), pkt, addrs);
 	case bpf_htons(ETH_P_IPV6):
-		return natfix_parse_ipv6(data, data_end, sizeof(*eth), pkt);
+		return natfix_parse_ipv6(data, data_end, sizeof(*eth), pkt, addrs);
 	default:
 		return NATFIX_PARSE_OTHER;
 	}
+}
+
+/* Parse an Ethernet frame down to its UDP header. */
+static __always_inline int natfix_parse_udp(void *data, void *data_end, struct natfix_pkt *pkt)
+{
+	return natfix_parse_eth(data, data_end, pkt, 1);
+}
+
+/* As natfix_parse_udp() but leaves saddr/daddr unset: a path that rarely
+ * needs them (the overlay's zero path) fetches them with natfix_load_addrs()
+ * rather than pay a dozen stack stores on every packet. */
+static __always_inline int natfix_parse_udp_ports(void *data, void *data_end, struct natfix_pkt *pkt)
+{
+	return natfix_parse_eth(data, data_end, pkt, 0);
+}
+
+/* Fill saddr/daddr of a packet natfix_parse_udp_ports() parsed as UDP.
+ * Returns -1 only if the headers are no longer within [data, data_end). */
+static __always_inline int natfix_load_addrs(void *data, void *data_end, struct natfix_pkt *pkt)
+{
+	/* The mask bounds the offset for the verifier; parse keeps it < 64 KiB. */
+	__u32 off = pkt->l3_off & 0xffff;
+
+	if (pkt->family == NATFIX_FAMILY_V4) {
+		struct iphdr *iph = data + off;
+
+		if ((void *)(iph + 1) > data_end)
+			return -1;
+		pkt->saddr[0] = iph->saddr;
+		pkt->daddr[0] = iph->daddr;
+		pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
+		pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+	} else {
+		struct ipv6hdr *ip6 = data + off;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
+	}
+	return 0;
 }
 
 #endif /* NATFIX_PARSE_H */

@@ -28,6 +28,7 @@ pub mod programs {
     pub const FLOW_EGRESS: &str = "natfix_flow_egress";
     pub const OVERLAY_TC: &str = "natfix_overlay_tc";
     pub const OVERLAY_WRITE: &str = "natfix_overlay_write";
+    pub const OVERLAY_WRITE_V4_ZERO: &str = "natfix_overlay_write_v4z";
     pub const EMPTY_XDP: &str = "natfix_empty_xdp";
     pub const EMPTY_TC: &str = "natfix_empty_tc";
     pub const GEN_XDP: &str = "natfix_gen_xdp";

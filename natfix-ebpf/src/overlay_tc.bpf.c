@@ -10,11 +10,16 @@
  * secpath: only such packets are touched. IPv4: zero the checksum (legal,
  * RFC 768) or recompute it; IPv6: always recompute (zero is not legal).
  *
- * The write itself happens in natfix_overlay_write, reached by tail call:
- * a program that writes packet memory directly gets a verifier prologue that
+ * The write itself happens in a writer program reached by tail call: a
+ * program that writes packet memory directly gets a verifier prologue that
  * unclones every cloned skb it sees (and drops it if that fails), which must
- * not happen to traffic natfix does not own. Without the writer (not loaded,
- * or its program array cleared) bpf_skb_store_bytes() does the write.
+ * not happen to traffic natfix does not own. natfix_overlay_write_v4z takes
+ * the common case (zero mode, option-less IPv4) with nothing to hand over;
+ * natfix_overlay_write any rewrite, directed by skb->cb. Without the writers
+ * (not loaded, or their program array cleared) bpf_skb_store_bytes() writes.
+ *
+ * Rewrites are the steady state, so their events are sampled before the
+ * per-CPU budget is asked (natfix_event_sampled()).
  */
 #include "natfix_common.h"
 #include "natfix_counters.h"
@@ -24,22 +29,34 @@
 
 const volatile struct natfix_overlay_config natfix_overlay_cfg = {};
 
+/* Slots of the writers' program array (the loader fills both). */
+#define OVERLAY_WRITER_ANY 0
+#define OVERLAY_WRITER_V4_ZERO 1
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } overlay_writer SEC(".maps");
 
-/* What overlay_fix() decided to write, handed to the writer in skb->cb. */
+/* What overlay_fix() decided to write, and where the packet's headers are
+ * (for its event); natfix_overlay_write gets it in skb->cb. */
 struct overlay_rewrite {
 	__u32 check_off; /* offset of the UDP checksum from data */
 	__u16 check;     /* the value to write, as it sits in the packet */
+	__u16 l3_off;    /* offset of the IP header from data */
+	__u8 family;     /* NATFIX_FAMILY_V4 or _V6 */
 };
 
 #define OVERLAY_CB_OFF 0
 #define OVERLAY_CB_CHECK 1
 #define OVERLAY_CB_COUNTER 2
+#define OVERLAY_CB_L3 3 /* l3_off | family << 16 */
+
+/* The UDP header and checksum of an option-less IPv4 datagram in an Ethernet frame. */
+#define OVERLAY_V4_UDP_OFF (sizeof(struct ethhdr) + sizeof(struct iphdr))
+#define OVERLAY_V4_CHECK_OFF (OVERLAY_V4_UDP_OFF + offsetof(struct udphdr, check))
 
 static __always_inline int overlay_port(__u16 port_be)
 {
@@ -59,7 +76,8 @@ static __always_inline int overlay_port(__u16 port_be)
 /* Counter for a packet that is ours to fix, or -1 to go on fixing it. */
 static __always_inline int overlay_gate(struct __sk_buff *skb)
 {
-	struct bpf_xfrm_state st = {};
+	/* Uninitialised: the helper fills it or fails (ARG_PTR_TO_UNINIT_MEM). */
+	struct bpf_xfrm_state st;
 
 	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_NO_SECPATH)
 		return -1;
@@ -71,21 +89,63 @@ static __always_inline int overlay_gate(struct __sk_buff *skb)
 	return -1;
 }
 
-/* The counter for this packet; for a rewrite (zeroed, recomputed) also *rw. */
+/* A rewrite overlay_fix() decided on, for the writer. */
+static __always_inline int overlay_is_rewrite(int why)
+{
+	return why == NATFIX_CNT_OVERLAY_ZEROED || why == NATFIX_CNT_OVERLAY_RECOMPUTED ||
+	       why == NATFIX_CNT_OVERLAY_RECOMPUTED_DELTA;
+}
+
+/* The recompute path: a learned per-pair delta, else the full sum. */
+static __always_inline int overlay_recompute(struct __sk_buff *skb, struct natfix_pkt *pkt,
+					     struct udphdr *udp, __u32 udp_len, __u16 *check)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u32 window = natfix_overlay_cfg.delta_window_jiffies;
+	struct natfix_csum_delta_slot *slot = NULL;
+	__u16 sent = udp->check;
+	__u64 now = 0;
+
+	if (natfix_load_addrs(data, data_end, pkt))
+		return NATFIX_CNT_OVERLAY_MALFORMED;
+	if (sent && window) {
+		now = bpf_jiffies64();
+		slot = csum_delta_slot(pkt);
+		if (slot && now - slot->learned_jiffies < window && csum_delta_same_pair(slot, pkt)) {
+			*check = csum_delta_apply(sent, slot->delta);
+			return NATFIX_CNT_OVERLAY_RECOMPUTED_DELTA;
+		}
+	}
+
+	/* Sum in full: the whole datagram must be linear to be summed in place.
+	 * (A length comparison, not pointer math: older verifiers lose the
+	 * bounds of spilled scalars.) */
+	if (pkt->l4_off + udp_len > (__u32)(data_end - data)) {
+		if (bpf_skb_pull_data(skb, pkt->l4_off + udp_len))
+			return NATFIX_CNT_OVERLAY_ERROR;
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+	}
+	if (udp_csum_full(skb, data, data_end, pkt, udp_len, check))
+		return NATFIX_CNT_OVERLAY_ERROR;
+	if (slot)
+		csum_delta_learn(slot, pkt, sent, *check, now);
+	return NATFIX_CNT_OVERLAY_RECOMPUTED;
+}
+
+/* The counter for this packet; for a rewrite also *rw. */
 static __always_inline int overlay_fix(struct __sk_buff *skb, struct overlay_rewrite *rw)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct natfix_csum_delta_slot *slot = NULL;
-	__u32 window = natfix_overlay_cfg.delta_window_jiffies;
-	__u64 now = 0;
 	struct natfix_pkt pkt;
 	struct udphdr *udp;
 	__u32 udp_len;
-	__u16 sent;
 	int rc, gate;
 
-	rc = natfix_parse_udp(data, data_end, &pkt);
+	/* Addresses only when needed: the zero path never reads them. */
+	rc = natfix_parse_udp_ports(data, data_end, &pkt);
 	if (rc == NATFIX_PARSE_MALFORMED)
 		return NATFIX_CNT_OVERLAY_MALFORMED;
 	if (rc != NATFIX_PARSE_UDP || !overlay_port(pkt.dport))
@@ -102,86 +162,167 @@ static __always_inline int overlay_fix(struct __sk_buff *skb, struct overlay_rew
 	if (pkt.l4_off + udp_len > skb->len)
 		return NATFIX_CNT_OVERLAY_MALFORMED;
 	rw->check_off = pkt.l4_off + offsetof(struct udphdr, check);
+	rw->l3_off = pkt.l3_off;
+	rw->family = pkt.family;
 
 	if (pkt.family == NATFIX_FAMILY_V4 && !(natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_RECOMPUTE)) {
 		rw->check = 0;
-		natfix_emit(NATFIX_CNT_OVERLAY_ZEROED, &pkt, skb->ifindex, skb->len);
 		return NATFIX_CNT_OVERLAY_ZEROED;
 	}
+	return overlay_recompute(skb, &pkt, udp, udp_len, &rw->check);
+}
 
-	sent = udp->check;
-	if (sent && window) {
-		now = bpf_jiffies64();
-		slot = csum_delta_slot(&pkt);
-		if (slot && now - slot->learned_jiffies < window && csum_delta_same_pair(slot, &pkt)) {
-			rw->check = csum_delta_apply(sent, slot->delta);
-			natfix_emit(NATFIX_CNT_OVERLAY_RECOMPUTED_DELTA, &pkt, skb->ifindex, skb->len);
-			return NATFIX_CNT_OVERLAY_RECOMPUTED_DELTA;
-		}
-	}
+/*
+ * The common case in one pass, for zero mode: an IPv4 datagram without IP
+ * options, in one fragment, to a VXLAN port. For these packets it reaches the
+ * verdict overlay_fix() would (the Rust model checks both paths) in half the
+ * instructions. Returns the counter, or -1 when the packet is not of that shape.
+ */
+static __always_inline int overlay_zero_v4_fast(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct iphdr *iph = data + sizeof(struct ethhdr);
+	struct udphdr *udp = (void *)(iph + 1);
+	int gate;
 
-	/* Sum in full: the whole datagram must be linear to be summed in place.
-	 * (A length comparison, not pointer math: older verifiers lose the
-	 * bounds of spilled scalars.) */
-	if (pkt.l4_off + udp_len > (__u32)(data_end - data)) {
-		if (bpf_skb_pull_data(skb, pkt.l4_off + udp_len))
-			return NATFIX_CNT_OVERLAY_ERROR;
-		data = (void *)(long)skb->data;
-		data_end = (void *)(long)skb->data_end;
-	}
-	if (udp_csum_full(skb, data, data_end, &pkt, udp_len, &rw->check))
-		return NATFIX_CNT_OVERLAY_ERROR;
-	if (slot)
-		csum_delta_learn(slot, &pkt, sent, rw->check, now);
-	natfix_emit(NATFIX_CNT_OVERLAY_RECOMPUTED, &pkt, skb->ifindex, skb->len);
-	return NATFIX_CNT_OVERLAY_RECOMPUTED;
+	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_RECOMPUTE)
+		return -1;
+	if ((void *)(udp + 1) > data_end)
+		return -1;
+	/* EtherType IPv4; version 4 with a 20-byte header; UDP and not a
+	 * fragment (frag_off, ttl and protocol tested as one word). */
+	if (*(__u16 *)(data + offsetof(struct ethhdr, h_proto)) != bpf_htons(ETH_P_IP) ||
+	    *(__u8 *)iph != 0x45 ||
+	    (*(__u32 *)&iph->frag_off & bpf_htonl(0x1fff00ff)) != bpf_htonl(IPPROTO_UDP))
+		return -1;
+	if (bpf_ntohs(iph->tot_len) < sizeof(*iph) || bpf_ntohs(udp->len) < sizeof(*udp))
+		return -1;
+	if (!overlay_port(udp->dest))
+		return NATFIX_CNT_OVERLAY_NOT_VXLAN;
+	gate = overlay_gate(skb);
+	if (gate >= 0)
+		return gate;
+	if (OVERLAY_V4_UDP_OFF + bpf_ntohs(udp->len) > skb->len)
+		return NATFIX_CNT_OVERLAY_MALFORMED;
+	return NATFIX_CNT_OVERLAY_ZEROED;
+}
+
+/* A sampled rewrite event; the headers are re-read (they were checked). */
+static __always_inline void overlay_emit(struct __sk_buff *skb, __u32 counter, __u32 l3_off, __u8 family,
+					 __u32 check_off)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct natfix_pkt pkt = { .l3_off = l3_off & 0x7fff, .family = family };
+	/* Masked as in the writer: the verifier needs a bounded offset. */
+	struct udphdr *udp = data + ((check_off - offsetof(struct udphdr, check)) & 0x7fff);
+
+	if ((void *)(udp + 1) > data_end || natfix_load_addrs(data, data_end, &pkt))
+		return;
+	pkt.sport = udp->source;
+	pkt.dport = udp->dest;
+	natfix_emit(counter, &pkt, skb->ifindex, skb->len);
+}
+
+/* Count a rewrite and maybe sample it as an event. */
+static __always_inline void overlay_count_rewrite(struct __sk_buff *skb, __u32 why, __u32 l3_off, __u8 family,
+						  __u32 check_off)
+{
+	if (natfix_event_sampled(natfix_count_n(why, skb->len)))
+		overlay_emit(skb, why, l3_off, family, check_off);
+}
+
+/* Hand a rewrite to the cb-directed writer; without it, write with the helper
+ * (which unclones only this packet). Returns only when the writer is absent. */
+static __always_inline void overlay_write(struct __sk_buff *skb, const struct overlay_rewrite *rw, int why)
+{
+	skb->cb[OVERLAY_CB_OFF] = rw->check_off;
+	skb->cb[OVERLAY_CB_CHECK] = rw->check;
+	skb->cb[OVERLAY_CB_COUNTER] = why;
+	skb->cb[OVERLAY_CB_L3] = rw->l3_off | (__u32)rw->family << 16;
+	bpf_tail_call(skb, &overlay_writer, OVERLAY_WRITER_ANY);
+	if (bpf_skb_store_bytes(skb, rw->check_off, &rw->check, sizeof(rw->check), BPF_F_RECOMPUTE_CSUM))
+		natfix_count(NATFIX_CNT_OVERLAY_ERROR, skb->len);
+	else
+		overlay_count_rewrite(skb, why, rw->l3_off, rw->family, rw->check_off);
 }
 
 SEC("classifier")
 int natfix_overlay_tc(struct __sk_buff *skb)
 {
-	struct overlay_rewrite rw = {};
-	__u32 len = skb->len;
-	int why = overlay_fix(skb, &rw);
+	struct overlay_rewrite rw;
+	int why = overlay_zero_v4_fast(skb);
 
-	if (why == NATFIX_CNT_OVERLAY_ZEROED || why == NATFIX_CNT_OVERLAY_RECOMPUTED ||
-	    why == NATFIX_CNT_OVERLAY_RECOMPUTED_DELTA) {
-		skb->cb[OVERLAY_CB_OFF] = rw.check_off;
-		skb->cb[OVERLAY_CB_CHECK] = rw.check;
-		skb->cb[OVERLAY_CB_COUNTER] = why;
-		bpf_tail_call(skb, &overlay_writer, 0);
-		/* Still here: no writer. The helper unclones only this packet. */
-		if (bpf_skb_store_bytes(skb, rw.check_off, &rw.check, sizeof(rw.check), BPF_F_RECOMPUTE_CSUM))
-			why = NATFIX_CNT_OVERLAY_ERROR;
+	if (why == NATFIX_CNT_OVERLAY_ZEROED) {
+		bpf_tail_call(skb, &overlay_writer, OVERLAY_WRITER_V4_ZERO);
+		/* Still here: no writer for this slot. */
+		rw.check_off = OVERLAY_V4_CHECK_OFF;
+		rw.check = 0;
+		rw.l3_off = sizeof(struct ethhdr);
+		rw.family = NATFIX_FAMILY_V4;
+		overlay_write(skb, &rw, why);
+		return NATFIX_TC_NEXT;
 	}
-	natfix_count(why, len);
+	if (why < 0) {
+		why = overlay_fix(skb, &rw);
+		if (overlay_is_rewrite(why)) {
+			overlay_write(skb, &rw, why);
+			return NATFIX_TC_NEXT;
+		}
+	}
+	natfix_count(why, skb->len);
 	/* Never drops: a packet it cannot fix is the stack's to judge. */
 	return NATFIX_TC_NEXT;
 }
 
-/* Tail-called for packets natfix owns only: writes the checksum in place. */
+/* Software decryption (esp_input) leaves CHECKSUM_NONE; only a NIC that
+ * decrypts ESP may hand over CHECKSUM_COMPLETE, whose skb->csum must follow
+ * the change. The loader sets the flag for such interfaces. */
+static __always_inline void overlay_store(struct __sk_buff *skb, __u16 *check, __u16 new)
+{
+	__u16 old = *check;
+
+	*check = new;
+	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_CSUM_COMPLETE)
+		bpf_csum_update(skb, (__u32)(__u16)~old + new);
+}
+
+/* Tail-called for packets natfix owns only: writes the checksum skb->cb names. */
 SEC("classifier")
 int natfix_overlay_write(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	__u32 check_off = skb->cb[OVERLAY_CB_OFF], l3 = skb->cb[OVERLAY_CB_L3];
 	/* The UDP header sits within 17 KiB (8 extension headers at most);
 	 * the mask lets the verifier bound the offset below its 64 KiB limit. */
-	__u16 *check = data + (skb->cb[OVERLAY_CB_OFF] & 0x7fff);
-	__u16 old, new = skb->cb[OVERLAY_CB_CHECK];
+	__u16 *check = data + (check_off & 0x7fff);
 
 	if ((void *)(check + 1) > data_end) {
 		natfix_count(NATFIX_CNT_OVERLAY_ERROR, skb->len);
 		return NATFIX_TC_NEXT;
 	}
-	old = *check;
-	*check = new;
-	/* Software decryption (esp_input) leaves CHECKSUM_NONE; only a NIC that
-	 * decrypts ESP may hand over CHECKSUM_COMPLETE, whose skb->csum must
-	 * follow the change. The loader sets the flag for such interfaces. */
-	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_CSUM_COMPLETE)
-		bpf_csum_update(skb, (__u32)(__u16)~old + new);
-	natfix_count(skb->cb[OVERLAY_CB_COUNTER], skb->len);
+	overlay_store(skb, check, skb->cb[OVERLAY_CB_CHECK]);
+	overlay_count_rewrite(skb, skb->cb[OVERLAY_CB_COUNTER], l3 & 0xffff, l3 >> 16, check_off);
+	return NATFIX_TC_NEXT;
+}
+
+/* Tail-called for overlay_zero_v4_fast()'s packets: zeroes the checksum. */
+SEC("classifier")
+int natfix_overlay_write_v4z(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	__u16 *check = data + OVERLAY_V4_CHECK_OFF;
+
+	if ((void *)(check + 1) > data_end) {
+		natfix_count(NATFIX_CNT_OVERLAY_ERROR, skb->len);
+		return NATFIX_TC_NEXT;
+	}
+	overlay_store(skb, check, 0);
+	overlay_count_rewrite(skb, NATFIX_CNT_OVERLAY_ZEROED, sizeof(struct ethhdr), NATFIX_FAMILY_V4,
+			      OVERLAY_V4_CHECK_OFF);
 	return NATFIX_TC_NEXT;
 }
 

@@ -161,7 +161,8 @@ pub struct AttachArgs {
     #[arg(long, requires = "pin")]
     pub replace: bool,
 
-    /// Sampled drop/rewrite events per CPU per second for `natfix monitor` (0: none).
+    /// Sampled drop/rewrite events per CPU per second for `natfix monitor` (0: none);
+    /// rewrites are sampled first (the first on each CPU, then every 64th).
     #[arg(long, value_name = "N", default_value_t = crate::loader::DEFAULT_EVENTS_PER_SEC)]
     pub events_rate: u32,
 

@@ -6,12 +6,12 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
 
 use crate::{
-    abi::{Counter, CounterValue, FlowKey, FlowValue},
+    abi::{Counter, CounterValue, Event, FlowKey, FlowValue},
     cli::GuardHook,
     loader::{self, GuardPlan},
 };
@@ -202,6 +202,16 @@ impl OverlayHarness {
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
         let result = self.program()?.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?;
         Ok(result.duration.as_nanos() as f64)
+    }
+
+    /// Drains the events the program has emitted so far, oldest first.
+    pub fn take_events(&mut self) -> Result<Vec<Event>> {
+        let mut ring = RingBuf::try_from(self.ebpf.map_mut(map_names::EVENTS).context("no events map")?)?;
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            events.push(Event::from_bytes(&item).context("a ring record of another size")?);
+        }
+        Ok(events)
     }
 
     /// Runs once and says which counter moved and what came out.

@@ -337,21 +337,24 @@ type LpmV4Key = u32;
 const _: () = assert!(size_of::<Key<LpmV4Key>>() == size_of::<LpmV4>());
 const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<LpmV6>());
 
-/// Loads the overlay's writer and puts it in the tail-call array of the
+/// Loads the overlay's writers and puts them in the tail-call array of the
 /// (not yet attached) overlay program, so that its first packets are written
-/// in place (`overlay_tc.bpf.c` says why a separate program).
+/// in place (`overlay_tc.bpf.c` says why separate programs). The slots are
+/// the C side's `OVERLAY_WRITER_ANY` and `OVERLAY_WRITER_V4_ZERO`.
 pub fn install_overlay_writer(ebpf: &mut Ebpf) -> Result<()> {
-    load_tc(ebpf, prog_names::OVERLAY_WRITE)?;
-    let fd = ebpf
-        .program(prog_names::OVERLAY_WRITE)
-        .context("overlay writer missing")?
-        .fd()
-        .context("overlay writer not loaded")?
-        .try_clone()
-        .context("cannot duplicate the writer's fd")?;
-    let mut writer: ProgramArray<&mut MapData> =
-        ProgramArray::try_from(ebpf.map_mut(map_names::OVERLAY_WRITER).context("overlay writer array missing")?)?;
-    writer.set(0, &fd, 0).context("cannot install the overlay writer")?;
+    for (slot, name) in [(0u32, prog_names::OVERLAY_WRITE), (1, prog_names::OVERLAY_WRITE_V4_ZERO)] {
+        load_tc(ebpf, name)?;
+        let fd = ebpf
+            .program(name)
+            .with_context(|| format!("overlay writer {name} missing"))?
+            .fd()
+            .with_context(|| format!("overlay writer {name} not loaded"))?
+            .try_clone()
+            .context("cannot duplicate a writer's fd")?;
+        let mut writers: ProgramArray<&mut MapData> =
+            ProgramArray::try_from(ebpf.map_mut(map_names::OVERLAY_WRITER).context("overlay writer array missing")?)?;
+        writers.set(slot, &fd, 0).with_context(|| format!("cannot install the overlay writer {name}"))?;
+    }
     Ok(())
 }
 

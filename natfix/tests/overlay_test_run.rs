@@ -274,3 +274,51 @@ fn writer_and_helper_fallback_agree() {
         }
     }
 }
+
+/// Rewrites are the steady state: their events are sampled per CPU and
+/// counter (the first, then every 64th) before the per-second budget, on
+/// each path to a writer, and carry the packet's addresses and ports.
+#[test]
+fn rewrite_events_are_sampled_with_their_addresses() {
+    if !common::require_root() {
+        return;
+    }
+    pin_to_cpu0();
+    let cfg = config(OVERLAY_F_NO_SECPATH);
+    let mut h = OverlayHarness::load(&cfg).unwrap();
+    let fast = vxlan4(4789, 100);
+    // IPv4 with options: the general parser and the cb-directed writer.
+    let payload = [0x5au8; 100];
+    let mut l3 = packet::ipv4_header(A, B, 17, &[1, 1, 1, 1], 0, 8 + payload.len());
+    l3.extend(packet::udp_header(40001, 7789, payload.len()));
+    l3.extend_from_slice(&payload);
+    let with_options = packet::eth(0x0800, &l3);
+
+    let ev = |e: &natfix::abi::Event| (Counter::from_slot(e.counter), e.src().to_string(), e.dst().to_string(), e.len);
+    let zeroed = |src: &str, dst: &str, len: usize| (Some(Counter::OverlayZeroed), src.to_owned(), dst.to_owned(), len as u32);
+
+    // This CPU's ZEROED count runs 1..=130: events at 1, 65 and 129.
+    for _ in 0..130 {
+        assert_eq!(run(&h, &cfg, &fast, "fast").0, Counter::OverlayZeroed);
+    }
+    let fast_ev = zeroed("203.0.113.10:40000", "198.51.100.2:4789", fast.len());
+    assert_eq!(h.take_events().unwrap().iter().map(ev).collect::<Vec<_>>(), vec![fast_ev.clone(); 3]);
+    // 131..=193 through the other writer: one event, at 193.
+    for _ in 0..63 {
+        assert_eq!(run(&h, &cfg, &with_options, "options").0, Counter::OverlayZeroed);
+    }
+    let opt_ev = zeroed("203.0.113.10:40001", "198.51.100.2:7789", with_options.len());
+    assert_eq!(h.take_events().unwrap().iter().map(ev).collect::<Vec<_>>(), vec![opt_ev]);
+    // IPv6 (recomputed: another counter, so its first is sampled).
+    let v6 = vxlan6(7789, 100);
+    let counter = run(&h, &cfg, &v6, "v6").0;
+    let events: Vec<_> = h.take_events().unwrap().iter().map(ev).collect();
+    assert_eq!(events, vec![(Some(counter), "[2001:db8:1::a]:40000".into(), "[2001:db8:2::2]:7789".into(), v6.len() as u32)]);
+
+    // Without the writers the helper writes, and samples alike.
+    let mut helper = OverlayHarness::load_without_writer(&cfg).unwrap();
+    for _ in 0..65 {
+        run(&helper, &cfg, &fast, "helper");
+    }
+    assert_eq!(helper.take_events().unwrap().iter().map(ev).collect::<Vec<_>>(), vec![fast_ev; 2]);
+}

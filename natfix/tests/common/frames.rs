@@ -126,6 +126,36 @@ pub fn overlay_frame() -> impl Strategy<Value = Vec<u8>> {
 }
 
 
+/// Option-less IPv4 datagrams to a VXLAN port with their header fields, each
+/// now and then, at the edges the program's one-pass zero path tests
+/// (version/IHL byte, total length, each fragment bit, protocol, UDP length):
+/// that path and the general parser must agree on each.
+pub fn overlay_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
+    fn edge<T: Clone + std::fmt::Debug + 'static>(valid: T, edges: Vec<T>) -> impl Strategy<Value = T> {
+        prop_oneof![2 => Just(valid), 1 => prop::sample::select(edges)]
+    }
+    let ver_ihl = edge(0x45u8, vec![0x44, 0x46, 0x55, 0x35, 0x4f]);
+    let tot_len = edge(None, vec![Some(0u16), Some(19), Some(20), Some(21), Some(0xffff)]);
+    let frag = edge(0u16, (0..16).map(|b| 1u16 << b).chain([0x1fff, 0xe000, 0x6000]).collect());
+    let proto = edge(17u8, vec![6, 0x91]);
+    // The UDP length: real, one off either way, or absolute.
+    let udp_len = edge(Err(0i32), vec![Err(-1), Err(1), Ok(0u16), Ok(7), Ok(8), Ok(9), Ok(0xffff)]);
+    (ver_ihl, tot_len, frag, proto, udp_len, port(), prop::collection::vec(any::<u8>(), 12..64))
+        .prop_map(|(ver_ihl, tot_len, frag, proto, udp_len, dport, payload)| {
+            let mut f = packet::udp4(PEER, 40000, HOST, dport, &payload);
+            f[14] = ver_ihl;
+            if let Some(t) = tot_len {
+                f[16..18].copy_from_slice(&t.to_be_bytes());
+            }
+            f[20..22].copy_from_slice(&frag.to_be_bytes());
+            f[23] = proto;
+            let real = i32::try_from(8 + payload.len()).expect("small payload");
+            let ulen = udp_len.unwrap_or_else(|delta| u16::try_from(real + delta).expect("small payload"));
+            f[38..40].copy_from_slice(&ulen.to_be_bytes());
+            f
+        })
+}
+
 /// Frames kept in the repository: replayed first on every run, so a frame
 /// that once exposed a difference keeps being checked. One hex frame per line.
 pub fn corpus(name: &str) -> Vec<Vec<u8>> {
