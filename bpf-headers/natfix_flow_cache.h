@@ -62,14 +62,61 @@ static __always_inline __u64 flow_cache_window(void)
 	return natfix_hz >= 8 ? natfix_hz >> 3 : natfix_hz;
 }
 
+/* The slot of an arriving tuple: daddr[0]^daddr[3]^saddr[0]^saddr[3]^ports
+ * (words 1-3 of an IPv4 address are zero), spread by a multiplicative hash. */
+static __always_inline struct natfix_flow_cache_slot *flow_cache_slot_of(__u32 addr_mix, __u16 dport, __u16 sport)
+{
+	__u32 idx = ((addr_mix ^ ((__u32)dport << 16 | sport)) * 0x9e3779b1U) >> (32 - NATFIX_FLOW_CACHE_BITS);
+
+	return bpf_map_lookup_elem(&guard_flow_cache, &idx);
+}
+
 /* The slot the arriving packet's tuple maps to (never NULL in practice). */
 static __always_inline struct natfix_flow_cache_slot *flow_cache_slot(const struct natfix_pkt *pkt)
 {
-	__u32 h = pkt->daddr[0] ^ pkt->daddr[3] ^ pkt->saddr[0] ^ pkt->saddr[3] ^
-		  ((__u32)pkt->dport << 16 | pkt->sport);
-	__u32 idx = (h * 0x9e3779b1U) >> (32 - NATFIX_FLOW_CACHE_BITS);
+	return flow_cache_slot_of(pkt->daddr[0] ^ pkt->daddr[3] ^ pkt->saddr[0] ^ pkt->saddr[3], pkt->dport,
+				  pkt->sport);
+}
 
-	return bpf_map_lookup_elem(&guard_flow_cache, &idx);
+/* A key's ports, family and (zero) pad as the one word they share. */
+static __always_inline __u64 flow_cache_ports_family(__u16 local_port, __u16 remote_port, __u8 family)
+{
+	union {
+		struct {
+			__u16 local_port, remote_port;
+			__u8 family, pad[3];
+		};
+		__u64 word;
+	} w = { .local_port = local_port, .remote_port = remote_port, .family = family };
+
+	return w.word;
+}
+
+/* The slot key's ports, family and (zero) pad: its last word, 8-aligned in
+ * the slot, read as one load. */
+static __always_inline __u64 flow_cache_key_ports_family(const struct natfix_flow_cache_slot *slot)
+{
+	_Static_assert(offsetof(struct natfix_flow_key, remote_port) == offsetof(struct natfix_flow_key, local_port) + 2 &&
+			       offsetof(struct natfix_flow_key, family) == offsetof(struct natfix_flow_key, local_port) + 4 &&
+			       offsetof(struct natfix_flow_cache_slot, key.local_port) % 8 == 0 &&
+			       sizeof(struct natfix_flow_key) == offsetof(struct natfix_flow_key, local_port) + 8,
+		       "ports, family and pad must form the key's last aligned word");
+	return *(const __u64 *)__builtin_assume_aligned(&slot->key.local_port, 8);
+}
+
+/* A slot still fresh enough to answer (the caller compares the tuple). */
+static __always_inline int flow_cache_fresh(const struct natfix_flow_cache_slot *slot, __u64 now_jiffies)
+{
+	return slot && now_jiffies - slot->checked_jiffies < flow_cache_window();
+}
+
+/* An IPv4 tuple, given as the packet's fields, against a slot. */
+static __always_inline int flow_cache_hit_v4(const struct natfix_flow_cache_slot *slot, __u32 daddr, __u32 saddr,
+					     __u16 dport, __u16 sport, __u64 now_jiffies)
+{
+	return flow_cache_fresh(slot, now_jiffies) &&
+	       flow_cache_key_ports_family(slot) == flow_cache_ports_family(dport, sport, NATFIX_FAMILY_V4) &&
+	       slot->key.local_addr[0] == daddr && slot->key.remote_addr[0] == saddr;
 }
 
 /* Compared field by field against the packet: no key is built on a hit.
@@ -80,10 +127,10 @@ static __always_inline int flow_cache_hit(const struct natfix_flow_cache_slot *s
 {
 	const struct natfix_flow_key *k;
 
-	if (!slot || now_jiffies - slot->checked_jiffies >= flow_cache_window())
+	if (!flow_cache_fresh(slot, now_jiffies))
 		return 0;
 	k = &slot->key;
-	if (k->family != pkt->family || k->local_port != pkt->dport || k->remote_port != pkt->sport ||
+	if (flow_cache_key_ports_family(slot) != flow_cache_ports_family(pkt->dport, pkt->sport, pkt->family) ||
 	    k->local_addr[0] != pkt->daddr[0] || k->remote_addr[0] != pkt->saddr[0])
 		return 0;
 	if (pkt->family == NATFIX_FAMILY_V4)
@@ -93,6 +140,7 @@ static __always_inline int flow_cache_hit(const struct natfix_flow_cache_slot *s
 	       k->local_addr[3] == pkt->daddr[3] && k->remote_addr[3] == pkt->saddr[3];
 }
 
+/* After the flow source said "solicited": remember it for a window. */
 static __always_inline void flow_cache_fill(struct natfix_flow_cache_slot *slot,
 					    const struct natfix_pkt *pkt, __u64 now_jiffies)
 {
@@ -101,20 +149,5 @@ static __always_inline void flow_cache_fill(struct natfix_flow_cache_slot *slot,
 		slot->checked_jiffies = now_jiffies;
 	}
 }
-
-/* Whether the arriving packet `pkt` is solicited: the cache first, then
- * `ask_source` (evaluated only on a miss), whose "yes" is cached. */
-#define NATFIX_SOLICITED_CACHED(pkt, ask_source)                            \
-	({                                                                  \
-		struct natfix_flow_cache_slot *__slot = flow_cache_slot(pkt); \
-		__u64 __now = bpf_jiffies64();                              \
-		int __ok = flow_cache_hit(__slot, (pkt), __now);            \
-                                                                            \
-		if (!__ok && (ask_source)) {                                \
-			flow_cache_fill(__slot, (pkt), __now);              \
-			__ok = 1;                                           \
-		}                                                           \
-		__ok;                                                       \
-	})
 
 #endif /* NATFIX_FLOW_CACHE_H */

@@ -1,18 +1,20 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
  * natfix_guard.h - the unsolicited-UDP guard's decision, shared by its XDP and
- * tc ingress programs. The flow lookup (own table or conntrack kfunc) is the
- * caller's: guard_classify() says whether one is needed.
+ * tc ingress programs. The flow source (own table or conntrack kfunc) is the
+ * caller's: guard_lookup() says whether it must be asked, guard_answer()
+ * turns its answer into the verdict.
  *
  * Order of checks (the Rust model in natfix/src/model/guard.rs follows it):
  *   parse result -> destination port in a guarded range -> --allow-port ->
- *   --allow-src -> flow lookup -> drop (or would-drop under --dry-run).
+ *   --allow-src -> flow (cache, then source) -> drop (or would-drop under --dry-run).
  */
 #ifndef NATFIX_GUARD_H
 #define NATFIX_GUARD_H
 
 #include "natfix_common.h"
 #include "natfix_parse.h"
+#include "natfix_flow_cache.h"
 
 /* Set by the loader before load; the verifier prunes disabled branches. */
 const volatile struct natfix_guard_config natfix_guard_cfg __weak = {};
@@ -99,6 +101,92 @@ static __always_inline int guard_unsolicited(void)
 {
 	return (natfix_guard_cfg.flags & NATFIX_GUARD_F_DRY_RUN) ? NATFIX_CNT_GUARD_WOULD_DROP
 								   : NATFIX_CNT_GUARD_DROP_UNSOLICITED;
+}
+
+/* guard_v4_fast() leaves the packet to the general path. */
+#define GUARD_NOT_FAST (-2)
+
+static __always_inline void guard_pkt_v4(struct natfix_pkt *pkt, __u32 saddr, __u32 daddr, __u16 sport, __u16 dport)
+{
+	pkt->family = NATFIX_FAMILY_V4;
+	pkt->saddr[0] = saddr;
+	pkt->daddr[0] = daddr;
+	pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
+	pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+	pkt->sport = sport;
+	pkt->dport = dport;
+	pkt->l3_off = sizeof(struct ethhdr);
+	pkt->l4_off = sizeof(struct ethhdr) + sizeof(struct iphdr);
+}
+
+/*
+ * The common case in registers: an IPv4 datagram without IP options, in one
+ * fragment. It reaches the verdict the general path would (the differential
+ * tests hold both to the Rust model) without building a natfix_pkt unless the
+ * flow source must be asked. Returns a counter; or GUARD_NEED_FLOW with *pkt,
+ * *slot and *now set; or GUARD_NOT_FAST for any other shape.
+ */
+static __always_inline int guard_v4_fast(void *data, void *data_end, struct natfix_pkt *pkt,
+					 struct natfix_flow_cache_slot **slot, __u64 *now)
+{
+	struct iphdr *iph = data + sizeof(struct ethhdr);
+	struct udphdr *udp = (void *)(iph + 1);
+	int why;
+
+	if ((void *)(udp + 1) > data_end)
+		return GUARD_NOT_FAST;
+	/* EtherType IPv4; version 4 with a 20-byte header; UDP and not a
+	 * fragment (frag_off, ttl and protocol tested as one word). */
+	if (*(__u16 *)(data + offsetof(struct ethhdr, h_proto)) != bpf_htons(ETH_P_IP) ||
+	    *(__u8 *)iph != 0x45 ||
+	    (*(__u32 *)&iph->frag_off & bpf_htonl(0x1fff00ff)) != bpf_htonl(IPPROTO_UDP))
+		return GUARD_NOT_FAST;
+	if (bpf_ntohs(iph->tot_len) < sizeof(*iph) || bpf_ntohs(udp->len) < sizeof(*udp))
+		return GUARD_NOT_FAST;
+	if (!guard_port_guarded(udp->dest))
+		return NATFIX_CNT_GUARD_OUT_OF_SCOPE;
+	if (natfix_guard_cfg.flags & (NATFIX_GUARD_F_ALLOW_PORTS | NATFIX_GUARD_F_ALLOW_SRC)) {
+		/* Exemptions come before flows. */
+		guard_pkt_v4(pkt, iph->saddr, iph->daddr, udp->source, udp->dest);
+		why = guard_classify(NATFIX_PARSE_UDP, pkt);
+		if (why != GUARD_NEED_FLOW)
+			return why;
+	}
+	/* The tuple is read from the packet again after each call rather than
+	 * kept in registers the calls clobber: L1 loads instead of stack spills. */
+	*slot = flow_cache_slot_of(iph->daddr ^ iph->saddr, udp->dest, udp->source);
+	*now = bpf_jiffies64();
+	if (flow_cache_hit_v4(*slot, iph->daddr, iph->saddr, udp->dest, udp->source, *now))
+		return NATFIX_CNT_GUARD_PASS_SOLICITED;
+	guard_pkt_v4(pkt, iph->saddr, iph->daddr, udp->source, udp->dest);
+	return GUARD_NEED_FLOW;
+}
+
+/* Everything before the flow source: a counter, or GUARD_NEED_FLOW with
+ * *pkt, *slot and *now set for guard_answer(). */
+static __always_inline int guard_lookup(void *data, void *data_end, struct natfix_pkt *pkt,
+					struct natfix_flow_cache_slot **slot, __u64 *now)
+{
+	int why = guard_v4_fast(data, data_end, pkt, slot, now);
+
+	if (why != GUARD_NOT_FAST)
+		return why;
+	why = guard_classify(natfix_parse_udp(data, data_end, pkt), pkt);
+	if (why != GUARD_NEED_FLOW)
+		return why;
+	*slot = flow_cache_slot(pkt);
+	*now = bpf_jiffies64();
+	return flow_cache_hit(*slot, pkt, *now) ? NATFIX_CNT_GUARD_PASS_SOLICITED : GUARD_NEED_FLOW;
+}
+
+/* The flow source's answer as the verdict; a "solicited" is cached. */
+static __always_inline int guard_answer(int solicited, struct natfix_flow_cache_slot *slot,
+					const struct natfix_pkt *pkt, __u64 now)
+{
+	if (!solicited)
+		return guard_unsolicited();
+	flow_cache_fill(slot, pkt, now);
+	return NATFIX_CNT_GUARD_PASS_SOLICITED;
 }
 
 #endif /* NATFIX_GUARD_H */

@@ -23,8 +23,10 @@ int natfix_guard_tc(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
+	struct natfix_flow_cache_slot *slot = NULL;
 	struct natfix_pkt pkt;
-	int rc, why;
+	__u64 now = 0;
+	int why;
 
 	if (data_end - data < GUARD_TC_PULL_LEN && skb->len > data_end - data) {
 		/* Headers may sit in paged data; failure just leaves less to parse. */
@@ -32,16 +34,14 @@ int natfix_guard_tc(struct __sk_buff *skb)
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
-	rc = natfix_parse_udp(data, data_end, &pkt);
-	why = guard_classify(rc, &pkt);
+	why = guard_lookup(data, data_end, &pkt, &slot, &now);
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
-		int solicited = NATFIX_SOLICITED_CACHED(&pkt, NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt));
+		why = guard_answer(NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt), slot, &pkt, now);
 #else
-		int solicited = NATFIX_SOLICITED_CACHED(&pkt, flow_own_solicited(&pkt));
+		why = guard_answer(flow_own_solicited(&pkt), slot, &pkt, now);
 #endif
-		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
-		if (!solicited)
+		if (why != NATFIX_CNT_GUARD_PASS_SOLICITED)
 			natfix_emit(why, &pkt, skb->ifindex, skb->len);
 	}
 	natfix_count(why, skb->len);

@@ -21,21 +21,22 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
+	__u32 len = data_end - data;
+	struct natfix_flow_cache_slot *slot = NULL;
 	struct natfix_pkt pkt;
-	int rc = natfix_parse_udp(data, data_end, &pkt);
-	int why = guard_classify(rc, &pkt);
+	__u64 now = 0;
+	int why = guard_lookup(data, data_end, &pkt, &slot, &now);
 
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
-		int solicited = NATFIX_SOLICITED_CACHED(&pkt, NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt));
+		why = guard_answer(NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt), slot, &pkt, now);
 #else
-		int solicited = NATFIX_SOLICITED_CACHED(&pkt, flow_own_solicited(&pkt));
+		why = guard_answer(flow_own_solicited(&pkt), slot, &pkt, now);
 #endif
-		why = solicited ? NATFIX_CNT_GUARD_PASS_SOLICITED : guard_unsolicited();
-		if (!solicited)
-			natfix_emit(why, &pkt, ctx->ingress_ifindex, data_end - data);
+		if (why != NATFIX_CNT_GUARD_PASS_SOLICITED)
+			natfix_emit(why, &pkt, ctx->ingress_ifindex, len);
 	}
-	natfix_count(why, data_end - data);
+	natfix_count(why, len);
 	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED ? XDP_DROP : XDP_PASS;
 }
 

@@ -21,8 +21,9 @@ fn counter_map(h: &GuardHarness) -> BTreeMap<Counter, u64> {
     Counter::ALL.iter().copied().zip(h.counters().unwrap().iter().map(|v| v.packets)).collect()
 }
 
-fn run(hook: &str) {
-    let (h, model, now) = common::guard_fixture(hook, &[]);
+fn run(hook: &str, exemptions: bool) {
+    let words = if exemptions { common::GUARD_WORDS } else { common::GUARD_WORDS_NO_EXEMPTIONS };
+    let (h, model, now) = common::guard_fixture_with(words, hook, &[]);
     let want_verdict = |frame: &[u8]| if model.drops(frame, now) { h.drop_verdict() } else { h.pass() };
 
     // The corpus, frame by frame, counters included.
@@ -40,32 +41,37 @@ fn run(hook: &str) {
     let fast = std::cell::RefCell::new(BTreeMap::<Counter, u64>::new());
     let index = std::cell::Cell::new(0u32);
     let before = std::cell::RefCell::new(BTreeMap::new());
-    let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[0x4e; 32]);
-    let mut runner = TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng);
-    runner
-        .run(&frames::guard_frame(), |frame| {
-            if refused(hook, &frame) {
-                return Ok(());
+    let check = |frame: Vec<u8>| -> Result<(), TestCaseError> {
+        if refused(hook, &frame) {
+            return Ok(());
+        }
+        let want = model.verdict(&frame, now);
+        let i = index.get();
+        index.set(i + 1);
+        if i < frames::PER_FRAME_COUNTER_CHECKS {
+            let (verdict, moved) = h.classify(&frame).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+            proptest::prop_assert_eq!(moved, Some(want), "counter for frame {:02x?}", frame);
+            proptest::prop_assert_eq!(verdict, want_verdict(&frame), "verdict for frame {:02x?}", frame);
+            if i + 1 == frames::PER_FRAME_COUNTER_CHECKS {
+                *before.borrow_mut() = counter_map(&h);
             }
-            let want = model.verdict(&frame, now);
-            let i = index.get();
-            index.set(i + 1);
-            if i < frames::PER_FRAME_COUNTER_CHECKS {
-                let (verdict, moved) = h.classify(&frame).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-                proptest::prop_assert_eq!(moved, Some(want), "counter for frame {:02x?}", frame);
-                proptest::prop_assert_eq!(verdict, want_verdict(&frame), "verdict for frame {:02x?}", frame);
-                if i + 1 == frames::PER_FRAME_COUNTER_CHECKS {
-                    *before.borrow_mut() = counter_map(&h);
-                }
-            } else {
-                let verdict = h.run_ingress(&frame).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
-                proptest::prop_assert_eq!(verdict, want_verdict(&frame), "verdict for frame {:02x?}", frame);
-                *fast.borrow_mut().entry(want).or_default() += 1;
-            }
-            *seen.borrow_mut().entry(want).or_default() += 1;
-            Ok(())
-        })
-        .unwrap();
+        } else {
+            let verdict = h.run_ingress(&frame).map_err(|e| TestCaseError::fail(format!("{e:#}")))?;
+            proptest::prop_assert_eq!(verdict, want_verdict(&frame), "verdict for frame {:02x?}", frame);
+            *fast.borrow_mut().entry(want).or_default() += 1;
+        }
+        *seen.borrow_mut().entry(want).or_default() += 1;
+        Ok(())
+    };
+    let runner = |seed: u8, cases: u32| {
+        let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
+        TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng)
+    };
+    // Header edges of the one-pass IPv4 path first (counters checked for
+    // each), then random, structured and mutated frames.
+    let edges = 1500;
+    runner(0x2e, edges).run(&frames::guard_v4_edge_frame(), &check).unwrap();
+    runner(0x4e, cases).run(&frames::guard_frame(), &check).unwrap();
 
     // Counters of the frames checked by verdict only: equal in aggregate.
     let fast = fast.into_inner();
@@ -76,13 +82,15 @@ fn run(hook: &str) {
         }
     }
     let seen = seen.into_inner();
-    eprintln!("{hook}: {} frames compared: {seen:?}", index.get());
-    assert!(index.get() > cases / 2, "too few frames compared");
+    eprintln!("{hook} (exemptions: {exemptions}): {} frames compared: {seen:?}", index.get());
+    assert!(index.get() > (edges + cases) / 2, "too few frames compared");
     // The generator must reach every decision, or agreement proves little.
-    for reason in [
-        Counter::GuardPassSolicited, Counter::GuardDropUnsolicited, Counter::GuardOutOfScope, Counter::GuardExemptPort,
-        Counter::GuardExemptSrc, Counter::GuardMalformed, Counter::GuardFragment,
-    ] {
+    let mut reasons =
+        vec![Counter::GuardPassSolicited, Counter::GuardDropUnsolicited, Counter::GuardOutOfScope, Counter::GuardMalformed, Counter::GuardFragment];
+    if exemptions {
+        reasons.extend([Counter::GuardExemptPort, Counter::GuardExemptSrc]);
+    }
+    for reason in reasons {
         assert!(seen.contains_key(&reason), "{hook}: no generated frame reached {reason:?}");
     }
 }
@@ -90,14 +98,28 @@ fn run(hook: &str) {
 #[test]
 fn xdp_guard_agrees_with_model() {
     if common::require_root() {
-        run("xdp");
+        run("xdp", true);
+    }
+}
+
+#[test]
+fn xdp_guard_without_exemptions_agrees_with_model() {
+    if common::require_root() {
+        run("xdp", false);
     }
 }
 
 #[test]
 fn tc_guard_agrees_with_model() {
     if common::require_root() {
-        run("tc");
+        run("tc", true);
+    }
+}
+
+#[test]
+fn tc_guard_without_exemptions_agrees_with_model() {
+    if common::require_root() {
+        run("tc", false);
     }
 }
 

@@ -225,6 +225,50 @@ fn flow_cache_forgets_a_removed_flow_within_its_window() {
     }
 }
 
+/// The flow cache's slot for an IPv4 tuple, as `flow_cache_slot_of()` computes
+/// it on a little-endian machine (fields loaded as they sit in the packet).
+fn cache_slot(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> u32 {
+    let addr = |a: Ipv4Addr| u32::from_le_bytes(a.octets());
+    let port = |p: u16| u32::from(u16::from_le_bytes(p.to_be_bytes()));
+    let mix = addr(dst) ^ addr(src) ^ (port(dport) << 16 | port(sport));
+    mix.wrapping_mul(0x9e37_79b1) >> (32 - 10)
+}
+
+/// The cache admits only the exact tuple it holds: a tuple that shares its
+/// slot but differs in one field asks the table, which does not know it.
+#[test]
+fn flow_cache_admits_only_its_exact_tuple() {
+    if !common::require_root() {
+        return;
+    }
+    let mut one_cpu = nix::sched::CpuSet::new();
+    one_cpu.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    let slot = cache_slot(PEER, 7000, HOST, 25000);
+    let near = |a: Ipv4Addr| (1u32..1 << 16).map(move |i| Ipv4Addr::from(u32::from(a) ^ i));
+    let src = near(PEER).find(|s| cache_slot(*s, 7000, HOST, 25000) == slot).expect("a remote address in the slot");
+    let dst = near(HOST).find(|d| cache_slot(PEER, 7000, *d, 25000) == slot).expect("a local address in the slot");
+    let sport = (1..=u16::MAX).find(|p| *p != 7000 && cache_slot(PEER, *p, HOST, 25000) == slot).expect("a remote port");
+    let dport = (20000..=30000)
+        .find(|p| ![25000, 25001, 25002].contains(p) && cache_slot(PEER, 7000, HOST, *p) == slot)
+        .expect("a guarded local port in the slot");
+    let variants = [
+        ("remote address", packet::udp4(src, 7000, HOST, 25000, b"hello")),
+        ("local address", packet::udp4(PEER, 7000, dst, 25000, b"hello")),
+        ("remote port", v4(PEER, sport, 25000)),
+        ("local port", v4(PEER, 7000, dport)),
+    ];
+    for hook in ["xdp", "tc"] {
+        let (h, _, _) = setup(hook, &[]);
+        let reply = v4(PEER, 7000, 25000);
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardPassSolicited), "{hook}: the flow, now cached");
+        for (what, frame) in &variants {
+            assert_eq!(h.classify(frame).unwrap().1, Some(Counter::GuardDropUnsolicited), "{hook}: same slot, other {what}");
+        }
+        assert_eq!(h.classify(&reply).unwrap().1, Some(Counter::GuardPassSolicited), "{hook}: the flow still passes");
+    }
+}
+
 /// The port map (`guard_flow_ports`): a port that never had a flow is
 /// unsolicited without a table lookup, so every way a flow enters the table
 /// must mark its port first; an upgrade marks the ports of a kept table.

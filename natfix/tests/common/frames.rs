@@ -126,11 +126,11 @@ pub fn overlay_frame() -> impl Strategy<Value = Vec<u8>> {
 }
 
 
-/// Option-less IPv4 datagrams to a VXLAN port with their header fields, each
-/// now and then, at the edges the program's one-pass zero path tests
-/// (version/IHL byte, total length, each fragment bit, protocol, UDP length):
-/// that path and the general parser must agree on each.
-pub fn overlay_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
+/// Option-less IPv4 datagrams from `base` with their header fields, each now
+/// and then, at the edges the programs' one-pass IPv4 paths test (version/IHL
+/// byte, total length, each fragment bit, protocol, UDP length): those paths
+/// and the general parser must agree on each.
+fn with_v4_edges(base: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
     fn edge<T: Clone + std::fmt::Debug + 'static>(valid: T, edges: Vec<T>) -> impl Strategy<Value = T> {
         prop_oneof![2 => Just(valid), 1 => prop::sample::select(edges)]
     }
@@ -140,20 +140,34 @@ pub fn overlay_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
     let proto = edge(17u8, vec![6, 0x91]);
     // The UDP length: real, one off either way, or absolute.
     let udp_len = edge(Err(0i32), vec![Err(-1), Err(1), Ok(0u16), Ok(7), Ok(8), Ok(9), Ok(0xffff)]);
-    (ver_ihl, tot_len, frag, proto, udp_len, port(), prop::collection::vec(any::<u8>(), 12..64))
-        .prop_map(|(ver_ihl, tot_len, frag, proto, udp_len, dport, payload)| {
-            let mut f = packet::udp4(PEER, 40000, HOST, dport, &payload);
-            f[14] = ver_ihl;
-            if let Some(t) = tot_len {
-                f[16..18].copy_from_slice(&t.to_be_bytes());
-            }
-            f[20..22].copy_from_slice(&frag.to_be_bytes());
-            f[23] = proto;
-            let real = i32::try_from(8 + payload.len()).expect("small payload");
-            let ulen = udp_len.unwrap_or_else(|delta| u16::try_from(real + delta).expect("small payload"));
-            f[38..40].copy_from_slice(&ulen.to_be_bytes());
-            f
-        })
+    (base, ver_ihl, tot_len, frag, proto, udp_len).prop_map(|(mut f, ver_ihl, tot_len, frag, proto, udp_len)| {
+        f[14] = ver_ihl;
+        if let Some(t) = tot_len {
+            f[16..18].copy_from_slice(&t.to_be_bytes());
+        }
+        f[20..22].copy_from_slice(&frag.to_be_bytes());
+        f[23] = proto;
+        let real = i32::try_from(f.len() - 34).expect("small frame");
+        let ulen = udp_len.unwrap_or_else(|delta| u16::try_from(real + delta).expect("small frame"));
+        f[38..40].copy_from_slice(&ulen.to_be_bytes());
+        f
+    })
+}
+
+/// Header edges of option-less IPv4 VXLAN datagrams (the overlay's one-pass path).
+pub fn overlay_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
+    with_v4_edges(
+        (port(), prop::collection::vec(any::<u8>(), 12..64))
+            .prop_map(|(dport, payload)| packet::udp4(PEER, 40000, HOST, dport, &payload)),
+    )
+}
+
+/// Header edges of option-less IPv4 datagrams to the host (the guard's one-pass path).
+pub fn guard_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
+    with_v4_edges(
+        (v4_addr(), sport(), dport(), prop::collection::vec(any::<u8>(), 12..64))
+            .prop_map(|(src, sport, dport, payload)| packet::udp4(src, sport, HOST, dport, &payload)),
+    )
 }
 
 /// Frames kept in the repository: replayed first on every run, so a frame

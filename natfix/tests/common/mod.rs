@@ -40,10 +40,20 @@ pub const GUARD_WORDS: &[&str] = &[
     "--allow-src", "203.0.113.0/24", "--allow-src", "2001:db8:ff::/48", "--flow-source", "own",
 ];
 
-/// Loads the guard for `hook` with GUARD_WORDS + `extra`, with three flows
-/// (fresh IPv4, stale IPv4, fresh IPv6), and the same state into the model.
+/// As GUARD_WORDS without exemptions: the programs then take their
+/// register-only IPv4 path, which exemptions switch off.
+pub const GUARD_WORDS_NO_EXEMPTIONS: &[&str] = &["--guard", "20000-30000", "--guard", "40000", "--flow-source", "own"];
+
+/// Loads the guard for `hook` with GUARD_WORDS + `extra`, with five flows
+/// (fresh and stale IPv4, fresh IPv6, two that are also exempt), and the
+/// same state into the model.
 pub fn guard_fixture(hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u64) {
-    let mut words = GUARD_WORDS.to_vec();
+    guard_fixture_with(GUARD_WORDS, hook, extra)
+}
+
+/// guard_fixture() with `base` in place of GUARD_WORDS.
+pub fn guard_fixture_with(base: &[&str], hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u64) {
+    let mut words = base.to_vec();
     words.extend_from_slice(&["--guard-hook", hook]);
     words.extend_from_slice(extra);
     let plan = plan(&words);
@@ -59,10 +69,13 @@ pub fn guard_fixture(hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u
         timeout_ns: plan.config.flow_timeout_ns,
         ..GuardModel::default()
     };
-    let flows: [(IpAddr, u16, IpAddr, u16, u64); 3] = [
+    // The last two are also exempt (port, source): exemptions must win.
+    let flows: [(IpAddr, u16, IpAddr, u16, u64); 5] = [
         (HOST.into(), 25000, PEER.into(), 7000, now),
         (HOST.into(), 25002, PEER.into(), 7000, stale),
         (HOST6.into(), 25000, PEER6.into(), 7000, now),
+        (HOST.into(), 25001, PEER.into(), 7000, now),
+        (HOST.into(), 25000, std::net::Ipv4Addr::new(203, 0, 113, 9).into(), 7000, now),
     ];
     for (l, lp, r, rp, seen) in flows {
         h.insert_flow(&flow_key(l, lp, Some((r, rp))), seen).unwrap();
