@@ -59,7 +59,9 @@ static __always_inline void flow_key_of_ingress(struct natfix_flow_key *key, con
 /* An eighth of a second: a shift, not a division (the JIT would run a div). */
 static __always_inline __u64 flow_cache_window(void)
 {
-	return natfix_hz >= 8 ? natfix_hz >> 3 : natfix_hz;
+	__u64 hz = natfix_hz; /* one load of the volatile */
+
+	return hz >= 8 ? hz >> 3 : hz;
 }
 
 /* The slot of an arriving tuple: daddr[0]^daddr[3]^saddr[0]^saddr[3]^ports
@@ -110,12 +112,11 @@ static __always_inline int flow_cache_fresh(const struct natfix_flow_cache_slot 
 	return slot && now_jiffies - slot->checked_jiffies < flow_cache_window();
 }
 
-/* An IPv4 tuple, given as the packet's fields, against a slot. */
-static __always_inline int flow_cache_hit_v4(const struct natfix_flow_cache_slot *slot, __u32 daddr, __u32 saddr,
-					     __u16 dport, __u16 sport, __u64 now_jiffies)
+/* An IPv4 tuple, given as the packet's fields, against a fresh slot. */
+static __always_inline int flow_cache_tuple_v4(const struct natfix_flow_cache_slot *slot, __u32 daddr, __u32 saddr,
+					       __u16 dport, __u16 sport)
 {
-	return flow_cache_fresh(slot, now_jiffies) &&
-	       flow_cache_key_ports_family(slot) == flow_cache_ports_family(dport, sport, NATFIX_FAMILY_V4) &&
+	return flow_cache_key_ports_family(slot) == flow_cache_ports_family(dport, sport, NATFIX_FAMILY_V4) &&
 	       slot->key.local_addr[0] == daddr && slot->key.remote_addr[0] == saddr;
 }
 

@@ -123,14 +123,15 @@ static __always_inline void guard_pkt_v4(struct natfix_pkt *pkt, __u32 saddr, __
  * The common case in registers: an IPv4 datagram without IP options, in one
  * fragment. It reaches the verdict the general path would (the differential
  * tests hold both to the Rust model) without building a natfix_pkt unless the
- * flow source must be asked. Returns a counter; or GUARD_NEED_FLOW with *pkt,
- * *slot and *now set; or GUARD_NOT_FAST for any other shape.
+ * flow source must be asked. Returns a counter; or GUARD_NEED_FLOW with *pkt
+ * set; or GUARD_NOT_FAST for any other shape.
  */
-static __always_inline int guard_v4_fast(void *data, void *data_end, struct natfix_pkt *pkt,
-					 struct natfix_flow_cache_slot **slot, __u64 *now)
+static __always_inline int guard_v4_fast(void *data, void *data_end, struct natfix_pkt *pkt)
 {
 	struct iphdr *iph = data + sizeof(struct ethhdr);
 	struct udphdr *udp = (void *)(iph + 1);
+	struct natfix_flow_cache_slot *slot;
+	__u64 now;
 	int why;
 
 	if ((void *)(udp + 1) > data_end)
@@ -154,38 +155,38 @@ static __always_inline int guard_v4_fast(void *data, void *data_end, struct natf
 	}
 	/* The tuple is read from the packet again after each call rather than
 	 * kept in registers the calls clobber: L1 loads instead of stack spills. */
-	*slot = flow_cache_slot_of(iph->daddr ^ iph->saddr, udp->dest, udp->source);
-	*now = bpf_jiffies64();
-	if (flow_cache_hit_v4(*slot, iph->daddr, iph->saddr, udp->dest, udp->source, *now))
+	slot = flow_cache_slot_of(iph->daddr ^ iph->saddr, udp->dest, udp->source);
+	now = bpf_jiffies64();
+	if (flow_cache_fresh(slot, now) && flow_cache_tuple_v4(slot, iph->daddr, iph->saddr, udp->dest, udp->source))
 		return NATFIX_CNT_GUARD_PASS_SOLICITED;
 	guard_pkt_v4(pkt, iph->saddr, iph->daddr, udp->source, udp->dest);
 	return GUARD_NEED_FLOW;
 }
 
 /* Everything before the flow source: a counter, or GUARD_NEED_FLOW with
- * *pkt, *slot and *now set for guard_answer(). */
-static __always_inline int guard_lookup(void *data, void *data_end, struct natfix_pkt *pkt,
-					struct natfix_flow_cache_slot **slot, __u64 *now)
+ * *pkt set for the source and guard_answer(). */
+static __always_inline int guard_lookup(void *data, void *data_end, struct natfix_pkt *pkt)
 {
-	int why = guard_v4_fast(data, data_end, pkt, slot, now);
+	int why = guard_v4_fast(data, data_end, pkt);
 
 	if (why != GUARD_NOT_FAST)
 		return why;
 	why = guard_classify(natfix_parse_udp(data, data_end, pkt), pkt);
 	if (why != GUARD_NEED_FLOW)
 		return why;
-	*slot = flow_cache_slot(pkt);
-	*now = bpf_jiffies64();
-	return flow_cache_hit(*slot, pkt, *now) ? NATFIX_CNT_GUARD_PASS_SOLICITED : GUARD_NEED_FLOW;
+	return flow_cache_hit(flow_cache_slot(pkt), pkt, bpf_jiffies64()) ? NATFIX_CNT_GUARD_PASS_SOLICITED
+									  : GUARD_NEED_FLOW;
 }
 
-/* The flow source's answer as the verdict; a "solicited" is cached. */
-static __always_inline int guard_answer(int solicited, struct natfix_flow_cache_slot *slot,
-					const struct natfix_pkt *pkt, __u64 now)
+/* The flow source's answer as the verdict; a "solicited" is cached. The slot
+ * is looked up again here rather than kept from guard_lookup(): keeping it
+ * across the source's calls costs the hit path stack spills, and a
+ * solicited miss is rare (once per window per flow and CPU). */
+static __always_inline int guard_answer(int solicited, const struct natfix_pkt *pkt)
 {
 	if (!solicited)
 		return guard_unsolicited();
-	flow_cache_fill(slot, pkt, now);
+	flow_cache_fill(flow_cache_slot(pkt), pkt, bpf_jiffies64());
 	return NATFIX_CNT_GUARD_PASS_SOLICITED;
 }
 

@@ -23,9 +23,7 @@ int natfix_guard_tc(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	struct natfix_flow_cache_slot *slot = NULL;
 	struct natfix_pkt pkt;
-	__u64 now = 0;
 	int why;
 
 	if (data_end - data < GUARD_TC_PULL_LEN && skb->len > data_end - data) {
@@ -34,12 +32,12 @@ int natfix_guard_tc(struct __sk_buff *skb)
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 	}
-	why = guard_lookup(data, data_end, &pkt, &slot, &now);
+	why = guard_lookup(data, data_end, &pkt);
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
-		why = guard_answer(NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt), slot, &pkt, now);
+		why = guard_answer(NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt), &pkt);
 #else
-		why = guard_answer(flow_own_solicited(&pkt), slot, &pkt, now);
+		why = guard_answer(flow_own_solicited(&pkt), &pkt);
 #endif
 		if (why != NATFIX_CNT_GUARD_PASS_SOLICITED)
 			natfix_emit(why, &pkt, skb->ifindex, skb->len);

@@ -22,16 +22,14 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u32 len = data_end - data;
-	struct natfix_flow_cache_slot *slot = NULL;
 	struct natfix_pkt pkt;
-	__u64 now = 0;
-	int why = guard_lookup(data, data_end, &pkt, &slot, &now);
+	int why = guard_lookup(data, data_end, &pkt);
 
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
-		why = guard_answer(NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt), slot, &pkt, now);
+		why = guard_answer(NATFIX_CT_SOLICITED(bpf_xdp_ct_lookup, ctx, &pkt), &pkt);
 #else
-		why = guard_answer(flow_own_solicited(&pkt), slot, &pkt, now);
+		why = guard_answer(flow_own_solicited(&pkt), &pkt);
 #endif
 		if (why != NATFIX_CNT_GUARD_PASS_SOLICITED)
 			natfix_emit(why, &pkt, ctx->ingress_ifindex, len);
