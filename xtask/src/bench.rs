@@ -159,11 +159,12 @@ fn system_benches(runs: u32) -> Result<Vec<Value>> {
     // XDP on a veth costs by itself (no GRO/TSO aggregation): natfix's XDP
     // guard is compared with an empty XDP program, its tc guard with no program.
     let empty_obj = bench_empty_object()?;
-    // One measurement of configuration 0 (no program), 1 (empty XDP), 2 (natfix XDP) or 3 (natfix tc).
+    // One measurement of configuration 0 (no program), 1 and 4 (empty XDP: 4 is
+    // the A/A control), 2 (natfix XDP) or 3 (natfix tc).
     let measure = |config: usize| -> Result<f64> {
         match config {
             0 => iperf(&p, 2),
-            1 => {
+            1 | 4 => {
                 sh(&["ip", "-n", &p.a, "link", "set", "dev", "nfxba", "xdpdrv", "obj", &empty_obj, "sec", "xdp", "program", "natfix_empty_xdp"])?;
                 let r = iperf(&p, 2);
                 sh(&["ip", "-n", &p.a, "link", "set", "dev", "nfxba", "xdpdrv", "off"])?;
@@ -181,18 +182,20 @@ fn system_benches(runs: u32) -> Result<Vec<Value>> {
             }
         }
     };
-    let mut series: [Vec<f64>; 4] = Default::default();
+    let mut series: [Vec<f64>; 5] = Default::default();
     for round in 0..runs.max(12) {
         // Each subject right next to its baseline, the order flipped every
         // round (ABBA) so that drift within a round cancels too.
-        let order: [usize; 4] = if round % 2 == 0 { [0, 3, 1, 2] } else { [3, 0, 2, 1] };
+        let order: [usize; 5] = if round % 2 == 0 { [0, 3, 1, 4, 2] } else { [3, 0, 2, 4, 1] };
         for config in order {
             series[config].push(measure(config)?);
         }
     }
-    let [none, empty_xdp, natfix_xdp, natfix_tc] = series;
+    let [none, empty_xdp, natfix_xdp, natfix_tc, empty_xdp_again] = series;
     rows.push(paired_row("throughput", "iperf3 TCP through a veth with natfix's XDP guard (+ tc egress learner)", "Gbit/s", natfix_xdp, "an empty XDP program on the same veth", empty_xdp.clone()));
     rows.push(paired_row("throughput", "iperf3 TCP through a veth with natfix's tc guard (+ tc egress learner)", "Gbit/s", natfix_tc, "no program", none.clone()));
+    // The same configuration measured twice: how far apart these rows land by noise alone.
+    rows.push(paired_row("throughput", "iperf3 A/A control: an empty XDP program against itself (the noise of these rows)", "Gbit/s", empty_xdp_again, "the same empty XDP program", empty_xdp.clone()));
     rows.push(row("throughput", "iperf3 TCP through a veth with an empty native XDP program (the cost of XDP on veth itself)", "Gbit/s", empty_xdp, "no program", none, true));
 
     // Idle RSS of a foreground attach, against `natfix status` (a process that loads nothing).
@@ -315,6 +318,9 @@ const NOTES: &str = "
   (the table is looked up); `drop, port without flows` is decided by the port map.
 - `overlay recompute, steady state` applies the delta learned for the address pair; `full sum`
   is what the first datagram of a pair costs on each CPU, and one datagram a second after that.
+- `overlay zero` rows are option-less IPv4, which the program decides in one pass and hands to
+  its dedicated zeroing writer; IP options and IPv6 take the general parser and the cb-directed
+  writer. Rewrite events are sampled (first and every 64th per CPU) before the budget is asked.
 - `overlay zero, ESP-offloading NIC` is the writer with `bpf_csum_update()`, which natfix only
   uses on interfaces with `esp-hw-offload` (software decryption leaves `CHECKSUM_NONE`).
 - `solicited UDP replies` rows measure legitimate traffic where the guard does the most work per
@@ -326,7 +332,9 @@ const NOTES: &str = "
   rotate three configurations (no tc program, an empty tc program, natfix's tc guard) so that the
   hook's own share and natfix's share on top of it are rows of their own.
 - The iperf3 rows are kept for TCP bulk traffic (out of the guard's scope: parse and count only).
-  Their per-round spread on this machine is about +-25%, so they cannot resolve a 3% difference.
+  Their per-round spread on this machine is about +-25%, so they cannot resolve a 3% difference:
+  the A/A control row measures one configuration against itself in the same rounds, and its
+  ratio and range are what noise alone produces.
 - On this machine every kernel function return goes through the SRSO \"Safe RET\" thunk
   (`spec_rstack_overflow: Vulnerable: Safe RET, no microcode`): each helper call, map-lookup call
   or tail call costs several nanoseconds more than on unmitigated hardware, which is why the
