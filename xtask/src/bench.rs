@@ -272,7 +272,7 @@ fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
         let verdict = target(name).map_or_else(String::new, |(text, ok)| format!("{text}: {}", if ok(r) { "met" } else { "**not met**" }));
         let _ = writeln!(
             s,
-            "| {name} | {} | {} {unit} | {}-{} | {} ({}) | {:.2}x{} | {} | {verdict} |",
+            "| {name} | {} | {} {unit} | {}-{} | {} ({}) | {:.3}x{} | {} | {verdict} |",
             r["runs"], fmt(f("median")), fmt(f("min")), fmt(f("max")), r["baseline"].as_str().unwrap_or(""), fmt(f("baseline_median")), f("ratio"),
             if r["paired"].as_bool() == Some(true) { " *paired*" } else { "" },
             fmt(f("delta"))
