@@ -449,6 +449,6 @@ fn main() {
         flood(runs, n);
     }
     if part != "flood" {
-        legit(env_u32("NATFIX_LEGIT_ROUNDS", 200) as usize, env_u32("NATFIX_LEGIT_WINDOW", 50_000));
+        legit(env_u32("NATFIX_LEGIT_ROUNDS", 600) as usize, env_u32("NATFIX_LEGIT_WINDOW", 50_000));
     }
 }

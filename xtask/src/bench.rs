@@ -327,7 +327,8 @@ const NOTES: &str = "
   byte: 64-byte replies of a flow the application opened, every one through the guard's pass path,
   read by the application. natfix's program and the baseline are swapped on the live veth between
   back-to-back 0.1 s windows (XDP: one link, `bpf_link_update`; tc: tcx attach/detach), so slow
-  drift cancels; single windows still swing by +-30% here, which is why 200 pairs are taken.
+  drift cancels; single windows still swing by +-30% here, which is why 600 pairs are taken
+  (the median of 600 paired ratios still moves by about +-2% between runs).
   The tc guard row includes turning the tc ingress hook on at all, which is not free: the tc rows
   rotate three configurations (no tc program, an empty tc program, natfix's tc guard) so that the
   hook's own share and natfix's share on top of it are rows of their own.
@@ -359,7 +360,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let commands = [
         ("test_run", "cargo bench -p natfix --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
         ("flood", "cargo bench -p natfix --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
-        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 200 rounds of 50,000-frame windows, programs swapped between windows)"),
+        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 600 rounds of 50,000-frame windows, programs swapped between windows)"),
         ("throughput, memory, latency", "cargo xtask bench (iperf3, /proc/PID/status, wall clock of the release binary)"),
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
         ("all of it", "cargo xtask bench"),
