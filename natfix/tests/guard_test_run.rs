@@ -211,9 +211,7 @@ fn flow_cache_forgets_a_removed_flow_within_its_window() {
         return;
     }
     // The cache is per CPU: stay on one so the second run sees the first one's slot.
-    let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    common::pin_to_cpu(0);
     for hook in ["xdp", "tc"] {
         let (mut h, _, _) = setup(hook, &[]);
         let reply = v4(PEER, 7000, 25000);
@@ -241,9 +239,7 @@ fn flow_cache_admits_only_its_exact_tuple() {
     if !common::require_root() {
         return;
     }
-    let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    common::pin_to_cpu(0);
     let slot = cache_slot(PEER, 7000, HOST, 25000);
     let near = |a: Ipv4Addr| (1u32..1 << 16).map(move |i| Ipv4Addr::from(u32::from(a) ^ i));
     let src = near(PEER).find(|s| cache_slot(*s, 7000, HOST, 25000) == slot).expect("a remote address in the slot");

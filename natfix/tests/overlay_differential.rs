@@ -23,9 +23,7 @@ fn run(flags: u32, cpu: usize) {
     // (each test its own, so the two run side by side).
     let mut cfg = OverlayConfig { nr_ports: 2, flags, delta_window_jiffies: u32::MAX, ..OverlayConfig::default() };
     cfg.vxlan_ports[..2].copy_from_slice(&[4789, 7789]);
-    let mut one_cpu = nix::sched::CpuSet::new();
-    one_cpu.set(cpu % std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one_cpu).unwrap();
+    common::pin_to_cpu(cpu);
     let h = OverlayHarness::load(&cfg).unwrap();
     let cache = std::cell::RefCell::new(overlay::DeltaCache::default());
 

@@ -170,13 +170,6 @@ fn model_checksum_agrees_with_etherparse() {
     }
 }
 
-/// Stay on one CPU: learned deltas are per CPU.
-fn pin_to_cpu0() {
-    let mut one = nix::sched::CpuSet::new();
-    one.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
-}
-
 /// A datagram as a 1:1 NAT delivers it: its checksum sealed (inside ESP) over
 /// `sealed`, its addresses now `src` -> `dst`.
 fn natted(sealed: (IpAddr, IpAddr), src: IpAddr, dst: IpAddr, payload: &[u8]) -> (Vec<u8>, usize) {
@@ -195,7 +188,7 @@ fn recompute_learns_the_nat_delta_and_stays_exact() {
     if !common::require_root() {
         return;
     }
-    pin_to_cpu0();
+    common::pin_to_cpu(0); // learned deltas are per CPU
     let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
     cfg.delta_window_jiffies = u32::MAX;
     let h = OverlayHarness::load(&cfg).unwrap();
@@ -232,7 +225,7 @@ fn a_learned_delta_is_relearned_after_its_window() {
     if !common::require_root() {
         return;
     }
-    pin_to_cpu0();
+    common::pin_to_cpu(0); // learned deltas are per CPU
     let hz = natfix::features::kernel_hz().expect("HZ");
     let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
     cfg.delta_window_jiffies = hz / 10; // 100 ms
@@ -283,7 +276,7 @@ fn rewrite_events_are_sampled_with_their_addresses() {
     if !common::require_root() {
         return;
     }
-    pin_to_cpu0();
+    common::pin_to_cpu(0); // learned deltas are per CPU
     let cfg = config(OVERLAY_F_NO_SECPATH);
     let mut h = OverlayHarness::load(&cfg).unwrap();
     let fast = vxlan4(4789, 100);
