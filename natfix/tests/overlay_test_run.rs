@@ -288,7 +288,7 @@ fn rewrite_events_are_sampled_with_their_addresses() {
     let with_options = packet::eth(0x0800, &l3);
 
     let ev = |e: &natfix::abi::Event| (Counter::from_slot(e.counter), e.src().to_string(), e.dst().to_string(), e.len);
-    let zeroed = |src: &str, dst: &str, len: usize| (Some(Counter::OverlayZeroed), src.to_owned(), dst.to_owned(), len as u32);
+    let zeroed = |src: &str, dst: &str, len: usize| (Some(Counter::OverlayZeroed), src.to_owned(), dst.to_owned(), u32::try_from(len).unwrap());
 
     // This CPU's ZEROED count runs 1..=130: events at 1, 65 and 129.
     for _ in 0..130 {
@@ -306,7 +306,7 @@ fn rewrite_events_are_sampled_with_their_addresses() {
     let v6 = vxlan6(7789, 100);
     let counter = run(&h, &cfg, &v6, "v6").0;
     let events: Vec<_> = h.take_events().unwrap().iter().map(ev).collect();
-    assert_eq!(events, vec![(Some(counter), "[2001:db8:1::a]:40000".into(), "[2001:db8:2::2]:7789".into(), v6.len() as u32)]);
+    assert_eq!(events, vec![(Some(counter), "[2001:db8:1::a]:40000".into(), "[2001:db8:2::2]:7789".into(), u32::try_from(v6.len()).unwrap())]);
 
     // Without the writers the helper writes, and samples alike.
     let mut helper = OverlayHarness::load_without_writer(&cfg).unwrap();
