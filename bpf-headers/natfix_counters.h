@@ -16,27 +16,22 @@ struct {
 	__type(value, struct natfix_counter_value);
 } natfix_counters SEC(".maps") __weak;
 
-static __always_inline void natfix_count(__u32 counter, __u64 bytes)
-{
-	struct natfix_counter_value *v = bpf_map_lookup_elem(&natfix_counters, &counter);
-
-	/* Per-CPU slot: plain adds are race-free. */
-	if (v) {
-		v->packets++;
-		v->bytes += bytes;
-	}
-}
-
-/* natfix_count() that also returns this CPU's packet count after it (0 when
- * the slot is missing): event sampling keys off it at no extra lookup. */
+/* Counts one packet of `bytes` under `counter`; returns this CPU's packet
+ * count after it (0 when the slot is missing): event sampling keys off it. */
 static __always_inline __u64 natfix_count_n(__u32 counter, __u64 bytes)
 {
 	struct natfix_counter_value *v = bpf_map_lookup_elem(&natfix_counters, &counter);
 
+	/* Per-CPU slot: plain adds are race-free. */
 	if (!v)
 		return 0;
 	v->bytes += bytes;
 	return ++v->packets;
+}
+
+static __always_inline void natfix_count(__u32 counter, __u64 bytes)
+{
+	natfix_count_n(counter, bytes);
 }
 
 #endif /* NATFIX_COUNTERS_H */

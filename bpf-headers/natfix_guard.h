@@ -108,11 +108,7 @@ static __always_inline int guard_unsolicited(void)
 
 static __always_inline void guard_pkt_v4(struct natfix_pkt *pkt, __u32 saddr, __u32 daddr, __u16 sport, __u16 dport)
 {
-	pkt->family = NATFIX_FAMILY_V4;
-	pkt->saddr[0] = saddr;
-	pkt->daddr[0] = daddr;
-	pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
-	pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+	natfix_pkt_set_v4(pkt, saddr, daddr);
 	pkt->sport = sport;
 	pkt->dport = dport;
 	pkt->l3_off = sizeof(struct ethhdr);
@@ -120,29 +116,20 @@ static __always_inline void guard_pkt_v4(struct natfix_pkt *pkt, __u32 saddr, __
 }
 
 /*
- * The common case in registers: an IPv4 datagram without IP options, in one
- * fragment. It reaches the verdict the general path would (the differential
- * tests hold both to the Rust model) without building a natfix_pkt unless the
+ * The common case in registers (natfix_udp4_plain()'s shape). It reaches the
+ * verdict the general path would without building a natfix_pkt unless the
  * flow source must be asked. Returns a counter; or GUARD_NEED_FLOW with *pkt
  * set; or GUARD_NOT_FAST for any other shape.
  */
 static __always_inline int guard_v4_fast(void *data, void *data_end, struct natfix_pkt *pkt)
 {
 	struct iphdr *iph = data + sizeof(struct ethhdr);
-	struct udphdr *udp = (void *)(iph + 1);
+	struct udphdr *udp = natfix_udp4_plain(data, data_end);
 	struct natfix_flow_cache_slot *slot;
 	__u64 now;
 	int why;
 
-	if ((void *)(udp + 1) > data_end)
-		return GUARD_NOT_FAST;
-	/* EtherType IPv4; version 4 with a 20-byte header; UDP and not a
-	 * fragment (frag_off, ttl and protocol tested as one word). */
-	if (*(__u16 *)(data + offsetof(struct ethhdr, h_proto)) != bpf_htons(ETH_P_IP) ||
-	    *(__u8 *)iph != 0x45 ||
-	    (*(__u32 *)&iph->frag_off & bpf_htonl(0x1fff00ff)) != bpf_htonl(IPPROTO_UDP))
-		return GUARD_NOT_FAST;
-	if (bpf_ntohs(iph->tot_len) < sizeof(*iph) || bpf_ntohs(udp->len) < sizeof(*udp))
+	if (!udp)
 		return GUARD_NOT_FAST;
 	if (!guard_port_guarded(udp->dest))
 		return NATFIX_CNT_GUARD_OUT_OF_SCOPE;

@@ -63,8 +63,18 @@ static __always_inline int natfix_parse_udp_hdr(void *data, void *data_end, __u3
 	return NATFIX_PARSE_UDP;
 }
 
+/* An IPv4 packet's addresses in natfix_pkt's form (words 1-3 zero). */
+static __always_inline void natfix_pkt_set_v4(struct natfix_pkt *pkt, __u32 saddr, __u32 daddr)
+{
+	pkt->family = NATFIX_FAMILY_V4;
+	pkt->saddr[0] = saddr;
+	pkt->daddr[0] = daddr;
+	pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
+	pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
+}
+
 static __always_inline int natfix_parse_ipv4(void *data, void *data_end, __u32 off,
-					     struct natfix_pkt *pkt, const int addrs)
+					     struct natfix_pkt *pkt)
 {
 	struct iphdr *iph = data + off;
 	__u32 hlen;
@@ -83,13 +93,7 @@ static __always_inline int natfix_parse_ipv4(void *data, void *data_end, __u32 o
 	if (iph->frag_off & bpf_htons(0x1fff))
 		return NATFIX_PARSE_FRAGMENT;
 
-	pkt->family = NATFIX_FAMILY_V4;
-	if (addrs) {
-		pkt->saddr[0] = iph->saddr;
-		pkt->daddr[0] = iph->daddr;
-		pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
-		pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
-	}
+	natfix_pkt_set_v4(pkt, iph->saddr, iph->daddr);
 	pkt->l3_off = off;
 	return natfix_parse_udp_hdr(data, data_end, off + hlen, pkt);
 }
@@ -107,7 +111,7 @@ struct natfix_ipv6_frag_hdr {
 };
 
 static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 off,
-					     struct natfix_pkt *pkt, const int addrs)
+					     struct natfix_pkt *pkt)
 {
 	struct ipv6hdr *ip6 = data + off;
 	__u8 nexthdr;
@@ -119,10 +123,8 @@ static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 o
 		return NATFIX_PARSE_MALFORMED;
 
 	pkt->family = NATFIX_FAMILY_V6;
-	if (addrs) {
-		__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
-		__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
-	}
+	__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
 	pkt->l3_off = off;
 	nexthdr = ip6->nexthdr;
 	off += sizeof(*ip6);
@@ -171,8 +173,8 @@ static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 o
 	return NATFIX_PARSE_MALFORMED;
 }
 
-static __always_inline int natfix_parse_eth(void *data, void *data_end, struct natfix_pkt *pkt,
-					    const int addrs)
+/* Parse an Ethernet frame down to its UDP header. */
+static __always_inline int natfix_parse_udp(void *data, void *data_end, struct natfix_pkt *pkt)
 {
 	struct ethhdr *eth = data;
 
@@ -180,53 +182,39 @@ static __always_inline int natfix_parse_eth(void *data, void *data_end, struct n
 		return NATFIX_PARSE_MALFORMED;
 	switch (eth->h_proto) {
 	case bpf_htons(ETH_P_IP):
-		return natfix_parse_ipv4(data, data_end, sizeof(*eth), pkt, addrs);
+		return natfix_parse_ipv4(data, data_end, sizeof(*eth), pkt);
 	case bpf_htons(ETH_P_IPV6):
-		return natfix_parse_ipv6(data, data_end, sizeof(*eth), pkt, addrs);
+		return natfix_parse_ipv6(data, data_end, sizeof(*eth), pkt);
 	default:
 		return NATFIX_PARSE_OTHER;
 	}
 }
 
-/* Parse an Ethernet frame down to its UDP header. */
-static __always_inline int natfix_parse_udp(void *data, void *data_end, struct natfix_pkt *pkt)
+/*
+ * The common shape in one pass, for hot paths that decide it in registers:
+ * an untagged frame carrying an IPv4 datagram without options, in one
+ * fragment, with a whole UDP header. Returns that header (the IP header is at
+ * data + 14), or NULL for any other shape, which natfix_parse_udp() then
+ * decides. For the shapes it accepts, natfix_parse_udp() returns
+ * NATFIX_PARSE_UDP with the same offsets (the differential tests hold both
+ * paths to the Rust model).
+ */
+static __always_inline struct udphdr *natfix_udp4_plain(void *data, void *data_end)
 {
-	return natfix_parse_eth(data, data_end, pkt, 1);
-}
+	struct iphdr *iph = data + sizeof(struct ethhdr);
+	struct udphdr *udp = (void *)(iph + 1);
 
-/* As natfix_parse_udp() but leaves saddr/daddr unset: a path that rarely
- * needs them (the overlay's zero path) fetches them with natfix_load_addrs()
- * rather than pay a dozen stack stores on every packet. */
-static __always_inline int natfix_parse_udp_ports(void *data, void *data_end, struct natfix_pkt *pkt)
-{
-	return natfix_parse_eth(data, data_end, pkt, 0);
-}
-
-/* Fill saddr/daddr of a packet natfix_parse_udp_ports() parsed as UDP.
- * Returns -1 only if the headers are no longer within [data, data_end). */
-static __always_inline int natfix_load_addrs(void *data, void *data_end, struct natfix_pkt *pkt)
-{
-	/* The mask bounds the offset for the verifier; parse keeps it < 64 KiB. */
-	__u32 off = pkt->l3_off & 0xffff;
-
-	if (pkt->family == NATFIX_FAMILY_V4) {
-		struct iphdr *iph = data + off;
-
-		if ((void *)(iph + 1) > data_end)
-			return -1;
-		pkt->saddr[0] = iph->saddr;
-		pkt->daddr[0] = iph->daddr;
-		pkt->saddr[1] = pkt->saddr[2] = pkt->saddr[3] = 0;
-		pkt->daddr[1] = pkt->daddr[2] = pkt->daddr[3] = 0;
-	} else {
-		struct ipv6hdr *ip6 = data + off;
-
-		if ((void *)(ip6 + 1) > data_end)
-			return -1;
-		__builtin_memcpy(pkt->saddr, &ip6->saddr, 16);
-		__builtin_memcpy(pkt->daddr, &ip6->daddr, 16);
-	}
-	return 0;
+	if ((void *)(udp + 1) > data_end)
+		return NULL;
+	/* EtherType IPv4; version 4 with a 20-byte header; UDP and not a
+	 * fragment (frag_off, ttl and protocol tested as one word). */
+	if (*(__u16 *)(data + offsetof(struct ethhdr, h_proto)) != bpf_htons(ETH_P_IP) ||
+	    *(__u8 *)iph != 0x45 ||
+	    (*(__u32 *)&iph->frag_off & bpf_htonl(0x1fff00ff)) != bpf_htonl(IPPROTO_UDP))
+		return NULL;
+	if (bpf_ntohs(iph->tot_len) < sizeof(*iph) || bpf_ntohs(udp->len) < sizeof(*udp))
+		return NULL;
+	return udp;
 }
 
 #endif /* NATFIX_PARSE_H */

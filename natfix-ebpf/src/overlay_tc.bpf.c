@@ -40,19 +40,15 @@ struct {
 	__type(value, __u32);
 } overlay_writer SEC(".maps");
 
-/* What overlay_fix() decided to write, and where the packet's headers are
- * (for its event); natfix_overlay_write gets it in skb->cb. */
+/* What overlay_fix() decided to write; natfix_overlay_write gets it in skb->cb. */
 struct overlay_rewrite {
 	__u32 check_off; /* offset of the UDP checksum from data */
 	__u16 check;     /* the value to write, as it sits in the packet */
-	__u16 l3_off;    /* offset of the IP header from data */
-	__u8 family;     /* NATFIX_FAMILY_V4 or _V6 */
 };
 
 #define OVERLAY_CB_OFF 0
 #define OVERLAY_CB_CHECK 1
 #define OVERLAY_CB_COUNTER 2
-#define OVERLAY_CB_L3 3 /* l3_off | family << 16 */
 
 /* The UDP header and checksum of an option-less IPv4 datagram in an Ethernet frame. */
 #define OVERLAY_V4_UDP_OFF (sizeof(struct ethhdr) + sizeof(struct iphdr))
@@ -107,8 +103,6 @@ static __always_inline int overlay_recompute(struct __sk_buff *skb, struct natfi
 	__u16 sent = udp->check;
 	__u64 now = 0;
 
-	if (natfix_load_addrs(data, data_end, pkt))
-		return NATFIX_CNT_OVERLAY_MALFORMED;
 	if (sent && window) {
 		now = bpf_jiffies64();
 		slot = csum_delta_slot(pkt);
@@ -144,8 +138,7 @@ static __always_inline int overlay_fix(struct __sk_buff *skb, struct overlay_rew
 	__u32 udp_len;
 	int rc, gate;
 
-	/* Addresses only when needed: the zero path never reads them. */
-	rc = natfix_parse_udp_ports(data, data_end, &pkt);
+	rc = natfix_parse_udp(data, data_end, &pkt);
 	if (rc == NATFIX_PARSE_MALFORMED)
 		return NATFIX_CNT_OVERLAY_MALFORMED;
 	if (rc != NATFIX_PARSE_UDP || !overlay_port(pkt.dport))
@@ -162,8 +155,6 @@ static __always_inline int overlay_fix(struct __sk_buff *skb, struct overlay_rew
 	if (pkt.l4_off + udp_len > skb->len)
 		return NATFIX_CNT_OVERLAY_MALFORMED;
 	rw->check_off = pkt.l4_off + offsetof(struct udphdr, check);
-	rw->l3_off = pkt.l3_off;
-	rw->family = pkt.family;
 
 	if (pkt.family == NATFIX_FAMILY_V4 && !(natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_RECOMPUTE)) {
 		rw->check = 0;
@@ -173,30 +164,20 @@ static __always_inline int overlay_fix(struct __sk_buff *skb, struct overlay_rew
 }
 
 /*
- * The common case in one pass, for zero mode: an IPv4 datagram without IP
- * options, in one fragment, to a VXLAN port. For these packets it reaches the
- * verdict overlay_fix() would (the Rust model checks both paths) in half the
- * instructions. Returns the counter, or -1 when the packet is not of that shape.
+ * The common case in one pass, for zero mode: a datagram of
+ * natfix_udp4_plain()'s shape to a VXLAN port. For these packets it reaches
+ * the verdict overlay_fix() would in half the instructions. Returns the
+ * counter, or -1 when the packet is not of that shape.
  */
 static __always_inline int overlay_zero_v4_fast(struct __sk_buff *skb)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct iphdr *iph = data + sizeof(struct ethhdr);
-	struct udphdr *udp = (void *)(iph + 1);
+	struct udphdr *udp;
 	int gate;
 
 	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_RECOMPUTE)
 		return -1;
-	if ((void *)(udp + 1) > data_end)
-		return -1;
-	/* EtherType IPv4; version 4 with a 20-byte header; UDP and not a
-	 * fragment (frag_off, ttl and protocol tested as one word). */
-	if (*(__u16 *)(data + offsetof(struct ethhdr, h_proto)) != bpf_htons(ETH_P_IP) ||
-	    *(__u8 *)iph != 0x45 ||
-	    (*(__u32 *)&iph->frag_off & bpf_htonl(0x1fff00ff)) != bpf_htonl(IPPROTO_UDP))
-		return -1;
-	if (bpf_ntohs(iph->tot_len) < sizeof(*iph) || bpf_ntohs(udp->len) < sizeof(*udp))
+	udp = natfix_udp4_plain((void *)(long)skb->data, (void *)(long)skb->data_end);
+	if (!udp)
 		return -1;
 	if (!overlay_port(udp->dest))
 		return NATFIX_CNT_OVERLAY_NOT_VXLAN;
@@ -208,44 +189,35 @@ static __always_inline int overlay_zero_v4_fast(struct __sk_buff *skb)
 	return NATFIX_CNT_OVERLAY_ZEROED;
 }
 
-/* A sampled rewrite event; the headers are re-read (they were checked). */
-static __always_inline void overlay_emit(struct __sk_buff *skb, __u32 counter, __u32 l3_off, __u8 family,
-					 __u32 check_off)
+/* A sampled rewrite event. Rare (see natfix_event_sampled()), so the writer
+ * parses the packet again rather than be handed its addresses. */
+static __always_inline void overlay_emit(struct __sk_buff *skb, __u32 counter)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct natfix_pkt pkt = { .l3_off = l3_off & 0x7fff, .family = family };
-	/* Masked as in the writer: the verifier needs a bounded offset. */
-	struct udphdr *udp = data + ((check_off - offsetof(struct udphdr, check)) & 0x7fff);
+	struct natfix_pkt pkt;
 
-	if ((void *)(udp + 1) > data_end || natfix_load_addrs(data, data_end, &pkt))
-		return;
-	pkt.sport = udp->source;
-	pkt.dport = udp->dest;
-	natfix_emit(counter, &pkt, skb->ifindex, skb->len);
+	if (natfix_parse_udp((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt) == NATFIX_PARSE_UDP)
+		natfix_emit(counter, &pkt, skb->ifindex, skb->len);
 }
 
 /* Count a rewrite and maybe sample it as an event. */
-static __always_inline void overlay_count_rewrite(struct __sk_buff *skb, __u32 why, __u32 l3_off, __u8 family,
-						  __u32 check_off)
+static __always_inline void overlay_count_rewrite(struct __sk_buff *skb, __u32 why)
 {
 	if (natfix_event_sampled(natfix_count_n(why, skb->len)))
-		overlay_emit(skb, why, l3_off, family, check_off);
+		overlay_emit(skb, why);
 }
 
 /* Hand a rewrite to the cb-directed writer; without it, write with the helper
  * (which unclones only this packet). Returns only when the writer is absent. */
-static __always_inline void overlay_write(struct __sk_buff *skb, const struct overlay_rewrite *rw, int why)
+static __always_inline void overlay_write(struct __sk_buff *skb, struct overlay_rewrite *rw, int why)
 {
 	skb->cb[OVERLAY_CB_OFF] = rw->check_off;
 	skb->cb[OVERLAY_CB_CHECK] = rw->check;
 	skb->cb[OVERLAY_CB_COUNTER] = why;
-	skb->cb[OVERLAY_CB_L3] = rw->l3_off | (__u32)rw->family << 16;
 	bpf_tail_call(skb, &overlay_writer, OVERLAY_WRITER_ANY);
 	if (bpf_skb_store_bytes(skb, rw->check_off, &rw->check, sizeof(rw->check), BPF_F_RECOMPUTE_CSUM))
 		natfix_count(NATFIX_CNT_OVERLAY_ERROR, skb->len);
 	else
-		overlay_count_rewrite(skb, why, rw->l3_off, rw->family, rw->check_off);
+		overlay_count_rewrite(skb, why);
 }
 
 SEC("classifier")
@@ -259,8 +231,6 @@ int natfix_overlay_tc(struct __sk_buff *skb)
 		/* Still here: no writer for this slot. */
 		rw.check_off = OVERLAY_V4_CHECK_OFF;
 		rw.check = 0;
-		rw.l3_off = sizeof(struct ethhdr);
-		rw.family = NATFIX_FAMILY_V4;
 		overlay_write(skb, &rw, why);
 		return NATFIX_TC_NEXT;
 	}
@@ -294,17 +264,16 @@ int natfix_overlay_write(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
-	__u32 check_off = skb->cb[OVERLAY_CB_OFF], l3 = skb->cb[OVERLAY_CB_L3];
 	/* The UDP header sits within 17 KiB (8 extension headers at most);
 	 * the mask lets the verifier bound the offset below its 64 KiB limit. */
-	__u16 *check = data + (check_off & 0x7fff);
+	__u16 *check = data + (skb->cb[OVERLAY_CB_OFF] & 0x7fff);
 
 	if ((void *)(check + 1) > data_end) {
 		natfix_count(NATFIX_CNT_OVERLAY_ERROR, skb->len);
 		return NATFIX_TC_NEXT;
 	}
 	overlay_store(skb, check, skb->cb[OVERLAY_CB_CHECK]);
-	overlay_count_rewrite(skb, skb->cb[OVERLAY_CB_COUNTER], l3 & 0xffff, l3 >> 16, check_off);
+	overlay_count_rewrite(skb, skb->cb[OVERLAY_CB_COUNTER]);
 	return NATFIX_TC_NEXT;
 }
 
@@ -321,8 +290,7 @@ int natfix_overlay_write_v4z(struct __sk_buff *skb)
 		return NATFIX_TC_NEXT;
 	}
 	overlay_store(skb, check, 0);
-	overlay_count_rewrite(skb, NATFIX_CNT_OVERLAY_ZEROED, sizeof(struct ethhdr), NATFIX_FAMILY_V4,
-			      OVERLAY_V4_CHECK_OFF);
+	overlay_count_rewrite(skb, NATFIX_CNT_OVERLAY_ZEROED);
 	return NATFIX_TC_NEXT;
 }
 
