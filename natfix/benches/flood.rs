@@ -24,7 +24,7 @@ use clap::Parser as _;
 use natfix::{
     cli::{Cli, Command as CliCommand},
     abi::Counter,
-    harness::{GuardHarness, flow_key, monotonic_ns, packet},
+    harness::{GuardHarness, flow_key, monotonic_ns, packet, pin_to_cpu},
     lab::{LabNs, bind_udp, link, run, sock},
     loader, netns::Netns, stats,
 };
@@ -103,13 +103,6 @@ fn receiver_xdp(ns: &Netns, program: &'static str) -> aya::Ebpf {
 fn bench_count(ebpf: &aya::Ebpf, map: &str) -> u64 {
     let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = aya::maps::PerCpuArray::try_from(ebpf.map(map).unwrap()).unwrap();
     map.get(&0, 0).unwrap().iter().sum()
-}
-
-/// Pins the calling thread to one CPU.
-fn pin_to_cpu(cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    set.set(cpu).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
 }
 
 /// Sends `n` copies of the frame out of the generator's veth, from CPU 0
@@ -254,7 +247,7 @@ impl Generator {
         let (frame, ifindex, netns) = (rig.frame.clone(), rig.gen_ifindex, rig.gen_ns.netns().unwrap());
         std::thread::spawn(move || {
             netns.run(move || {
-                pin_to_cpu(0);
+                pin_to_cpu(0).unwrap();
                 let mut ebpf = aya::Ebpf::load(objects::BENCH_EMPTY)?;
                 let p: &mut Xdp = ebpf.program_mut(programs::GEN_XDP).unwrap().try_into()?;
                 p.load()?;
@@ -323,7 +316,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
     let reader = {
         let (got, done) = (got.clone(), done.clone());
         std::thread::spawn(move || {
-            pin_to_cpu(1); // the generator and the receive softirq run on CPU 0
+            pin_to_cpu(1).unwrap(); // the generator and the receive softirq run on CPU 0
             let mut buf = [0u8; 2048];
             loop {
                 match socket.recv(&mut buf) {

@@ -23,6 +23,16 @@ pub const TC_ACT_SHOT: u32 = 2;
 /// TC_ACT_UNSPEC (-1): "next", natfix's pass verdict in tc.
 pub const TC_NEXT: u32 = u32::MAX;
 
+/// Keeps the calling thread on one CPU (modulo the CPUs there are): per-CPU
+/// state (flow cache, learned deltas, counters) is then the one it sees, and
+/// a benchmark's threads stay where they were put.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(cpu % std::thread::available_parallelism().map_or(1, std::num::NonZero::get))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one)?;
+    Ok(())
+}
+
 /// The guard object loaded with one configuration, programs loaded, nothing attached.
 pub struct GuardHarness {
     ebpf: Ebpf,

@@ -211,7 +211,7 @@ fn flow_cache_forgets_a_removed_flow_within_its_window() {
         return;
     }
     // The cache is per CPU: stay on one so the second run sees the first one's slot.
-    common::pin_to_cpu(0);
+    natfix::harness::pin_to_cpu(0).unwrap();
     for hook in ["xdp", "tc"] {
         let (mut h, _, _) = setup(hook, &[]);
         let reply = v4(PEER, 7000, 25000);
@@ -239,7 +239,7 @@ fn flow_cache_admits_only_its_exact_tuple() {
     if !common::require_root() {
         return;
     }
-    common::pin_to_cpu(0);
+    natfix::harness::pin_to_cpu(0).unwrap();
     let slot = cache_slot(PEER, 7000, HOST, 25000);
     let near = |a: Ipv4Addr| (1u32..1 << 16).map(move |i| Ipv4Addr::from(u32::from(a) ^ i));
     let src = near(PEER).find(|s| cache_slot(*s, 7000, HOST, 25000) == slot).expect("a remote address in the slot");

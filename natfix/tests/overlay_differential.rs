@@ -23,7 +23,7 @@ fn run(flags: u32, cpu: usize) {
     // (each test its own, so the two run side by side).
     let mut cfg = OverlayConfig { nr_ports: 2, flags, delta_window_jiffies: u32::MAX, ..OverlayConfig::default() };
     cfg.vxlan_ports[..2].copy_from_slice(&[4789, 7789]);
-    common::pin_to_cpu(cpu);
+    natfix::harness::pin_to_cpu(cpu).unwrap();
     let h = OverlayHarness::load(&cfg).unwrap();
     let cache = std::cell::RefCell::new(overlay::DeltaCache::default());
 

@@ -188,7 +188,7 @@ fn recompute_learns_the_nat_delta_and_stays_exact() {
     if !common::require_root() {
         return;
     }
-    common::pin_to_cpu(0); // learned deltas are per CPU
+    natfix::harness::pin_to_cpu(0).unwrap(); // learned deltas are per CPU
     let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
     cfg.delta_window_jiffies = u32::MAX;
     let h = OverlayHarness::load(&cfg).unwrap();
@@ -225,7 +225,7 @@ fn a_learned_delta_is_relearned_after_its_window() {
     if !common::require_root() {
         return;
     }
-    common::pin_to_cpu(0); // learned deltas are per CPU
+    natfix::harness::pin_to_cpu(0).unwrap(); // learned deltas are per CPU
     let hz = natfix::features::kernel_hz().expect("HZ");
     let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
     cfg.delta_window_jiffies = hz / 10; // 100 ms
@@ -276,7 +276,7 @@ fn rewrite_events_are_sampled_with_their_addresses() {
     if !common::require_root() {
         return;
     }
-    common::pin_to_cpu(0); // learned deltas are per CPU
+    natfix::harness::pin_to_cpu(0).unwrap(); // learned deltas are per CPU
     let cfg = config(OVERLAY_F_NO_SECPATH);
     let mut h = OverlayHarness::load(&cfg).unwrap();
     let fast = vxlan4(4789, 100);

@@ -34,14 +34,6 @@ pub fn require_root() -> bool {
 }
 
 
-/// Keeps the calling thread on one CPU (of those the machine has): per-CPU
-/// state (flow cache, learned deltas, counters) is then the one it sees.
-pub fn pin_to_cpu(cpu: usize) {
-    let mut one = nix::sched::CpuSet::new();
-    one.set(cpu % std::thread::available_parallelism().map_or(1, std::num::NonZero::get)).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
-}
-
 /// The guard's test configuration: ranges, exemptions, own flow table.
 pub const GUARD_WORDS: &[&str] = &[
     "--guard", "20000-30000", "--guard", "40000", "--allow-port", "25001",
