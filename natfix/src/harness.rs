@@ -100,8 +100,8 @@ impl GuardHarness {
         Ok(p.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?.duration.as_nanos() as f64)
     }
 
-    /// Counter totals, summed over CPUs, in `Counter::ALL` order.
-    pub fn counters(&self) -> Result<Vec<CounterValue>> {
+    /// Counter totals, summed over CPUs.
+    pub fn counters(&self) -> Result<CounterTotals> {
         counters_of(&self.ebpf)
     }
 
@@ -196,6 +196,16 @@ impl OverlayHarness {
         Ok(self.ebpf.program(prog_names::OVERLAY_TC).context("no overlay program")?.try_into()?)
     }
 
+    /// The tc program, to attach it to a live interface.
+    pub fn program_mut(&mut self) -> Result<&mut aya::programs::Program> {
+        self.ebpf.program_mut(prog_names::OVERLAY_TC).context("no overlay program")
+    }
+
+    /// Counter totals, summed over CPUs.
+    pub fn counters(&self) -> Result<CounterTotals> {
+        counters_of(&self.ebpf)
+    }
+
     /// Runs once; returns the verdict and the frame as the program left it.
     pub fn run(&self, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
         let mut out = vec![0u8; frame.len() + 256];
@@ -233,23 +243,36 @@ impl OverlayHarness {
     }
 }
 
-fn counters_of(ebpf: &Ebpf) -> Result<Vec<CounterValue>> {
+/// Counter totals summed over CPUs, indexed by `Counter` (not by position
+/// in `Counter::ALL`, which skips unused slots).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterTotals(Vec<CounterValue>);
+
+impl std::ops::Index<Counter> for CounterTotals {
+    type Output = CounterValue;
+
+    fn index(&self, counter: Counter) -> &CounterValue {
+        &self.0[counter as usize]
+    }
+}
+
+fn counters_of(ebpf: &Ebpf) -> Result<CounterTotals> {
     let map: PerCpuArray<&MapData, CounterValue> =
         PerCpuArray::try_from(ebpf.map(map_names::COUNTERS).context("no counters map")?)?;
-    Counter::ALL
-        .iter()
-        .map(|c| {
-            let v = map.get(&(*c as u32), 0)?;
+    let slots = (0..natfix_ebpf::abi::COUNTER_SLOTS)
+        .map(|slot| {
+            let v = map.get(&slot, 0)?;
             Ok(v.iter().fold(CounterValue::default(), |a, x| CounterValue {
                 packets: a.packets + x.packets,
                 bytes: a.bytes + x.bytes,
             }))
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    Ok(CounterTotals(slots))
 }
 
-fn moved(before: &[CounterValue], after: &[CounterValue]) -> Option<Counter> {
-    Counter::ALL.iter().zip(before.iter().zip(after)).find(|(_, (b, a))| a.packets != b.packets).map(|(c, _)| *c)
+fn moved(before: &CounterTotals, after: &CounterTotals) -> Option<Counter> {
+    Counter::ALL.iter().copied().find(|c| after[*c].packets != before[*c].packets)
 }
 
 /// The own-table key for (local, lport) <- (remote, rport); `remote` None = wildcard.

@@ -18,7 +18,8 @@ fn refused(hook: &str, frame: &[u8]) -> bool {
 }
 
 fn counter_map(h: &GuardHarness) -> BTreeMap<Counter, u64> {
-    Counter::ALL.iter().copied().zip(h.counters().unwrap().iter().map(|v| v.packets)).collect()
+    let totals = h.counters().unwrap();
+    Counter::ALL.iter().map(|c| (*c, totals[*c].packets)).collect()
 }
 
 fn run(hook: &str, exemptions: bool) {

@@ -169,8 +169,7 @@ fn egress_learning_admits_replies() {
         let out = packet::udp4(HOST, 26000, remote, 9000, b"o");
         assert_eq!(h.run_egress(&out).unwrap(), natfix::harness::TC_NEXT, "egress never drops");
         let after = h.counters().unwrap();
-        let slot = Counter::FlowLearned as usize;
-        assert_eq!(after[slot].packets, before[slot].packets + 1, "{hook}: learned counted");
+        assert_eq!(after[Counter::FlowLearned].packets, before[Counter::FlowLearned].packets + 1, "{hook}: learned counted");
         assert!(h.flow(&flow_key(HOST.into(), 26000, Some((remote.into(), 9000)))).unwrap().is_some());
 
         assert_eq!(h.classify(&reply).unwrap(), (h.pass(), Some(Counter::GuardPassSolicited)), "{hook}: after learning");
@@ -182,8 +181,8 @@ fn egress_learning_admits_replies() {
         let out_of_range = packet::udp4(HOST, 45000, remote, 9000, b"o");
         h.run_egress(&out_of_range).unwrap();
         let last = h.counters().unwrap();
-        assert_eq!(last[Counter::FlowRefreshed as usize].packets, after[Counter::FlowRefreshed as usize].packets + 1);
-        assert_eq!(last[Counter::FlowOutOfScope as usize].packets, after[Counter::FlowOutOfScope as usize].packets + 1);
+        assert_eq!(last[Counter::FlowRefreshed].packets, after[Counter::FlowRefreshed].packets + 1);
+        assert_eq!(last[Counter::FlowOutOfScope].packets, after[Counter::FlowOutOfScope].packets + 1);
         assert!(h.flow(&flow_key(HOST.into(), 45000, Some((remote.into(), 9000)))).unwrap().is_none());
     }
 }
