@@ -254,7 +254,8 @@ fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
     let mut s = String::from("# natfix benchmarks\n\n");
     let _ = writeln!(s, "Written by `cargo xtask bench` ({host}). Every row is compared with a baseline measured in the same run,");
     s.push_str("interleaved with it where possible; the ratio is what to read (these machines are noisy).\n");
-    s.push_str("A ratio marked *paired* is the median of per-round ratios (subject and baseline back to back in each round).\n\n");
+    s.push_str("A ratio marked *paired* is the median of per-round ratios (subject and baseline back to back in each round);\n");
+    s.push_str("one marked *pooled* is all subject frames / seconds over all baseline frames / seconds, with a bootstrap interval over rounds.\n\n");
     for (group, cmd) in commands {
         let _ = writeln!(s, "- {group}: `{cmd}`");
     }
@@ -274,7 +275,11 @@ fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
             s,
             "| {name} | {} | {} {unit} | {}-{} | {} ({}) | {:.3}x{} | {} | {verdict} |",
             r["runs"], fmt(f("median")), fmt(f("min")), fmt(f("max")), r["baseline"].as_str().unwrap_or(""), fmt(f("baseline_median")), f("ratio"),
-            if r["paired"].as_bool() == Some(true) { " *paired*" } else { "" },
+            match (r["paired"].as_bool(), r["ci95"].as_array()) {
+                (Some(true), _) => " *paired*".to_owned(),
+                (_, Some(ci)) => format!(" *pooled*, 95% CI {:.3}-{:.3}", ci[0].as_f64().unwrap_or(f64::NAN), ci[1].as_f64().unwrap_or(f64::NAN)),
+                _ => String::new(),
+            },
             fmt(f("delta"))
         );
     }
@@ -327,11 +332,17 @@ const NOTES: &str = "
   byte: 64-byte replies of a flow the application opened, every one through the guard's pass path,
   read by the application. natfix's program and the baseline are swapped on the live veth between
   back-to-back 0.1 s windows (XDP: one link, `bpf_link_update`; tc: tcx attach/detach), so slow
-  drift cancels; single windows still swing by +-30% here, which is why 600 pairs are taken
-  (the median of 600 paired ratios still moves by about +-2% between runs).
-  The tc guard row includes turning the tc ingress hook on at all, which is not free: the tc rows
-  rotate three configurations (no tc program, an empty tc program, natfix's tc guard) so that the
-  hook's own share and natfix's share on top of it are rows of their own.
+  drift cancels; the order is reversed every other round and its start rotated, so every
+  configuration takes every position equally often (a window next to one of the same configuration
+  measured faster here, which biased a fixed order by several percent).
+  Single windows swing by +-30% and come out quantized to scheduler ticks (4 ms steps, ~4% of a
+  window), so the ratio is pooled (all frames / all seconds per configuration) and given with a
+  95% bootstrap interval over rounds; a median of per-round ratios snapped to those 4% steps.
+  The tc rows include turning the tc ingress hook on at all, which is not free: they rotate four
+  configurations (no tc program, an empty tc program, natfix's tc guard, natfix's overlay fix) so
+  that the hook's own share and natfix's share on top of it are rows of their own. The overlay fix
+  is always a tc program (the only hook that sees decrypted packets), and every packet on the
+  underlay passes it: these frames are not VXLAN, so they take its parse-and-count path.
 - The iperf3 rows are kept for TCP bulk traffic (out of the guard's scope: parse and count only).
   Their per-round spread on this machine is about +-25%, so they cannot resolve a 3% difference:
   the A/A control row measures one configuration against itself in the same rounds, and its
