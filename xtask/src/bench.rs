@@ -338,11 +338,13 @@ const NOTES: &str = "
   Single windows swing by +-30% and come out quantized to scheduler ticks (4 ms steps, ~4% of a
   window), so the ratio is pooled (all frames / all seconds per configuration) and given with a
   95% bootstrap interval over rounds; a median of per-round ratios snapped to those 4% steps.
-  The tc rows include turning the tc ingress hook on at all, which is not free: they rotate four
-  configurations (no tc program, an empty tc program, natfix's tc guard, natfix's overlay fix) so
-  that the hook's own share and natfix's share on top of it are rows of their own. The overlay fix
-  is always a tc program (the only hook that sees decrypted packets), and every packet on the
-  underlay passes it: these frames are not VXLAN, so they take its parse-and-count path.
+  The tc rows include turning the tc ingress hook on at all, which is not free: they rotate six
+  configurations (no tc program, an empty tc program, natfix's tc guard, and natfix's overlay fix
+  as attached by default, tc program alone, nftables rule alone) so that the hook's own share and
+  natfix's share on top of it are rows of their own. Every packet on the underlay passes the
+  overlay fix: its tc program (the only hook that sees decrypted packets) and, for IPv4 by default,
+  its nftables prerouting rule (for what was fragmented after encryption). These frames are not
+  VXLAN, so they take its parse-and-count path and fail the rule's first match.
 - The iperf3 rows are kept for TCP bulk traffic (out of the guard's scope: parse and count only).
   Their per-round spread on this machine is about +-25%, so they cannot resolve a 3% difference:
   the A/A control row measures one configuration against itself in the same rounds, and its
