@@ -180,9 +180,11 @@ pub fn nft_ruleset(table: &str, iface: &str, ports: &[u16], reqid: Option<u32>) 
         { "add": { "table": { "family": "ip", "name": table } } },
         { "add": { "chain": { "family": "ip", "table": table, "name": "prerouting",
             "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept" } } },
+        // The secpath match first: every packet that was not decrypted (all
+        // other traffic on the host) fails it and costs one expression.
         { "add": { "rule": { "family": "ip", "table": table, "chain": "prerouting", "expr": [
-            { "match": { "op": "==", "left": { "meta": { "key": "iifname" } }, "right": iface } },
             decrypted,
+            { "match": { "op": "==", "left": { "meta": { "key": "iifname" } }, "right": iface } },
             { "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } },
                 "right": { "set": ports } } },
             { "mangle": { "key": { "payload": { "protocol": "udp", "field": "checksum" } }, "value": 0 } }
@@ -261,13 +263,13 @@ mod tests {
     fn ruleset_json_carries_ports_and_iface_as_data() {
         let doc = nft_ruleset("natfix_overlay_7", "eth0\"; drop", &[4789, 7789], None);
         let rule = &doc["nftables"][2]["add"]["rule"];
-        assert_eq!(rule["expr"][0]["match"]["right"], "eth0\"; drop", "names stay data, never syntax");
+        assert_eq!(rule["expr"][1]["match"]["right"], "eth0\"; drop", "names stay data, never syntax");
         assert_eq!(rule["expr"][2]["match"]["right"]["set"], serde_json::json!([4789, 7789]));
         assert_eq!(rule["expr"][3]["mangle"]["value"], 0);
         assert_eq!(doc["nftables"][1]["add"]["chain"]["prio"], -150);
-        assert_eq!(rule["expr"][1]["match"]["left"]["meta"]["key"], "ipsec");
+        assert_eq!(rule["expr"][0]["match"]["left"]["meta"]["key"], "ipsec");
         let docker = nft_ruleset("t", "eth0", &[4789], Some(0x00D0_C4E3));
-        let m = &docker["nftables"][2]["add"]["rule"]["expr"][1]["match"];
+        let m = &docker["nftables"][2]["add"]["rule"]["expr"][0]["match"];
         assert_eq!((m["left"]["ipsec"]["key"].as_str(), m["right"].as_u64()), (Some("reqid"), Some(13_681_891)));
     }
 }
