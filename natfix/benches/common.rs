@@ -19,17 +19,22 @@ pub fn report_paired(group: &str, name: &str, unit: &str, runs: &[f64], baseline
     let mut deltas: Vec<f64> = runs.iter().zip(baseline).map(|(r, b)| r - b).collect();
     let (ratio, _, _) = summary(&mut ratios);
     let (delta, _, _) = summary(&mut deltas);
+    let mut row = row(group, name, unit, runs, baseline_name, baseline, higher_is_better);
+    row["ratio"] = json!(ratio);
+    row["delta"] = json!(delta);
+    row["paired"] = json!(true);
+    println!("{row}");
+}
+
+/// The fields every row has: what, the runs' median and range, the baseline's median.
+fn row(group: &str, name: &str, unit: &str, runs: &[f64], baseline_name: &str, baseline: &[f64], higher_is_better: bool) -> serde_json::Value {
     let (med, min, max) = summary(&mut runs.to_vec());
     let (bmed, _, _) = summary(&mut baseline.to_vec());
-    println!(
-        "{}",
-        json!({
-            "group": group, "name": name, "unit": unit, "runs": runs.len(),
-            "median": med, "min": min, "max": max,
-            "baseline": baseline_name, "baseline_median": bmed,
-            "ratio": ratio, "delta": delta, "higher_is_better": higher_is_better, "paired": true,
-        })
-    );
+    json!({
+        "group": group, "name": name, "unit": unit, "runs": runs.len(),
+        "median": med, "min": min, "max": max,
+        "baseline": baseline_name, "baseline_median": bmed, "higher_is_better": higher_is_better,
+    })
 }
 
 /// Runs `f` on a thread inside a fresh network namespace of its own.
@@ -76,17 +81,10 @@ pub fn report_pooled(group: &str, name: &str, unit: &str, runs: &[TrafficWindow]
     resampled.sort_by(f64::total_cmp);
     let ci = [resampled[resampled.len() * 25 / 1000], resampled[resampled.len() * 975 / 1000]];
     let rates = |ws: &[TrafficWindow]| ws.iter().map(|w| w.frames / w.secs).collect::<Vec<_>>();
-    let (med, min, max) = summary(&mut rates(runs));
-    let (base_med, _, _) = summary(&mut rates(baseline));
-    let (base, sub) = (pooled_rate(baseline.iter().copied()), pooled_rate(runs.iter().copied()));
-    println!(
-        "{}",
-        json!({
-            "group": group, "name": name, "unit": unit, "runs": runs.len(),
-            "median": med, "min": min, "max": max,
-            "baseline": baseline_name, "baseline_median": base_med,
-            "ratio": ratio_of(&all), "ci95": ci, "delta": sub - base, "higher_is_better": higher_is_better,
-            "estimator": "pooled",
-        })
-    );
+    let mut row = row(group, name, unit, &rates(runs), baseline_name, &rates(baseline), higher_is_better);
+    row["ratio"] = json!(ratio_of(&all));
+    row["ci95"] = json!(ci);
+    row["delta"] = json!(pooled_rate(runs.iter().copied()) - pooled_rate(baseline.iter().copied()));
+    row["estimator"] = json!("pooled");
+    println!("{row}");
 }
