@@ -382,7 +382,6 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
         if hook == "xdp" { &[Window::Baseline, Window::Natfix] } else { &[Window::Baseline, Window::EmptyTc, Window::Natfix, Window::Overlay, Window::OverlayTc, Window::OverlayNft] };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     for round in 0..rounds {
-        // ABBA: the order is reversed every other round.
         // ABBA (reversed every other round), the start rotated every two
         // rounds: each configuration takes each position, and follows itself
         // across a round boundary, equally often (windows next to a window of
