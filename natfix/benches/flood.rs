@@ -221,24 +221,28 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 /// bpf_link_update on one link; tc: tcx attach/detach), so subject and
 /// baseline windows are ~0.1 s apart and slower machine drift cancels.
 struct LegitRates {
-    subject: Vec<TrafficWindow>,
-    baseline: Vec<TrafficWindow>,
-    /// tc only: an empty tc program in natfix's place (the cost of the hook itself).
-    empty_tc: Vec<TrafficWindow>,
-    /// tc only: natfix's overlay fix as attached by default (`--csum-backend
-    /// auto`: its tc program and its nftables rule), which every (here
-    /// non-VXLAN) frame on the underlay passes; then each backend alone.
-    overlay: Vec<TrafficWindow>,
-    overlay_tc: Vec<TrafficWindow>,
-    overlay_nft: Vec<TrafficWindow>,
+    /// Each configuration's windows, round by round.
+    windows: std::collections::HashMap<Window, Vec<TrafficWindow>>,
     read_fraction: f64,
 }
 
-#[derive(Clone, Copy, PartialEq)]
+impl LegitRates {
+    fn of(&self, w: Window) -> &[TrafficWindow] {
+        self.windows.get(&w).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// What a window runs with.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Window {
     Baseline,
+    /// natfix's guard.
     Natfix,
+    /// tc only: an empty tc program in natfix's place (the cost of the hook itself).
     EmptyTc,
+    /// tc only: natfix's overlay fix as attached by default (`--csum-backend
+    /// auto`: its tc program and its nftables rule), which every (here
+    /// non-VXLAN) frame on the underlay passes; then each backend alone.
     Overlay,
     OverlayTc,
     OverlayNft,
@@ -311,7 +315,8 @@ impl TcSubjects {
         let p = match w {
             Window::Natfix => self.guard.ingress_program_mut().unwrap(),
             Window::Overlay | Window::OverlayTc => self.overlay.program_mut().unwrap(),
-            Window::Baseline | Window::EmptyTc | Window::OverlayNft => self.base.program_mut(programs::EMPTY_TC).unwrap(),
+            Window::EmptyTc => self.base.program_mut(programs::EMPTY_TC).unwrap(),
+            Window::Baseline | Window::OverlayNft => unreachable!("these windows attach no tc program"),
         };
         p.try_into().unwrap()
     }
@@ -377,7 +382,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
     let before_all = passes(&s.base) + solicited(&s.guard);
     let generator = Generator::start(rig);
     generator.seconds_for(window); // warm-up: neighbour tables, caches
-    let mut rates = LegitRates { subject: Vec::new(), baseline: Vec::new(), empty_tc: Vec::new(), overlay: Vec::new(), overlay_tc: Vec::new(), overlay_nft: Vec::new(), read_fraction: 0.0 };
+    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 0.0 };
     let configs: &[Window] =
         if hook == "xdp" { &[Window::Baseline, Window::Natfix] } else { &[Window::Baseline, Window::EmptyTc, Window::Natfix, Window::Overlay, Window::OverlayTc, Window::OverlayNft] };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
@@ -411,14 +416,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, rounds: usize, window: u32) -> Legit
             let before = reached(&s.base, &s.guard);
             let secs = generator.seconds_for(window);
             let rate = TrafficWindow { frames: (reached(&s.base, &s.guard) - before) as f64, secs };
-            match w {
-                Window::Baseline => rates.baseline.push(rate),
-                Window::Natfix => rates.subject.push(rate),
-                Window::EmptyTc => rates.empty_tc.push(rate),
-                Window::Overlay => rates.overlay.push(rate),
-                Window::OverlayTc => rates.overlay_tc.push(rate),
-                Window::OverlayNft => rates.overlay_nft.push(rate),
-            }
+            rates.windows.entry(w).or_default().push(rate);
             natfix::overlay::undo("fr0", &nft);
             match (w, hook) {
                 (Window::Baseline | Window::OverlayNft, _) => {}
@@ -477,13 +475,13 @@ fn legit(rounds: usize, window: u32) {
             "solicited UDP replies read by the application (64 B frames, windows of {window}) through {name} ({:.0}% read)",
             r.read_fraction * 100.0
         );
-        common::report_pooled("throughput", &row, "datagrams/s", &r.subject, baseline, &r.baseline, true);
+        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), true);
         if hook == "tc" {
             // The hook's own share, and natfix's share on top of it.
             let row = "solicited UDP replies (as above) through an empty tc program: the cost of the tc hook itself";
-            common::report_pooled("throughput", row, "datagrams/s", &r.empty_tc, baseline, &r.baseline, true);
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::EmptyTc), baseline, r.of(Window::Baseline), true);
             let row = "solicited UDP replies (as above) through natfix's tc guard, against an empty tc program";
-            common::report_pooled("throughput", row, "datagrams/s", &r.subject, "an empty tc program", &r.empty_tc, true);
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::Natfix), "an empty tc program", r.of(Window::EmptyTc), true);
             // The overlay fix sits on the underlay (tc is the only hook that sees
             // decrypted packets; the nftables rule covers what was fragmented
             // after encryption), so every other packet there passes it: these
@@ -491,13 +489,13 @@ fn legit(rounds: usize, window: u32) {
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through natfix's overlay fix as attached by default (tc program + nftables rule; not VXLAN, passed untouched)"
             );
-            common::report_pooled("throughput", &row, "datagrams/s", &r.overlay, baseline, &r.baseline, true);
+            common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), true);
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone (--csum-backend tc)";
-            common::report_pooled("throughput", row, "datagrams/s", &r.overlay_tc, baseline, &r.baseline, true);
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayTc), baseline, r.of(Window::Baseline), true);
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone, against an empty tc program";
-            common::report_pooled("throughput", row, "datagrams/s", &r.overlay_tc, "an empty tc program", &r.empty_tc, true);
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), true);
             let row = "solicited UDP replies (as above) through the overlay fix's nftables rule alone (--csum-backend nft)";
-            common::report_pooled("throughput", row, "datagrams/s", &r.overlay_nft, baseline, &r.baseline, true);
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), true);
         }
     }
 }
