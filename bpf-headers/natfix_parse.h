@@ -217,4 +217,22 @@ static __always_inline struct udphdr *natfix_udp4_plain(void *data, void *data_e
 	return udp;
 }
 
+/*
+ * tc only. A parse that ran out of linear data (NATFIX_PARSE_MALFORMED) on a
+ * packet that goes on in paged data: pulls up to `want` bytes into the linear
+ * area and says whether parsing again can see more. Called only then, never
+ * up front: on a cloned skb (every TCP segment: the sender keeps the original
+ * to retransmit) or one short of tailroom, bpf_skb_pull_data() reallocates
+ * the head and copies it, and headers normally sit in the linear area.
+ */
+static __always_inline int natfix_tc_pull_headers(struct __sk_buff *skb, __u32 want)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (skb->len <= data_end - data)
+		return 0;
+	return bpf_skb_pull_data(skb, skb->len < want ? skb->len : want) == 0;
+}
+
 #endif /* NATFIX_PARSE_H */

@@ -22,13 +22,13 @@ int natfix_flow_egress(struct __sk_buff *skb)
 	__u64 now;
 	int why;
 
-	if (data_end - data < FLOW_TC_PULL_LEN && skb->len > data_end - data) {
-		bpf_skb_pull_data(skb, skb->len < FLOW_TC_PULL_LEN ? skb->len : FLOW_TC_PULL_LEN);
+	why = natfix_parse_udp(data, data_end, &pkt);
+	if (why == NATFIX_PARSE_MALFORMED && natfix_tc_pull_headers(skb, FLOW_TC_PULL_LEN)) {
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
+		why = natfix_parse_udp(data, data_end, &pkt);
 	}
-	if (natfix_parse_udp(data, data_end, &pkt) != NATFIX_PARSE_UDP ||
-	    !guard_port_guarded(pkt.sport)) {
+	if (why != NATFIX_PARSE_UDP || !guard_port_guarded(pkt.sport)) {
 		natfix_count(NATFIX_CNT_FLOW_OUT_OF_SCOPE, skb->len);
 		return NATFIX_TC_NEXT;
 	}

@@ -26,13 +26,12 @@ int natfix_guard_tc(struct __sk_buff *skb)
 	struct natfix_pkt pkt;
 	int why;
 
-	if (data_end - data < GUARD_TC_PULL_LEN && skb->len > data_end - data) {
-		/* Headers may sit in paged data; failure just leaves less to parse. */
-		bpf_skb_pull_data(skb, skb->len < GUARD_TC_PULL_LEN ? skb->len : GUARD_TC_PULL_LEN);
+	why = guard_lookup(data, data_end, &pkt);
+	if (why == NATFIX_CNT_GUARD_MALFORMED && natfix_tc_pull_headers(skb, GUARD_TC_PULL_LEN)) {
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
+		why = guard_lookup(data, data_end, &pkt);
 	}
-	why = guard_lookup(data, data_end, &pkt);
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
 		why = guard_answer(NATFIX_CT_SOLICITED(bpf_skb_ct_lookup, skb, &pkt), &pkt);
