@@ -12,9 +12,11 @@
 //! passes) and their baselines alternate in short windows (`legit_windows`):
 //! 64-byte frames on a receiver without netfilter (the worst case), then the
 //! tc configurations on a Docker node's netfilter and with 1,400-byte frames.
-//! `NATFIX_FLOOD_PART=flood|legit` runs one half; `NATFIX_LEGIT_ROUNDS`,
+//! Before those, bulk TCP through the same configurations (`stream_windows`).
+//! `NATFIX_FLOOD_PART=flood|stream|legit` runs one part; `NATFIX_STREAM_ROUNDS`
+//! and `NATFIX_STREAM_WINDOW_MS` size the stream's; `NATFIX_LEGIT_ROUNDS`,
 //! `NATFIX_LEGIT_MORE_ROUNDS` (the Docker-node and large-frame runs) and
-//! `NATFIX_LEGIT_WINDOW` size the second.
+//! `NATFIX_LEGIT_WINDOW` the solicited-UDP part's.
 
 mod common;
 
@@ -25,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::programs::{SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId, xdp::XdpLink, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use clap::Parser as _;
 use natfix::{
     cli::{Cli, Command as CliCommand},
@@ -311,7 +313,7 @@ impl Generator {
 }
 
 /// Puts `to` in place of the program `link` runs (one bpf_link_update); returns the link.
-fn move_xdp_link(to: &mut Xdp, link: aya::programs::xdp::XdpLink) -> aya::programs::xdp::XdpLink {
+fn move_xdp_link(to: &mut Xdp, link: XdpLink) -> XdpLink {
     let id = to.attach_to_link(link).unwrap();
     to.take_link(id).unwrap()
 }
@@ -321,6 +323,9 @@ struct TcSubjects {
     guard: GuardHarness,
     overlay: OverlayHarness,
     base: aya::Ebpf,
+    /// natfix's windows also attach the guard's egress flow learner, as
+    /// `attach --flow-source own` does (the TCP rows, whose ACKs pass it).
+    with_learner: bool,
 }
 
 impl TcSubjects {
@@ -333,6 +338,53 @@ impl TcSubjects {
         };
         p.try_into().unwrap()
     }
+
+    /// Attaches what window `w` runs with on fr0 (the XDP guard by
+    /// `bpf_link_update` of `xdp_link`, which holds the counting XDP program).
+    fn enter(&mut self, w: Window, hook: &str, fr0: u32, xdp_link: &mut Option<XdpLink>) -> Attached {
+        let mut attached = Attached::default();
+        if matches!(w, Window::Overlay | Window::OverlayNft) {
+            natfix::overlay::install_nft(fr0, "fr0", &[4789], None, &mut attached.nft).unwrap();
+        }
+        match (w, hook) {
+            (Window::Baseline | Window::OverlayNft, _) => {}
+            (Window::Natfix, "xdp") => {
+                let guard_xdp = self.guard.ingress_program_mut().unwrap().try_into().unwrap();
+                *xdp_link = Some(move_xdp_link(guard_xdp, xdp_link.take().unwrap()));
+            }
+            _ => attached.tc_ingress = Some(self.program(w).attach("fr0", TcAttachType::Ingress).unwrap()),
+        }
+        if w == Window::Natfix && self.with_learner {
+            let learner: &mut SchedClassifier = self.guard.egress_program_mut().unwrap().try_into().unwrap();
+            attached.tc_egress = Some(learner.attach("fr0", TcAttachType::Egress).unwrap());
+        }
+        attached
+    }
+
+    /// Takes off what `enter` attached.
+    fn leave(&mut self, w: Window, hook: &str, attached: Attached, xdp_link: &mut Option<XdpLink>) {
+        natfix::overlay::undo("fr0", &attached.nft);
+        match (w, hook) {
+            (Window::Baseline | Window::OverlayNft, _) => {}
+            (Window::Natfix, "xdp") => {
+                let counting_xdp = self.base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+                *xdp_link = Some(move_xdp_link(counting_xdp, xdp_link.take().unwrap()));
+            }
+            _ => self.program(w).detach(attached.tc_ingress.unwrap()).unwrap(),
+        }
+        if let Some(link) = attached.tc_egress {
+            let learner: &mut SchedClassifier = self.guard.egress_program_mut().unwrap().try_into().unwrap();
+            learner.detach(link).unwrap();
+        }
+    }
+}
+
+/// What one window attached.
+#[derive(Default)]
+struct Attached {
+    tc_ingress: Option<SchedClassifierLinkId>,
+    tc_egress: Option<SchedClassifierLinkId>,
+    nft: natfix::overlay::OverlayChanges,
 }
 
 /// The overlay fix as `natfix attach --overlay-fix` configures it: zero mode,
@@ -406,7 +458,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     let id = e.attach("fr0", XdpMode::Driver).unwrap();
     let mut xdp_link = Some(e.take_link(id).unwrap());
     loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
-    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base };
+    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: false };
     let passes = |base: &aya::Ebpf| bench_count(base, "natfix_bench_passes");
     let solicited = |guard: &GuardHarness| guard.counters().unwrap()[Counter::GuardPassSolicited].packets;
     let before_all = passes(&s.base) + solicited(&s.guard);
@@ -415,29 +467,8 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 0.0 };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     for round in 0..rounds {
-        // ABBA (reversed every other round), the start rotated every two
-        // rounds: each configuration takes each position, and follows itself
-        // across a round boundary, equally often (windows next to a window of
-        // the same configuration measured faster here).
-        let mut order = configs.to_vec();
-        order.rotate_left((round / 2) % configs.len());
-        if round % 2 == 1 {
-            order.reverse();
-        }
-        for w in order {
-            let mut tc_link = None;
-            let mut nft = natfix::overlay::OverlayChanges::default();
-            if matches!(w, Window::Overlay | Window::OverlayNft) {
-                natfix::overlay::install_nft(fr0, "fr0", &[4789], None, &mut nft).unwrap();
-            }
-            match (w, hook) {
-                (Window::Baseline | Window::OverlayNft, _) => {}
-                (Window::Natfix, "xdp") => {
-                    let guard_xdp = s.guard.ingress_program_mut().unwrap().try_into().unwrap();
-                    xdp_link = Some(move_xdp_link(guard_xdp, xdp_link.take().unwrap()));
-                }
-                _ => tc_link = Some(s.program(w).attach("fr0", TcAttachType::Ingress).unwrap()),
-            }
+        for w in window_order(configs, round) {
+            let attached = s.enter(w, hook, fr0, &mut xdp_link);
             // Under the XDP guard the guard's own counter sees the frames.
             let under_xdp_guard = w == Window::Natfix && hook == "xdp";
             let reached = |base: &aya::Ebpf, guard: &GuardHarness| if under_xdp_guard { solicited(guard) } else { passes(base) };
@@ -445,15 +476,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
             let secs = generator.seconds_for(window);
             let rate = TrafficWindow { frames: (reached(&s.base, &s.guard) - before) as f64, secs };
             rates.windows.entry(w).or_default().push(rate);
-            natfix::overlay::undo("fr0", &nft);
-            match (w, hook) {
-                (Window::Baseline | Window::OverlayNft, _) => {}
-                (Window::Natfix, "xdp") => {
-                    let counting_xdp = s.base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
-                    xdp_link = Some(move_xdp_link(counting_xdp, xdp_link.take().unwrap()));
-                }
-                _ => s.program(w).detach(tc_link.unwrap()).unwrap(),
-            }
+            s.leave(w, hook, attached, &mut xdp_link);
         }
     }
     std::thread::sleep(Duration::from_millis(500)); // the reader drains its queue
@@ -474,6 +497,129 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     rates.read_fraction = read as f64 / delivered as f64;
     drop(xdp_link);
     rates
+}
+
+/// The order of round `round`'s windows: ABBA (reversed every other round),
+/// the start rotated every two rounds, so each configuration takes each
+/// position, and follows itself across a round boundary, equally often
+/// (windows next to a window of the same configuration measured faster here).
+fn window_order(configs: &[Window], round: usize) -> Vec<Window> {
+    let mut order = configs.to_vec();
+    order.rotate_left((round / 2) % configs.len());
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
+/// Bulk TCP, the throughput iperf3 measures: one connection from the
+/// generator's namespace (sender on CPU 0, where the receive softirq runs
+/// too) to an application in the receiver's (CPU 1); bytes read in
+/// alternating windows of `window`, programs swapped between windows as in
+/// `legit_windows`. veth hands the sender's TSO segments over whole, so
+/// per-packet costs spread over up to 64 KiB, as GRO spreads them on a NIC.
+/// The tc configurations run with no XDP program at all (native XDP on veth
+/// gives up that aggregation); the XDP guard against the counting XDP program.
+fn stream_windows(hook: &'static str, configs: &'static [Window], rounds: usize, window: Duration) -> LegitRates {
+    let rig = rig(&format!("s{hook}"));
+    rig.rx_ns.netns().unwrap().run(move || Ok(stream_in_receiver(&rig, hook, configs, rounds, window))).unwrap()
+}
+
+fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: Duration) -> LegitRates {
+    use std::{
+        io::{Read as _, Write as _},
+        sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}},
+    };
+
+    let listener = std::net::TcpListener::bind(sock("198.51.100.10", 5201)).unwrap();
+    let got = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let got = got.clone();
+        std::thread::spawn(move || {
+            pin_to_cpu(1).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 1 << 18];
+            // Until the sender closes.
+            while let Ok(n @ 1..) = conn.read(&mut buf) {
+                got.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let sender = {
+        let (done, netns) = (done.clone(), rig.gen_ns.netns().unwrap());
+        std::thread::spawn(move || {
+            netns.run(move || {
+                pin_to_cpu(0)?;
+                let mut conn = std::net::TcpStream::connect(sock("198.51.100.10", 5201))?;
+                let buf = vec![0u8; 1 << 17];
+                while !done.load(Ordering::Acquire) {
+                    conn.write_all(&buf)?;
+                }
+                Ok(())
+            })
+        })
+    };
+
+    let mut base = aya::Ebpf::load(objects::BENCH_EMPTY).unwrap();
+    let mut xdp_link = None;
+    if hook == "xdp" {
+        let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+        e.load().unwrap();
+        let id = e.attach("fr0", XdpMode::Driver).unwrap();
+        xdp_link = Some(e.take_link(id).unwrap());
+    }
+    loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
+    let guard = GuardHarness::load(&guard_plan(hook)).unwrap();
+    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true };
+    let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // warm-up: slow start, buffer autotuning
+    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 1.0 };
+    for round in 0..rounds {
+        for w in window_order(configs, round) {
+            let attached = s.enter(w, hook, fr0, &mut xdp_link);
+            let (before, start) = (got.load(Ordering::Relaxed), Instant::now());
+            std::thread::sleep(window);
+            let gbit = (got.load(Ordering::Relaxed) - before) as f64 * 8.0 / 1e9;
+            rates.windows.entry(w).or_default().push(TrafficWindow { frames: gbit, secs: start.elapsed().as_secs_f64() });
+            s.leave(w, hook, attached, &mut xdp_link);
+        }
+    }
+    done.store(true, Ordering::Release);
+    sender.join().unwrap().unwrap();
+    reader.join().unwrap();
+    // natfix's programs saw the stream and left it alone: out of the guard's
+    // scope (TCP), not VXLAN for the overlay fix.
+    let guard = s.guard.counters().unwrap();
+    assert!(guard[Counter::GuardOutOfScope].packets > 0, "{hook}: the guard saw none of the stream");
+    assert!(guard[Counter::FlowOutOfScope].packets > 0, "{hook}: the flow learner saw none of the stream's ACKs");
+    assert_eq!(guard[Counter::GuardDropUnsolicited].packets, 0, "{hook}: the guard dropped stream packets");
+    if hook == "tc" {
+        let overlay = s.overlay.counters().unwrap();
+        assert!(overlay[Counter::OverlayNotVxlan].packets > 0, "tc: the overlay fix saw none of the stream");
+        assert_eq!(overlay[Counter::OverlayZeroed].packets, 0, "tc: the overlay fix rewrote a stream packet");
+    }
+    drop(xdp_link);
+    rates
+}
+
+/// Bulk TCP through each configuration: the throughput target.
+fn stream(rounds: usize, window: Duration) {
+    let what = |through: &str| format!("TCP bulk stream (one connection, as iperf3) read by the application, through {through}");
+    let r = stream_windows("xdp", &XDP, rounds, window);
+    let row = what("natfix's XDP guard and its egress flow learner");
+    common::report_median("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), true);
+    let r = stream_windows("tc", &ALL_TC, rounds, window);
+    let baseline = "no natfix (no program on the veth)";
+    for (w, through) in [
+        (Window::Natfix, "natfix's tc guard and its egress flow learner"),
+        (Window::Overlay, "natfix's overlay fix as attached by default (tc program + nftables rule)"),
+        (Window::OverlayTc, "the overlay fix's tc program alone (--csum-backend tc)"),
+        (Window::OverlayNft, "the overlay fix's nftables rule alone (--csum-backend nft)"),
+        (Window::EmptyTc, "an empty tc program (the cost of the tc hook itself)"),
+    ] {
+        common::report_median("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), true);
+    }
 }
 
 fn flood(runs: usize, n: u32) {
@@ -559,10 +705,13 @@ fn main() {
     let runs = env_u32("NATFIX_BENCH_RUNS", 3) as usize;
     let n = env_u32("NATFIX_FLOOD_PACKETS", 1_000_000);
     let part = std::env::var("NATFIX_FLOOD_PART").unwrap_or_default();
-    if part != "legit" {
+    if part.is_empty() || part == "flood" {
         flood(runs, n);
     }
-    if part != "flood" {
+    if part.is_empty() || part == "stream" {
+        stream(env_u32("NATFIX_STREAM_ROUNDS", 60) as usize, Duration::from_millis(env_u32("NATFIX_STREAM_WINDOW_MS", 500).into()));
+    }
+    if part.is_empty() || part == "legit" {
         legit(env_u32("NATFIX_LEGIT_ROUNDS", 600) as usize, env_u32("NATFIX_LEGIT_WINDOW", 50_000));
     }
 }

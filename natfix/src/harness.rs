@@ -65,6 +65,11 @@ impl GuardHarness {
         self.ebpf.program_mut(name).context("no guard program")
     }
 
+    /// The loaded egress flow learner (own flow table only), to attach it (benchmarks).
+    pub fn egress_program_mut(&mut self) -> Result<&mut aya::programs::Program> {
+        self.ebpf.program_mut(prog_names::FLOW_EGRESS).context("no flow learner in this object")
+    }
+
     /// Runs the ingress guard once; returns the program's return value.
     pub fn run_ingress(&self, frame: &[u8]) -> Result<u32> {
         Ok(self.run_ingress_repeat(frame, 1)?.0)
