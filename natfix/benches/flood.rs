@@ -239,6 +239,8 @@ struct LegitRates {
     /// Each configuration's windows, round by round.
     windows: std::collections::HashMap<Window, Vec<TrafficWindow>>,
     read_fraction: f64,
+    /// ns per run of each program on the live traffic (`live_costs`), round by round.
+    live_ns: std::collections::HashMap<&'static str, Vec<f64>>,
 }
 
 impl LegitRates {
@@ -464,7 +466,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     let before_all = passes(&s.base) + solicited(&s.guard);
     let generator = Generator::start(rig);
     generator.seconds_for(window); // warm-up: neighbour tables, caches
-    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 0.0 };
+    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 0.0, live_ns: std::collections::HashMap::new() };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     for round in 0..rounds {
         for w in window_order(configs, round) {
@@ -574,7 +576,7 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
     let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     std::thread::sleep(Duration::from_secs(1)); // warm-up: slow start, buffer autotuning
-    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 1.0 };
+    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 1.0, live_ns: std::collections::HashMap::new() };
     for round in 0..rounds {
         for w in window_order(configs, round) {
             let attached = s.enter(w, hook, fr0, &mut xdp_link);
@@ -585,6 +587,7 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
             s.leave(w, hook, attached, &mut xdp_link);
         }
     }
+    rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, window);
     done.store(true, Ordering::Release);
     sender.join().unwrap().unwrap();
     reader.join().unwrap();
@@ -603,13 +606,78 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
     rates
 }
 
+/// `run_time_ns` and `run_cnt` of a loaded program (counted while
+/// kernel.bpf_stats_enabled is 1), from its fd's fdinfo.
+fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let fd = p.fd().unwrap().as_fd().as_raw_fd();
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+    let field = |key: &str| text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    (field("run_time_ns:"), field("run_cnt:"))
+}
+
+/// The ingress (and for natfix's guard, egress) programs' own time per run
+/// on the live stream, measured by the kernel (bpf_stats) in windows of
+/// their own after the throughput rounds: the stats' clock reads would
+/// otherwise slow every window. Separates natfix's per-packet share from the
+/// hook's, which the throughput ratios lump together. Keyed by row label.
+fn live_costs(s: &mut TcSubjects, hook: &str, fr0: u32, xdp_link: &mut Option<XdpLink>, window: Duration) -> std::collections::HashMap<&'static str, Vec<f64>> {
+    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    let before = std::fs::read_to_string(STATS).unwrap();
+    std::fs::write(STATS, "1").unwrap();
+    let configs: &[Window] = if hook == "xdp" { &XDP } else { &[Window::EmptyTc, Window::Natfix, Window::OverlayTc] };
+    let mut live: std::collections::HashMap<&'static str, Vec<f64>> = std::collections::HashMap::new();
+    for round in 0..10 {
+        for w in window_order(configs, round) {
+            let attached = s.enter(w, hook, fr0, xdp_link);
+            let programs: Vec<&'static str> = match (w, hook) {
+                (Window::Baseline, _) => vec!["counting XDP"],
+                (Window::Natfix, "xdp") => vec!["guard XDP", "flow learner"],
+                (Window::Natfix, _) => vec!["guard tc", "flow learner"],
+                (Window::OverlayTc, _) => vec!["overlay tc"],
+                _ => vec!["empty tc"],
+            };
+            let program = |s: &TcSubjects, which: &str| -> (u64, u64) {
+                run_stats(match which {
+                    "counting XDP" => s.base.program(programs::COUNT_PASS_XDP).unwrap(),
+                    "empty tc" => s.base.program(programs::EMPTY_TC).unwrap(),
+                    "overlay tc" => s.overlay.loaded_program().unwrap(),
+                    "flow learner" => s.guard.egress_program().unwrap(),
+                    _ => s.guard.ingress_program().unwrap(),
+                })
+            };
+            let start: Vec<(u64, u64)> = programs.iter().map(|p| program(s, p)).collect();
+            std::thread::sleep(window);
+            for (which, (t0, n0)) in programs.iter().zip(start) {
+                let (t1, n1) = program(s, which);
+                if n1 > n0 {
+                    live.entry(which).or_default().push((t1 - t0) as f64 / (n1 - n0) as f64);
+                }
+            }
+            s.leave(w, hook, attached, xdp_link);
+        }
+    }
+    std::fs::write(STATS, before.trim()).unwrap();
+    live
+}
+
 /// Bulk TCP through each configuration: the throughput target.
 fn stream(rounds: usize, window: Duration) {
     let what = |through: &str| format!("TCP bulk stream (one connection, as iperf3) read by the application, through {through}");
     let r = stream_windows("xdp", &XDP, rounds, window);
     let row = what("natfix's XDP guard and its egress flow learner");
     common::report_median("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), true);
+    let live = |r: &LegitRates, name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
+    let cost = |of: &str| format!("live cost per run on the TCP stream's packets (bpf_stats, windows of their own): {of}");
+    common::report_paired("live cost", &cost("natfix's XDP guard"), "ns/run", &live(&r, "guard XDP"), "the counting XDP program", &live(&r, "counting XDP"), false);
     let r = stream_windows("tc", &ALL_TC, rounds, window);
+    for (name, of) in [
+        ("guard tc", "natfix's tc guard"),
+        ("flow learner", "natfix's egress flow learner (the stream's ACKs)"),
+        ("overlay tc", "the overlay fix's tc program"),
+    ] {
+        common::report_paired("live cost", &cost(of), "ns/run", &live(&r, name), "an empty tc program (ingress)", &live(&r, "empty tc"), false);
+    }
     let baseline = "no natfix (no program on the veth)";
     for (w, through) in [
         (Window::Natfix, "natfix's tc guard and its egress flow learner"),

@@ -65,6 +65,20 @@ impl GuardHarness {
         self.ebpf.program_mut(name).context("no guard program")
     }
 
+    /// The loaded ingress guard program (benchmarks read its run statistics).
+    pub fn ingress_program(&self) -> Result<&aya::programs::Program> {
+        let name = match self.hook {
+            GuardHook::Xdp => prog_names::GUARD_XDP,
+            GuardHook::Tc => prog_names::GUARD_TC,
+        };
+        self.ebpf.program(name).context("no guard program")
+    }
+
+    /// The loaded egress flow learner (benchmarks read its run statistics).
+    pub fn egress_program(&self) -> Result<&aya::programs::Program> {
+        self.ebpf.program(prog_names::FLOW_EGRESS).context("no flow learner in this object")
+    }
+
     /// The loaded egress flow learner (own flow table only), to attach it (benchmarks).
     pub fn egress_program_mut(&mut self) -> Result<&mut aya::programs::Program> {
         self.ebpf.program_mut(prog_names::FLOW_EGRESS).context("no flow learner in this object")
@@ -204,6 +218,11 @@ impl OverlayHarness {
     /// The tc program, to attach it to a live interface.
     pub fn program_mut(&mut self) -> Result<&mut aya::programs::Program> {
         self.ebpf.program_mut(prog_names::OVERLAY_TC).context("no overlay program")
+    }
+
+    /// The tc program (benchmarks read its run statistics).
+    pub fn loaded_program(&self) -> Result<&aya::programs::Program> {
+        self.ebpf.program(prog_names::OVERLAY_TC).context("no overlay program")
     }
 
     /// Counter totals, summed over CPUs.

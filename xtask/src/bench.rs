@@ -179,8 +179,16 @@ fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
     for (group, cmd) in commands {
         let _ = writeln!(s, "- {group}: `{cmd}`");
     }
-    let mut current = "";
+    // Each group's rows together, groups in the order they first appear.
+    let mut groups: Vec<&str> = Vec::new();
     for r in rows {
+        let group = r["group"].as_str().unwrap_or("");
+        if !groups.contains(&group) {
+            groups.push(group);
+        }
+    }
+    let mut current = "";
+    for r in groups.iter().flat_map(|g| rows.iter().filter(move |r| r["group"].as_str().unwrap_or("") == *g)) {
         let group = r["group"].as_str().unwrap_or("");
         if group != current {
             current = group;
@@ -286,6 +294,13 @@ const NOTES: &str = "
   program. Every configuration, the baseline included, has windows that a neighbour on this
   shared machine slows by up to 40%; the ratio is therefore of median windows, with the pooled
   ratio beside it. These packets are out of the guard's scope (TCP) and not VXLAN.
+- `live cost` rows are each program's own time per run on the TCP stream's packets, as the kernel
+  counts it with `kernel.bpf_stats_enabled` (`run_time_ns` / `run_cnt` from the program's fdinfo),
+  in 0.5 s windows of their own after the throughput rounds (10 rounds; the stats' clock reads on
+  every run would slow the throughput windows). They leave out the hook itself: a natfix program
+  against an empty one on the same hook is natfix's own per-packet share, which the throughput
+  ratios cannot resolve. (The tc guard and the flow learner pulled every TCP segment's head into
+  the linear area until this run: about 300 ns per segment, measured the same way.)
 - On this machine every kernel function return goes through the SRSO \"Safe RET\" thunk
   (`spec_rstack_overflow: Vulnerable: Safe RET, no microcode`): each helper call, map-lookup call
   or tail call costs several nanoseconds more than on unmitigated hardware, which is why the
