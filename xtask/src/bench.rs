@@ -272,7 +272,7 @@ const NOTES: &str = "
   Single windows swing by +-30% and come out quantized to scheduler ticks (4 ms steps, ~4% of a
   window), so the ratio is pooled (all frames / all seconds per configuration) and given with a
   95% bootstrap interval over rounds; a median of per-round ratios snapped to those 4% steps.
-  The tc rows include turning the tc ingress hook on at all, which is not free: they rotate six
+  The tc rows include turning the tc ingress hook on at all, whose cost depends on the host: they rotate six
   configurations (no tc program, an empty tc program, natfix's tc guard, and natfix's overlay fix
   as attached by default, tc program alone, nftables rule alone) so that the hook's own share and
   natfix's share on top of it are rows of their own. Every packet on the underlay passes the
@@ -301,10 +301,17 @@ const NOTES: &str = "
   against an empty one on the same hook is natfix's own per-packet share, which the throughput
   ratios cannot resolve. (The tc guard and the flow learner pulled every TCP segment's head into
   the linear area until this run: about 300 ns per segment, measured the same way.)
-- On this machine every kernel function return goes through the SRSO \"Safe RET\" thunk
-  (`spec_rstack_overflow: Vulnerable: Safe RET, no microcode`): each helper call, map-lookup call
-  or tail call costs several nanoseconds more than on unmitigated hardware, which is why the
-  data plane avoids calls on its hot paths (inlined jiffies and array lookups, the flow cache).
+- The host line says which CPU ran the rows and its `spec_rstack_overflow` state. On AMD hosts
+  where it reads `Vulnerable: Safe RET`, every kernel function return goes through a thunk: each
+  helper call, map-lookup call or tail call costs several nanoseconds more, the empty programs
+  cost 30-40 ns instead of 7-9, and the tc hook and the nftables chain cost several percent of
+  small-packet rate (earlier runs of this file). The data plane avoids calls on its hot paths
+  (inlined jiffies and array lookups, the flow cache) for that reason. Ratio targets against an
+  empty program (`<= 3x empty`) are stricter on an unmitigated host, where the empty program is
+  a few nanoseconds: read the delta beside them.
+- `flood` rates are bounded by the generator, which shares its CPU with the receive softirq: the
+  `XDP drop-all, no work` row is that ceiling. Where natfix's XDP guard reaches it, its ratio to
+  iptables is the rig's limit, not natfix's.
 ";
 
 pub fn bench(args: &BenchArgs) -> Result<()> {
@@ -317,9 +324,17 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     rows.extend(cargo_bench("flood", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
     rows.extend(system_benches(args.runs)?);
     rows.extend(vm_throughput()?);
+    // What the rows depend on most besides the code: the CPU, and whether
+    // every kernel return pays a speculation-mitigation thunk.
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let srso = std::fs::read_to_string("/sys/devices/system/cpu/vulnerabilities/spec_rstack_overflow").unwrap_or_else(|_| "unknown".into());
     let host = format!(
-        "{} CPUs, kernel {}",
+        "{} CPUs ({cpu}; spec_rstack_overflow: {}), kernel {}",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        srso.trim(),
         sh(&["uname", "-r"]).unwrap_or_default().trim()
     );
     let commands = [
