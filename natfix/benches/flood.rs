@@ -263,7 +263,14 @@ enum Window {
     Overlay,
     OverlayTc,
     OverlayNft,
+    /// An nftables base chain at the rule's hook and priority, without
+    /// rules: the cost of the netfilter hook itself, as EmptyTc is tc's.
+    EmptyNft,
 }
+
+/// The empty chain of `Window::EmptyNft`: the same family, hook, priority
+/// and policy as natfix's overlay table (`overlay::install_nft`).
+const EMPTY_NFT: &str = "table ip natfix_bench_empty {\n chain prerouting {\n  type filter hook prerouting priority -150; policy accept;\n }\n}\n";
 
 /// A generator thread in the generator's namespace, pinned to CPU 0, its
 /// program loaded once: each request sends that many frames and answers with
@@ -336,7 +343,7 @@ impl TcSubjects {
             Window::Natfix => self.guard.ingress_program_mut().unwrap(),
             Window::Overlay | Window::OverlayTc => self.overlay.program_mut().unwrap(),
             Window::EmptyTc => self.base.program_mut(programs::EMPTY_TC).unwrap(),
-            Window::Baseline | Window::OverlayNft => unreachable!("these windows attach no tc program"),
+            Window::Baseline | Window::OverlayNft | Window::EmptyNft => unreachable!("these windows attach no tc program"),
         };
         p.try_into().unwrap()
     }
@@ -348,8 +355,11 @@ impl TcSubjects {
         if matches!(w, Window::Overlay | Window::OverlayNft) {
             natfix::overlay::install_nft(fr0, "fr0", &[4789], None, &mut attached.nft).unwrap();
         }
+        if w == Window::EmptyNft {
+            nft_here(EMPTY_NFT);
+        }
         match (w, hook) {
-            (Window::Baseline | Window::OverlayNft, _) => {}
+            (Window::Baseline | Window::OverlayNft | Window::EmptyNft, _) => {}
             (Window::Natfix, "xdp") => {
                 let guard_xdp = self.guard.ingress_program_mut().unwrap().try_into().unwrap();
                 *xdp_link = Some(move_xdp_link(guard_xdp, xdp_link.take().unwrap()));
@@ -366,8 +376,11 @@ impl TcSubjects {
     /// Takes off what `enter` attached.
     fn leave(&mut self, w: Window, hook: &str, attached: Attached, xdp_link: &mut Option<XdpLink>) {
         natfix::overlay::undo("fr0", &attached.nft);
+        if w == Window::EmptyNft {
+            nft_here("delete table ip natfix_bench_empty\n");
+        }
         match (w, hook) {
-            (Window::Baseline | Window::OverlayNft, _) => {}
+            (Window::Baseline | Window::OverlayNft | Window::EmptyNft, _) => {}
             (Window::Natfix, "xdp") => {
                 let counting_xdp = self.base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
                 *xdp_link = Some(move_xdp_link(counting_xdp, xdp_link.take().unwrap()));
@@ -379,6 +392,14 @@ impl TcSubjects {
             learner.detach(link).unwrap();
         }
     }
+}
+
+/// Applies an nftables script in the calling thread's namespace.
+fn nft_here(script: &str) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f - failed on {script}");
 }
 
 /// What one window attached.
@@ -684,6 +705,7 @@ fn stream(rounds: usize, window: Duration) {
         (Window::Overlay, "natfix's overlay fix as attached by default (tc program + nftables rule)"),
         (Window::OverlayTc, "the overlay fix's tc program alone (--csum-backend tc)"),
         (Window::OverlayNft, "the overlay fix's nftables rule alone (--csum-backend nft)"),
+        (Window::EmptyNft, "an empty nftables chain at the rule's hook (the cost of the netfilter hook itself)"),
         (Window::EmptyTc, "an empty tc program (the cost of the tc hook itself)"),
     ] {
         common::report_median("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), true);
@@ -739,6 +761,10 @@ fn legit(rounds: usize, window: u32) {
             common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), true);
             let row = "solicited UDP replies (as above) through the overlay fix's nftables rule alone (--csum-backend nft)";
             common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), true);
+            let row = "solicited UDP replies (as above) through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself";
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), true);
+            let row = "solicited UDP replies (as above) through the overlay fix's nftables rule alone, against an empty nftables chain at its hook";
+            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayNft), "an empty nftables chain", r.of(Window::EmptyNft), true);
         }
     }
     // The tc rows again where the per-packet cost of the rest of the path is
@@ -758,16 +784,19 @@ fn legit(rounds: usize, window: u32) {
         common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), true);
         let row = format!("solicited UDP replies read by the application {on}, through the overlay fix's nftables rule alone (--csum-backend nft)");
         common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), true);
+        let row = format!("solicited UDP replies {on}, through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself");
+        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), true);
     }
 }
 
 /// The XDP guard and its baseline (a counting XDP program).
 const XDP: [Window; 2] = [Window::Baseline, Window::Natfix];
 /// Every tc configuration: the hook's own share and natfix's on top of it.
-const ALL_TC: [Window; 6] = [Window::Baseline, Window::EmptyTc, Window::Natfix, Window::Overlay, Window::OverlayTc, Window::OverlayNft];
+const ALL_TC: [Window; 7] = [Window::Baseline, Window::EmptyTc, Window::Natfix, Window::Overlay, Window::OverlayTc, Window::OverlayNft, Window::EmptyNft];
 /// What an operator picks between: the tc guard, and the overlay fix as
-/// attached by default or as the cheapest IPv4 backend.
-const OPERATOR_TC: [Window; 4] = [Window::Baseline, Window::Natfix, Window::Overlay, Window::OverlayNft];
+/// attached by default or as the IPv4 backend that covers every path alone;
+/// and the netfilter hook's own share.
+const OPERATOR_TC: [Window; 5] = [Window::Baseline, Window::Natfix, Window::Overlay, Window::OverlayNft, Window::EmptyNft];
 
 fn main() {
     let runs = env_u32("NATFIX_BENCH_RUNS", 3) as usize;
