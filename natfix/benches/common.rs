@@ -62,6 +62,11 @@ fn pooled_rate(windows: &mut dyn Iterator<Item = TrafficWindow>) -> f64 {
     frames / secs
 }
 
+/// Each window's rate.
+fn window_rates(windows: &[TrafficWindow]) -> Vec<f64> {
+    windows.iter().map(|w| w.frames / w.secs).collect()
+}
+
 /// The ratio of `runs` to `baseline` by `estimate` (over windows of round
 /// indices), with a bootstrap 95% interval resampling rounds (fixed seed: the
 /// same data gives the same interval).
@@ -89,8 +94,7 @@ fn ratio_with_ci(runs: &[TrafficWindow], baseline: &[TrafficWindow], estimate: i
 /// ratio, resampling rounds (fixed seed: the same data gives the same interval).
 pub fn report_pooled(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], higher_is_better: bool) {
     let (ratio, ci) = ratio_with_ci(runs, baseline, |ws| pooled_rate(ws));
-    let rates = |ws: &[TrafficWindow]| ws.iter().map(|w| w.frames / w.secs).collect::<Vec<_>>();
-    let mut row = row(group, name, unit, &rates(runs), baseline_name, &rates(baseline), higher_is_better);
+    let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), higher_is_better);
     row["ratio"] = json!(ratio);
     row["ci95"] = json!(ci);
     row["delta"] = json!(pooled_rate(&mut runs.iter().copied()) - pooled_rate(&mut baseline.iter().copied()));
@@ -104,14 +108,10 @@ pub fn report_pooled(group: &str, name: &str, unit: &str, runs: &[TrafficWindow]
 /// configuration alike), the typical window is what a configuration costs.
 /// The pooled ratio is kept in the row beside it.
 pub fn report_median(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], higher_is_better: bool) {
-    let median_rate = |ws: &mut dyn Iterator<Item = TrafficWindow>| {
-        let mut rates: Vec<f64> = ws.map(|w| w.frames / w.secs).collect();
-        summary(&mut rates).0
-    };
+    let median_rate = |ws: &mut dyn Iterator<Item = TrafficWindow>| summary(&mut window_rates(&ws.collect::<Vec<_>>())).0;
     let (ratio, ci) = ratio_with_ci(runs, baseline, median_rate);
-    let (pooled, _) = ratio_with_ci(runs, baseline, |ws| pooled_rate(ws));
-    let rates = |ws: &[TrafficWindow]| ws.iter().map(|w| w.frames / w.secs).collect::<Vec<_>>();
-    let mut row = row(group, name, unit, &rates(runs), baseline_name, &rates(baseline), higher_is_better);
+    let pooled = pooled_rate(&mut runs.iter().copied()) / pooled_rate(&mut baseline.iter().copied());
+    let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), higher_is_better);
     row["ratio"] = json!(ratio);
     row["ci95"] = json!(ci);
     row["pooled_ratio"] = json!(pooled);

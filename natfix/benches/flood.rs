@@ -321,6 +321,14 @@ impl Generator {
     }
 }
 
+/// The bench object's counting pass-all XDP program, loaded and attached to fr0.
+fn attach_counting_xdp(base: &mut aya::Ebpf) -> XdpLink {
+    let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+    e.load().unwrap();
+    let id = e.attach("fr0", XdpMode::Driver).unwrap();
+    e.take_link(id).unwrap()
+}
+
 /// Puts `to` in place of the program `link` runs (one bpf_link_update); returns the link.
 fn move_xdp_link(to: &mut Xdp, link: XdpLink) -> XdpLink {
     let id = to.attach_to_link(link).unwrap();
@@ -476,10 +484,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     // one is the XDP baseline, and stays under the tc guard. A window counts
     // the frames that reached the receiver (a full veth ring drops some).
     let mut base = aya::Ebpf::load(objects::BENCH_EMPTY).unwrap();
-    let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
-    e.load().unwrap();
-    let id = e.attach("fr0", XdpMode::Driver).unwrap();
-    let mut xdp_link = Some(e.take_link(id).unwrap());
+    let mut xdp_link = Some(attach_counting_xdp(&mut base));
     loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
     let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: false };
     let passes = |base: &aya::Ebpf| bench_count(base, "natfix_bench_passes");
@@ -585,13 +590,7 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
     };
 
     let mut base = aya::Ebpf::load(objects::BENCH_EMPTY).unwrap();
-    let mut xdp_link = None;
-    if hook == "xdp" {
-        let e: &mut Xdp = base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
-        e.load().unwrap();
-        let id = e.attach("fr0", XdpMode::Driver).unwrap();
-        xdp_link = Some(e.take_link(id).unwrap());
-    }
+    let mut xdp_link = (hook == "xdp").then(|| attach_counting_xdp(&mut base));
     loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
     let guard = GuardHarness::load(&guard_plan(hook)).unwrap();
     let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true };
@@ -651,28 +650,24 @@ fn live_costs(s: &mut TcSubjects, hook: &str, fr0: u32, xdp_link: &mut Option<Xd
     for round in 0..10 {
         for w in window_order(configs, round) {
             let attached = s.enter(w, hook, fr0, xdp_link);
-            let programs: Vec<&'static str> = match (w, hook) {
-                (Window::Baseline, _) => vec!["counting XDP"],
-                (Window::Natfix, "xdp") => vec!["guard XDP", "flow learner"],
-                (Window::Natfix, _) => vec!["guard tc", "flow learner"],
-                (Window::OverlayTc, _) => vec!["overlay tc"],
-                _ => vec!["empty tc"],
+            // Each program the window runs, by row label, with its stats.
+            let stats = |s: &TcSubjects| -> Vec<(&'static str, (u64, u64))> {
+                let programs = match (w, hook) {
+                    (Window::Baseline, _) => vec![("counting XDP", s.base.program(programs::COUNT_PASS_XDP).unwrap())],
+                    (Window::Natfix, _) => vec![
+                        (if hook == "xdp" { "guard XDP" } else { "guard tc" }, s.guard.ingress_program().unwrap()),
+                        ("flow learner", s.guard.egress_program().unwrap()),
+                    ],
+                    (Window::OverlayTc, _) => vec![("overlay tc", s.overlay.loaded_program().unwrap())],
+                    _ => vec![("empty tc", s.base.program(programs::EMPTY_TC).unwrap())],
+                };
+                programs.into_iter().map(|(label, p)| (label, run_stats(p))).collect()
             };
-            let program = |s: &TcSubjects, which: &str| -> (u64, u64) {
-                run_stats(match which {
-                    "counting XDP" => s.base.program(programs::COUNT_PASS_XDP).unwrap(),
-                    "empty tc" => s.base.program(programs::EMPTY_TC).unwrap(),
-                    "overlay tc" => s.overlay.loaded_program().unwrap(),
-                    "flow learner" => s.guard.egress_program().unwrap(),
-                    _ => s.guard.ingress_program().unwrap(),
-                })
-            };
-            let start: Vec<(u64, u64)> = programs.iter().map(|p| program(s, p)).collect();
+            let start = stats(s);
             std::thread::sleep(window);
-            for (which, (t0, n0)) in programs.iter().zip(start) {
-                let (t1, n1) = program(s, which);
+            for ((label, (t0, n0)), (_, (t1, n1))) in start.into_iter().zip(stats(s)) {
                 if n1 > n0 {
-                    live.entry(which).or_default().push((t1 - t0) as f64 / (n1 - n0) as f64);
+                    live.entry(label).or_default().push((t1 - t0) as f64 / (n1 - n0) as f64);
                 }
             }
             s.leave(w, hook, attached, xdp_link);

@@ -56,22 +56,21 @@ impl GuardHarness {
         Ok(Self { ebpf, hook: plan.hook })
     }
 
-    /// The loaded ingress guard program, to attach it (benchmarks).
-    pub fn ingress_program_mut(&mut self) -> Result<&mut aya::programs::Program> {
-        let name = match self.hook {
+    fn ingress_name(&self) -> &'static str {
+        match self.hook {
             GuardHook::Xdp => prog_names::GUARD_XDP,
             GuardHook::Tc => prog_names::GUARD_TC,
-        };
-        self.ebpf.program_mut(name).context("no guard program")
+        }
+    }
+
+    /// The loaded ingress guard program, to attach it (benchmarks).
+    pub fn ingress_program_mut(&mut self) -> Result<&mut aya::programs::Program> {
+        self.ebpf.program_mut(self.ingress_name()).context("no guard program")
     }
 
     /// The loaded ingress guard program (benchmarks read its run statistics).
     pub fn ingress_program(&self) -> Result<&aya::programs::Program> {
-        let name = match self.hook {
-            GuardHook::Xdp => prog_names::GUARD_XDP,
-            GuardHook::Tc => prog_names::GUARD_TC,
-        };
-        self.ebpf.program(name).context("no guard program")
+        self.ebpf.program(self.ingress_name()).context("no guard program")
     }
 
     /// The loaded egress flow learner (benchmarks read its run statistics).
