@@ -340,7 +340,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let commands = [
         ("test_run", "cargo bench -p natfix --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
         ("flood", "cargo bench -p natfix --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
-        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 600 rounds of 50,000-frame windows on a bare receiver, 400 each on a Docker node's netfilter and with 1,400 B frames, programs swapped between windows)"),
+        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 40 rounds of 1,000,000-frame windows on a bare receiver, 30 each on a Docker node's netfilter and with 1,400 B frames, programs swapped between windows)"),
         ("throughput, TCP bulk", "cargo bench -p natfix --bench flood (one TCP connection; 60 rounds of 0.5 s windows per configuration, programs swapped between windows)"),
         ("memory, latency", "cargo xtask bench (/proc/PID/status, wall clock of the release binary)"),
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
