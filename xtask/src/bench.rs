@@ -264,26 +264,31 @@ const NOTES: &str = "
   uses on interfaces with `esp-hw-offload` (software decryption leaves `CHECKSUM_NONE`).
 - `solicited UDP replies` rows measure legitimate traffic where the guard does the most work per
   byte: 64-byte replies of a flow the application opened, every one through the guard's pass path,
-  read by the application. natfix's program and the baseline are swapped on the live veth between
-  back-to-back 0.1 s windows (XDP: one link, `bpf_link_update`; tc: tcx attach/detach), so slow
-  drift cancels; the order is reversed every other round and its start rotated, so every
-  configuration takes every position equally often (a window next to one of the same configuration
-  measured faster here, which biased a fixed order by several percent).
-  Single windows swing by +-30% and come out quantized to scheduler ticks (4 ms steps, ~4% of a
-  window), so the ratio is pooled (all frames / all seconds per configuration) and given with a
-  95% bootstrap interval over rounds; a median of per-round ratios snapped to those 4% steps.
-  The tc rows include turning the tc ingress hook on at all, whose cost depends on the host: they rotate six
-  configurations (no tc program, an empty tc program, natfix's tc guard, and natfix's overlay fix
-  as attached by default, tc program alone, nftables rule alone) so that the hook's own share and
-  natfix's share on top of it are rows of their own. Every packet on the underlay passes the
-  overlay fix: its tc program (the only hook that sees decrypted packets) and, for IPv4 by default,
-  its nftables prerouting rule (for what was fragmented after encryption). These frames are not
-  VXLAN, so they take its parse-and-count path and fail the rule's first match.
+  read by the application. The generator and the receive softirq share CPU 0, so a row's ratio is
+  the share of one core's small-packet rate natfix leaves. natfix's program and the baseline are
+  swapped on the live veth between back-to-back windows of 1,000,000 frames (about 0.5 s; XDP: one
+  link, `bpf_link_update`; tc: tcx attach/detach), so slow drift cancels; the order is reversed
+  every other round and its start rotated, so every configuration takes every position equally
+  often. The ratio is pooled (all frames / all seconds per configuration) and given with a 95%
+  bootstrap interval over rounds. Until this run the windows were 50,000 frames: each generator
+  burst costs 15-30 ms of wall time beyond its frames (100 frames take 15 ms, 50,000 take 35 ms,
+  1,000,000 take 430 ms), the same in every configuration, which pulled every ratio about 40% of
+  the way towards 1 and made costs of a few percent vanish into noise. Earlier files' ratios of
+  these rows are too kind by that much.
+  The tc rows include turning the tc ingress hook (and for the overlay fix the netfilter hook) on
+  at all: they rotate seven configurations (no tc program, an empty tc program, natfix's tc guard,
+  natfix's overlay fix as attached by default, its tc program alone, its nftables rule alone, and
+  an empty nftables chain at the rule's hook) so that each hook's own share and natfix's share on
+  top of it are rows of their own. Every packet on the underlay passes the overlay fix: its tc
+  program (the only hook that sees decrypted packets) and, for IPv4 by default, its nftables
+  prerouting rule (for what was fragmented after encryption). These frames are not VXLAN, so they
+  take its parse-and-count path and fail the rule's first match.
 - The `on a Docker node` and `1,400 B frames` rows repeat the tc rows (no program, tc guard,
-  overlay fix as attached, its nftables rule alone; 400 rounds each) where the rest of the path
-  costs more per packet: with the receiver carrying a Docker node's netfilter
+  overlay fix as attached, its nftables rule alone, an empty nftables chain; 30 rounds each) where
+  the rest of the path costs more per packet: with the receiver carrying a Docker node's netfilter
   (`natfix/benches/data/docker-node.nft`: conntrack and Docker's NAT chains, as the hosts natfix is
-  for have), and with frames of the overlay's own size.
+  for have; their netfilter hook is on already, so natfix's chain adds only itself), and with
+  frames of the overlay's own size.
 - `TCP bulk stream` rows are the throughput iperf3 measures, in the same swapped-window design:
   one TCP connection between the namespaces (sender and receive softirq on CPU 0, the reading
   application on CPU 1), bytes read in 0.5 s windows, natfix's programs swapped between windows
