@@ -440,17 +440,18 @@ enum Host {
 
 /// Windows of `configs` (each round in a rotating ABBA order) for frames of
 /// `payload` UDP bytes through `hook` on a `host` receiver.
-fn legit_windows(hook: &'static str, host: Host, payload: usize, configs: &'static [Window], rounds: usize, window: u32) -> LegitRates {
+/// With `live`, also each program's own time per run on these frames (`live_costs`).
+fn legit_windows(hook: &'static str, host: Host, payload: usize, configs: &'static [Window], rounds: usize, window: u32, live: bool) -> LegitRates {
     let tag = format!("l{hook}{}{}", if host == Host::DockerNode { "d" } else { "" }, if payload == SMALL_PAYLOAD { "" } else { "L" });
     let rig = rig_with(&tag, payload);
     if host == Host::DockerNode {
         rig.rx_ns.nft(include_str!("data/docker-node.nft")).unwrap();
     }
     // Attaching resolves fr0 in the caller's namespace: run it all in the receiver's.
-    rig.rx_ns.netns().unwrap().run(move || Ok(legit_in_receiver(&rig, hook, configs, rounds, window))).unwrap()
+    rig.rx_ns.netns().unwrap().run(move || Ok(legit_in_receiver(&rig, hook, configs, rounds, window, live))).unwrap()
 }
 
-fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: u32) -> LegitRates {
+fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: u32, live: bool) -> LegitRates {
     use std::sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}};
 
     let mut guard = GuardHarness::load(&guard_plan(hook)).unwrap();
@@ -507,6 +508,11 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
             rates.windows.entry(w).or_default().push(rate);
             s.leave(w, hook, attached, &mut xdp_link);
         }
+    }
+    if live {
+        rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || {
+            generator.seconds_for(window);
+        });
     }
     std::thread::sleep(Duration::from_millis(500)); // the reader drains its queue
     done.store(true, Ordering::Release);
@@ -608,7 +614,7 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
             s.leave(w, hook, attached, &mut xdp_link);
         }
     }
-    rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, window);
+    rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || std::thread::sleep(window));
     done.store(true, Ordering::Release);
     sender.join().unwrap().unwrap();
     reader.join().unwrap();
@@ -638,11 +644,18 @@ fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
 }
 
 /// The ingress (and for natfix's guard, egress) programs' own time per run
-/// on the live stream, measured by the kernel (bpf_stats) in windows of
-/// their own after the throughput rounds: the stats' clock reads would
-/// otherwise slow every window. Separates natfix's per-packet share from the
-/// hook's, which the throughput ratios lump together. Keyed by row label.
-fn live_costs(s: &mut TcSubjects, hook: &str, fr0: u32, xdp_link: &mut Option<XdpLink>, window: Duration) -> std::collections::HashMap<&'static str, Vec<f64>> {
+/// on live traffic, measured by the kernel (bpf_stats) in windows of their
+/// own after the throughput rounds: the stats' clock reads would otherwise
+/// slow every window. `traffic` runs one window's worth. Separates natfix's
+/// per-packet share from the hook's, which the throughput ratios lump
+/// together. Keyed by row label.
+fn live_costs(
+    s: &mut TcSubjects,
+    hook: &str,
+    fr0: u32,
+    xdp_link: &mut Option<XdpLink>,
+    mut traffic: impl FnMut(),
+) -> std::collections::HashMap<&'static str, Vec<f64>> {
     const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
     let before = std::fs::read_to_string(STATS).unwrap();
     std::fs::write(STATS, "1").unwrap();
@@ -665,7 +678,7 @@ fn live_costs(s: &mut TcSubjects, hook: &str, fr0: u32, xdp_link: &mut Option<Xd
                 programs.into_iter().map(|(label, p)| (label, run_stats(p))).collect()
             };
             let start = stats(s);
-            std::thread::sleep(window);
+            traffic();
             for ((label, (t0, n0)), (_, (t1, n1))) in start.into_iter().zip(stats(s)) {
                 if n1 > n0 {
                     live.entry(label).or_default().push((t1 - t0) as f64 / (n1 - n0) as f64);
@@ -731,12 +744,22 @@ fn legit(rounds: usize, window: u32) {
     let baselines = [("xdp", "natfix's XDP guard", "a counting pass-all XDP program on the same veth"), ("tc", "natfix's tc guard", "no tc program (the counting XDP program under both)")];
     for (hook, name, baseline) in baselines {
         let configs: &'static [Window] = if hook == "xdp" { &XDP } else { &ALL_TC };
-        let r = legit_windows(hook, Host::Bare, SMALL_PAYLOAD, configs, rounds, window);
+        let r = legit_windows(hook, Host::Bare, SMALL_PAYLOAD, configs, rounds, window, true);
         let row = format!(
             "solicited UDP replies read by the application (64 B frames, windows of {window}) through {name} ({:.0}% read)",
             r.read_fraction * 100.0
         );
         common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), true);
+        // natfix's own time per packet on these frames, apart from the hook's.
+        let live = |name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
+        let cost = |of: &str| format!("live cost per run on the solicited 64 B UDP replies (bpf_stats, windows of their own): {of}");
+        if hook == "xdp" {
+            common::report_paired("live cost", &cost("natfix's XDP guard (pass path)"), "ns/run", &live("guard XDP"), "the counting XDP program", &live("counting XDP"), false);
+        } else {
+            for (name, of) in [("guard tc", "natfix's tc guard (pass path)"), ("overlay tc", "the overlay fix's tc program (not VXLAN)")] {
+                common::report_paired("live cost", &cost(of), "ns/run", &live(name), "an empty tc program (ingress)", &live("empty tc"), false);
+            }
+        }
         if hook == "tc" {
             // The hook's own share, and natfix's share on top of it.
             let row = "solicited UDP replies (as above) through an empty tc program: the cost of the tc hook itself";
@@ -772,7 +795,7 @@ fn legit(rounds: usize, window: u32) {
         (Host::DockerNode, SMALL_PAYLOAD, "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft), 64 B frames"),
         (Host::Bare, LARGE_PAYLOAD, "with 1,400 B frames"),
     ] {
-        let r = legit_windows("tc", host, payload, &OPERATOR_TC, rounds, window);
+        let r = legit_windows("tc", host, payload, &OPERATOR_TC, rounds, window, false);
         let baseline = "no natfix (the counting XDP program under both)";
         let row = format!("solicited UDP replies read by the application {on} (windows of {window}), through natfix's tc guard ({:.0}% read)", r.read_fraction * 100.0);
         common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), true);

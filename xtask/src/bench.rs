@@ -299,10 +299,13 @@ const NOTES: &str = "
   program. Every configuration, the baseline included, has windows that a neighbour on this
   shared machine slows by up to 40%; the ratio is therefore of median windows, with the pooled
   ratio beside it. These packets are out of the guard's scope (TCP) and not VXLAN.
-- `live cost` rows are each program's own time per run on the TCP stream's packets, as the kernel
-  counts it with `kernel.bpf_stats_enabled` (`run_time_ns` / `run_cnt` from the program's fdinfo),
-  in 0.5 s windows of their own after the throughput rounds (10 rounds; the stats' clock reads on
-  every run would slow the throughput windows). They leave out the hook itself: a natfix program
+- `live cost` rows are each program's own time per run on the TCP stream's packets and on the
+  solicited 64 B UDP replies, as the kernel counts it with `kernel.bpf_stats_enabled`
+  (`run_time_ns` / `run_cnt` from the program's fdinfo), in windows of their own after the
+  throughput rounds (10 rounds; the stats' clock reads on every run would slow the throughput
+  windows). Live they come out several times the test_run rows' deltas. The likely reason is the
+  cache: test_run runs one packet in a loop with everything hot, while live the rest of the stack
+  runs between two packets. This VM exposes no hardware counters to confirm it. They leave out the hook itself: a natfix program
   against an empty one on the same hook is natfix's own per-packet share, which the throughput
   ratios cannot resolve. (The tc guard and the flow learner pulled every TCP segment's head into
   the linear area until this run: about 300 ns per segment, measured the same way.)
