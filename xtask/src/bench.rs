@@ -283,12 +283,15 @@ const NOTES: &str = "
   program (the only hook that sees decrypted packets) and, for IPv4 by default, its nftables
   prerouting rule (for what was fragmented after encryption). These frames are not VXLAN, so they
   take its parse-and-count path and fail the rule's first match.
-- The `on a Docker node` and `1,400 B frames` rows repeat the tc rows (no program, tc guard,
-  overlay fix as attached, its nftables rule alone, an empty nftables chain; 30 rounds each) where
-  the rest of the path costs more per packet: with the receiver carrying a Docker node's netfilter
-  (`natfix/benches/data/docker-node.nft`: conntrack and Docker's NAT chains, as the hosts natfix is
-  for have; their netfilter hook is on already, so natfix's chain adds only itself), and with
-  frames of the overlay's own size.
+- The `on a Docker node` rows repeat the rows where the rest of the path costs more per packet, as
+  on the hosts natfix is for: the receiver carries a Docker node's netfilter
+  (`natfix/benches/data/docker-node.nft`: conntrack and Docker's NAT chains; the port-stealing
+  problem needs conntrack and NAT, and Docker's encrypted overlay comes with Docker's rules). Its
+  netfilter hook is on already, so the overlay fix's chain adds only itself. They run the XDP
+  guard against its baseline, and the tc configurations (no program, tc guard, overlay fix as
+  attached, its nftables rule alone, an empty nftables chain) with 64 B frames and with frames of
+  the overlay's own size (1,400 B); the tc configurations run once more with 1,400 B frames on the
+  bare receiver. 40 rounds each.
 - `TCP bulk stream` rows are the throughput iperf3 measures, in the same swapped-window design:
   one TCP connection between the namespaces (sender and receive softirq on CPU 0, the reading
   application on CPU 1), bytes read in 0.5 s windows, natfix's programs swapped between windows
@@ -348,7 +351,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let commands = [
         ("test_run", "cargo bench -p natfix --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
         ("flood", "cargo bench -p natfix --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
-        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 40 rounds of 1,000,000-frame windows on a bare receiver, 30 each on a Docker node's netfilter and with 1,400 B frames, programs swapped between windows)"),
+        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 40 rounds of 1,000,000-frame windows on a bare receiver, 40 each on a Docker node's netfilter with 64 B and 1,400 B frames and on the bare receiver with 1,400 B frames, programs swapped between windows)"),
         ("throughput, TCP bulk", "cargo bench -p natfix --bench flood (one TCP connection; 60 rounds of 0.5 s windows per configuration, programs swapped between windows)"),
         ("memory, latency", "cargo xtask bench (/proc/PID/status, wall clock of the release binary)"),
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
