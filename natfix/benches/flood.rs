@@ -11,8 +11,9 @@
 //! natfix's guard (and on tc, its overlay fix, which all underlay traffic
 //! passes) and their baselines alternate in windows of a million frames
 //! (`legit_windows`; why so long: `LEGIT_WINDOW`):
-//! 64-byte frames on a receiver without netfilter (the worst case), then the
-//! tc configurations on a Docker node's netfilter and with 1,400-byte frames.
+//! 64-byte frames on a receiver without netfilter (the worst case), then on
+//! a Docker node's netfilter (the XDP guard; the tc configurations with 64-byte
+//! and 1,400-byte frames), then 1,400-byte frames on the bare receiver.
 //! Before those, bulk TCP through the same configurations (`stream_windows`).
 //! `NATFIX_FLOOD_PART=flood|stream|legit` runs one part; `NATFIX_STREAM_ROUNDS`
 //! and `NATFIX_STREAM_WINDOW_MS` size the stream's; `NATFIX_LEGIT_ROUNDS`,
