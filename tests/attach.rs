@@ -153,3 +153,54 @@ fn kill_9_fails_open_and_next_attach_succeeds() {
     assert!(xdp_prog_id(&host, "gk0").unwrap().is_some());
     assert!(d2.stop().unwrap().success());
 }
+
+/// The overlay fix's nftables rule has no eBPF counter: `natfix stats` reads
+/// the rule's own counter from the kernel, inside the attachment's namespace
+/// (this test process is outside it). Decrypted ESP needs a VM (tests/vm); here
+/// the kernel's counter is given a value through nft to show it is the one read.
+#[test]
+fn overlay_nft_backend_reports_its_rule_counter() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("ovn");
+    let peer = TestNs::new("ovnpeer");
+    veth(&host, "go0", "10.63.0.1/24", &peer, "gp0", "10.63.0.2/24").unwrap();
+    let out = natfix(&["attach", "--iface", "go0", "--netns", &host.name, "--overlay-fix", "--csum-backend", "nft", "--pin"]);
+    assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
+    // A failed assertion must not leave the pin behind for a later namespace with the same inode.
+    struct Detach<'a>(&'a str);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            let _ = natfix(&["detach", "--iface", "go0", "--netns", self.0]);
+        }
+    }
+    let _detach = Detach(&host.name);
+
+    let nft_row = || {
+        let out = natfix(&["stats", "--json", "--netns", &host.name, "--iface", "go0"]);
+        assert!(out.status.success(), "stats: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rows = v["attachments"][0]["counters"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().find(|c| c["program"] == "overlay" && c["reason"] == "nft_zeroed")
+    };
+    let row = nft_row().expect("an overlay nft_zeroed row");
+    assert_eq!((row["packets"].as_u64(), row["bytes"].as_u64()), (Some(0), Some(0)), "nothing decrypted yet: {row}");
+
+    // Same rule, its counter preset: what stats reports must follow the kernel.
+    let tables = natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "list", "tables"]).unwrap();
+    let table = tables.split_whitespace().find(|w| w.starts_with("natfix_overlay_")).expect("natfix's table").to_owned();
+    let listed = natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "-a", "list", "chain", "ip", &table, "prerouting"]).unwrap();
+    let handle = listed.lines().find_map(|l| l.split("# handle ").nth(1).filter(|_| l.contains("checksum set 0"))).unwrap().trim().to_owned();
+    let rule = "meta ipsec exists iifname \"go0\" udp dport 4789 counter packets 7 bytes 700 udp checksum set 0";
+    let replace = format!("replace rule ip {table} prerouting handle {handle} {rule}");
+    natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", &replace]).unwrap();
+    let row = nft_row().unwrap();
+    assert_eq!((row["packets"].as_u64(), row["bytes"].as_u64()), (Some(7), Some(700)), "{row}");
+
+    let out = natfix(&["detach", "--iface", "go0", "--netns", &host.name]);
+    assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
+    let tables = natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains(&table), "table removed: {tables}");
+}

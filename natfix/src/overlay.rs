@@ -187,6 +187,9 @@ pub fn nft_ruleset(table: &str, iface: &str, ports: &[u16], reqid: Option<u32>) 
             { "match": { "op": "==", "left": { "meta": { "key": "iifname" } }, "right": iface } },
             { "match": { "op": "==", "left": { "payload": { "protocol": "udp", "field": "dport" } },
                 "right": { "set": ports } } },
+            // Counts what the rule rewrites (read back by `nft_rule_counter`);
+            // packets that fail a match above never reach it.
+            { "counter": null },
             { "mangle": { "key": { "payload": { "protocol": "udp", "field": "checksum" } }, "value": 0 } }
         ] } } }
     ] })
@@ -225,6 +228,38 @@ pub fn install_nft(ifindex: u32, iface: &str, ports: &[u16], reqid: Option<u32>,
     Ok(())
 }
 
+/// Packets and bytes the rule of natfix's table set to checksum 0, summed over
+/// the counters in `nft -j list table` output.
+pub fn parse_nft_rule_counter(json: &str) -> Result<(u64, u64)> {
+    let doc: serde_json::Value = serde_json::from_str(json).context("`nft -j list table` printed invalid JSON")?;
+    let mut found = None;
+    let rules = doc["nftables"].as_array().into_iter().flatten().filter_map(|item| item.get("rule"));
+    for expr in rules.flat_map(|rule| rule["expr"].as_array().into_iter().flatten()) {
+        if let Some(counter) = expr.get("counter") {
+            let (packets, bytes) = found.unwrap_or((0, 0));
+            let field = |name: &str| counter[name].as_u64().with_context(|| format!("nft counter without {name}: {counter}"));
+            found = Some((packets + field("packets")?, bytes + field("bytes")?));
+        }
+    }
+    found.context("natfix's nftables rule has no counter (installed by an older natfix: attach again to add it)")
+}
+
+/// What the nftables rule of `table` rewrote so far; runs `nft` in the calling
+/// thread's namespace.
+pub fn nft_rule_counter(table: &str) -> Result<(u64, u64)> {
+    let out = Command::new("nft")
+        .args(["-j", "list", "table", "ip", table])
+        .output()
+        .context("cannot run nft (install nftables)")?;
+    if !out.status.success() {
+        bail!(
+            "cannot read nftables table ip {table} (removed outside natfix? `natfix attach` again restores it): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    parse_nft_rule_counter(&String::from_utf8_lossy(&out.stdout))
+}
+
 /// Undoes `changes`; runs in the attachment's namespace. Best effort: logs what it could not undo.
 pub fn undo(iface: &str, changes: &OverlayChanges) {
     if let Some(table) = &changes.nft_table {
@@ -260,12 +295,30 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_rule_counter_from_nft_json() {
+        // `nft -j list table` (nftables 1.0.6) of a table natfix installed.
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "ip", "name": "natfix_overlay_7", "handle": 1}},
+            {"chain": {"family": "ip", "table": "natfix_overlay_7", "name": "prerouting", "handle": 1,
+                "type": "filter", "hook": "prerouting", "prio": -150, "policy": "accept"}},
+            {"rule": {"family": "ip", "table": "natfix_overlay_7", "chain": "prerouting", "handle": 2, "expr": [
+                {"match": {"op": "==", "left": {"meta": {"key": "ipsec"}}, "right": true}},
+                {"counter": {"packets": 42, "bytes": 6300}},
+                {"mangle": {"key": {"payload": {"protocol": "udp", "field": "checksum"}}, "value": 0}}]}}]}"#;
+        assert_eq!(parse_nft_rule_counter(json).unwrap(), (42, 6300));
+        let without = json.replace(r#"{"counter": {"packets": 42, "bytes": 6300}},"#, "");
+        assert!(format!("{:#}", parse_nft_rule_counter(&without).unwrap_err()).contains("no counter"));
+        assert!(parse_nft_rule_counter("not json").is_err());
+    }
+
+    #[test]
     fn ruleset_json_carries_ports_and_iface_as_data() {
         let doc = nft_ruleset("natfix_overlay_7", "eth0\"; drop", &[4789, 7789], None);
         let rule = &doc["nftables"][2]["add"]["rule"];
         assert_eq!(rule["expr"][1]["match"]["right"], "eth0\"; drop", "names stay data, never syntax");
         assert_eq!(rule["expr"][2]["match"]["right"]["set"], serde_json::json!([4789, 7789]));
-        assert_eq!(rule["expr"][3]["mangle"]["value"], 0);
+        assert!(rule["expr"][3]["counter"].is_null(), "an anonymous counter before the rewrite");
+        assert_eq!(rule["expr"][4]["mangle"]["value"], 0);
         assert_eq!(doc["nftables"][1]["add"]["chain"]["prio"], -150);
         assert_eq!(rule["expr"][0]["match"]["left"]["meta"]["key"], "ipsec");
         let docker = nft_ruleset("t", "eth0", &[4789], Some(0x00D0_C4E3));

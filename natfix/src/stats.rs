@@ -3,15 +3,23 @@
 use anyhow::{Context, Result};
 use aya::maps::{MapData, PerCpuArray};
 use serde::Serialize;
+use tracing::warn;
 
 use crate::{
     abi::{Counter, CounterValue},
+    netns::{self, Netns},
+    overlay,
     pins::{self, AttachmentMeta, PinDir},
 };
 
+/// The reason of the row the overlay fix's nftables rule counts: decrypted
+/// VXLAN it set to checksum 0 (with the tc program too, also what that
+/// program zeroed first, since the rule sees those packets after it).
+pub const NFT_ZEROED: &str = "nft_zeroed";
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct CounterRow {
-    /// `guard` or `flow`.
+    /// `guard`, `flow` or `overlay`.
     pub program: &'static str,
     pub reason: &'static str,
     pub packets: u64,
@@ -58,7 +66,41 @@ pub fn read_counters(dir: &PinDir, meta: &AttachmentMeta) -> Result<Vec<CounterR
             bytes: total.bytes,
         });
     }
+    if let Some(table) = meta.overlay.as_ref().and_then(|o| o.changes.nft_table.clone()) {
+        // One attachment whose namespace is out of reach must not hide the others' counters.
+        match nft_rule_counter(meta, table) {
+            Ok((packets, bytes)) => rows.push(CounterRow { program: "overlay", reason: NFT_ZEROED, packets, bytes }),
+            Err(e) => warn!("{} in namespace `{}`: no {NFT_ZEROED} counter: {e:#}", meta.iface, meta.netns),
+        }
+    }
     Ok(rows)
+}
+
+/// The overlay fix's nftables rule counter, read in the attachment's namespace.
+fn nft_rule_counter(meta: &AttachmentMeta, table: String) -> Result<(u64, u64)> {
+    if netns::current_inode()? == meta.netns_inode {
+        return overlay::nft_rule_counter(&table);
+    }
+    recorded_netns(meta)?.run(move || overlay::nft_rule_counter(&table))
+}
+
+/// A file naming the attachment's namespace, found by its inode: the one
+/// recorded at attach (absent for `self` attachments), the owning process's,
+/// then `ip netns` and Docker names and every process's namespace.
+fn recorded_netns(meta: &AttachmentMeta) -> Result<Netns> {
+    let listed = |dir: &str| std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
+    let processes = listed("/proc").map(|p| p.join("ns/net"));
+    let candidates = std::iter::once(std::path::PathBuf::from(&meta.netns_path))
+        .chain(meta.pid.map(|pid| format!("/proc/{pid}/ns/net").into()))
+        .chain(listed(netns::IP_NETNS_DIR))
+        .chain(listed(netns::DOCKER_NETNS_DIR))
+        .chain(processes);
+    for path in candidates {
+        if std::fs::metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.netns_inode) {
+            return Ok(Netns { spec: meta.netns.clone(), path, inode: meta.netns_inode });
+        }
+    }
+    anyhow::bail!("no file names namespace inode {} any more (not in /run/netns, Docker's netns directory or any process)", meta.netns_inode)
 }
 
 /// Stats of every recorded attachment matching the filters.

@@ -1560,6 +1560,18 @@ fn check_natfix(item: &Value, mode: &str, why: &mut Vec<String>, all_ok: impl Fn
         }
         _ => why.push(format!("unknown mode {mode}")),
     }
+    // The nftables rule (every mode but tc-only) reports what it rewrote,
+    // read by `natfix stats` from the rule's own counter: decrypted VXLAN of
+    // the right SA reaches it on every path; cleartext and other SAs never.
+    let nft_zeroed = |node: &str| item["natfix_counters"][node]["nft_zeroed"].as_u64();
+    for node in nodes {
+        match (mode, nft_zeroed(node)) {
+            ("natfix-tc" | "natfix-tc-recompute", _) | ("natfix-wrong-reqid" | "natfix-cleartext", Some(0)) => {}
+            ("natfix-wrong-reqid" | "natfix-cleartext", n) => why.push(format!("{node}: the nftables rule must rewrite nothing here, counted {n:?}")),
+            (_, Some(1..)) => {}
+            (_, n) => why.push(format!("{node}: the nftables rule's counter reads {n:?}, expected rewrites")),
+        }
+    }
     // The tc program must have done the work on the GRO path where it runs.
     let tc_reason = match mode {
         "natfix-tc" | "natfix-auto" | "natfix-one-side" => Some("zeroed"),
