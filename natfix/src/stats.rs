@@ -85,8 +85,9 @@ fn nft_rule_counter(meta: &AttachmentMeta, table: String) -> Result<(u64, u64)> 
 }
 
 /// A file naming the attachment's namespace, found by its inode: the one
-/// recorded at attach (absent for `self` attachments), the owning process's,
-/// then `ip netns` and Docker names and every process's namespace.
+/// recorded at attach (for a `self` attachment that is /proc/thread-self,
+/// which names the reader's own), the owning process's, then `ip netns` and
+/// Docker names and every process's namespace.
 fn recorded_netns(meta: &AttachmentMeta) -> Result<Netns> {
     let listed = |dir: &str| std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
     let processes = listed("/proc").map(|p| p.join("ns/net"));
