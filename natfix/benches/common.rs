@@ -88,10 +88,10 @@ fn ratio_with_ci(runs: &[TrafficWindow], baseline: &[TrafficWindow], estimate: i
 
 /// Prints a row of interleaved live-traffic windows (`runs[i]` and
 /// `baseline[i]` from round i). Each side's rate is pooled (all frames / all
-/// seconds) rather than a median of per-round ratios: single windows come out
-/// quantized to scheduler ticks (4 ms steps at 0.1 s, i.e. ~4%), and a median of
-/// such ratios snaps to those steps. `ci95` is a bootstrap interval of the
-/// ratio, resampling rounds (fixed seed: the same data gives the same interval).
+/// seconds) rather than a median of per-round ratios: short windows come out
+/// quantized to scheduler ticks (4 ms steps), and a median of such ratios snaps
+/// to those steps. `ci95` is a bootstrap interval of the ratio, resampling
+/// rounds (fixed seed: the same data gives the same interval).
 pub fn report_pooled(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], higher_is_better: bool) {
     let (ratio, ci) = ratio_with_ci(runs, baseline, |ws| pooled_rate(ws));
     let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), higher_is_better);

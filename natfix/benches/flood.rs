@@ -383,6 +383,18 @@ impl TcSubjects {
         attached
     }
 
+    /// `rounds` rounds of windows of `configs` in `window_order`: each window
+    /// attached, measured by `measure` (given the window), then taken off.
+    fn rotate(&mut self, configs: &[Window], rounds: usize, hook: &str, fr0: u32, xdp_link: &mut Option<XdpLink>, mut measure: impl FnMut(&Self, Window)) {
+        for round in 0..rounds {
+            for w in window_order(configs, round) {
+                let attached = self.enter(w, hook, fr0, xdp_link);
+                measure(self, w);
+                self.leave(w, hook, attached, xdp_link);
+            }
+        }
+    }
+
     /// Takes off what `enter` attached.
     fn leave(&mut self, w: Window, hook: &str, attached: Attached, xdp_link: &mut Option<XdpLink>) {
         natfix::overlay::undo("fr0", &attached.nft);
@@ -497,19 +509,15 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     generator.seconds_for(window); // warm-up: neighbour tables, caches
     let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 0.0, live_ns: std::collections::HashMap::new() };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
-    for round in 0..rounds {
-        for w in window_order(configs, round) {
-            let attached = s.enter(w, hook, fr0, &mut xdp_link);
-            // Under the XDP guard the guard's own counter sees the frames.
-            let under_xdp_guard = w == Window::Natfix && hook == "xdp";
-            let reached = |base: &aya::Ebpf, guard: &GuardHarness| if under_xdp_guard { solicited(guard) } else { passes(base) };
-            let before = reached(&s.base, &s.guard);
-            let secs = generator.seconds_for(window);
-            let rate = TrafficWindow { frames: (reached(&s.base, &s.guard) - before) as f64, secs };
-            rates.windows.entry(w).or_default().push(rate);
-            s.leave(w, hook, attached, &mut xdp_link);
-        }
-    }
+    s.rotate(configs, rounds, hook, fr0, &mut xdp_link, |s, w| {
+        // Under the XDP guard the guard's own counter sees the frames.
+        let under_xdp_guard = w == Window::Natfix && hook == "xdp";
+        let reached = |s: &TcSubjects| if under_xdp_guard { solicited(&s.guard) } else { passes(&s.base) };
+        let before = reached(s);
+        let secs = generator.seconds_for(window);
+        let rate = TrafficWindow { frames: (reached(s) - before) as f64, secs };
+        rates.windows.entry(w).or_default().push(rate);
+    });
     if live {
         rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || {
             generator.seconds_for(window);
@@ -605,16 +613,12 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     std::thread::sleep(Duration::from_secs(1)); // warm-up: slow start, buffer autotuning
     let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 1.0, live_ns: std::collections::HashMap::new() };
-    for round in 0..rounds {
-        for w in window_order(configs, round) {
-            let attached = s.enter(w, hook, fr0, &mut xdp_link);
-            let (before, start) = (got.load(Ordering::Relaxed), Instant::now());
-            std::thread::sleep(window);
-            let gbit = (got.load(Ordering::Relaxed) - before) as f64 * 8.0 / 1e9;
-            rates.windows.entry(w).or_default().push(TrafficWindow { frames: gbit, secs: start.elapsed().as_secs_f64() });
-            s.leave(w, hook, attached, &mut xdp_link);
-        }
-    }
+    s.rotate(configs, rounds, hook, fr0, &mut xdp_link, |_, w| {
+        let (before, start) = (got.load(Ordering::Relaxed), Instant::now());
+        std::thread::sleep(window);
+        let gbit = (got.load(Ordering::Relaxed) - before) as f64 * 8.0 / 1e9;
+        rates.windows.entry(w).or_default().push(TrafficWindow { frames: gbit, secs: start.elapsed().as_secs_f64() });
+    });
     rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || std::thread::sleep(window));
     done.store(true, Ordering::Release);
     sender.join().unwrap().unwrap();
@@ -662,32 +666,28 @@ fn live_costs(
     std::fs::write(STATS, "1").unwrap();
     let configs: &[Window] = if hook == "xdp" { &XDP } else { &[Window::EmptyTc, Window::Natfix, Window::OverlayTc] };
     let mut live: std::collections::HashMap<&'static str, Vec<f64>> = std::collections::HashMap::new();
-    for round in 0..10 {
-        for w in window_order(configs, round) {
-            let attached = s.enter(w, hook, fr0, xdp_link);
-            // Each program the window runs, by row label, with its stats.
-            let stats = |s: &TcSubjects| -> Vec<(&'static str, (u64, u64))> {
-                let programs = match (w, hook) {
-                    (Window::Baseline, _) => vec![("counting XDP", s.base.program(programs::COUNT_PASS_XDP).unwrap())],
-                    (Window::Natfix, _) => vec![
-                        (if hook == "xdp" { "guard XDP" } else { "guard tc" }, s.guard.ingress_program().unwrap()),
-                        ("flow learner", s.guard.egress_program().unwrap()),
-                    ],
-                    (Window::OverlayTc, _) => vec![("overlay tc", s.overlay.loaded_program().unwrap())],
-                    _ => vec![("empty tc", s.base.program(programs::EMPTY_TC).unwrap())],
-                };
-                programs.into_iter().map(|(label, p)| (label, run_stats(p))).collect()
+    s.rotate(configs, 10, hook, fr0, xdp_link, |s, w| {
+        // Each program the window runs, by row label, with its stats.
+        let stats = |s: &TcSubjects| -> Vec<(&'static str, (u64, u64))> {
+            let programs = match (w, hook) {
+                (Window::Baseline, _) => vec![("counting XDP", s.base.program(programs::COUNT_PASS_XDP).unwrap())],
+                (Window::Natfix, _) => vec![
+                    (if hook == "xdp" { "guard XDP" } else { "guard tc" }, s.guard.ingress_program().unwrap()),
+                    ("flow learner", s.guard.egress_program().unwrap()),
+                ],
+                (Window::OverlayTc, _) => vec![("overlay tc", s.overlay.loaded_program().unwrap())],
+                _ => vec![("empty tc", s.base.program(programs::EMPTY_TC).unwrap())],
             };
-            let start = stats(s);
-            traffic();
-            for ((label, (t0, n0)), (_, (t1, n1))) in start.into_iter().zip(stats(s)) {
-                if n1 > n0 {
-                    live.entry(label).or_default().push((t1 - t0) as f64 / (n1 - n0) as f64);
-                }
+            programs.into_iter().map(|(label, p)| (label, run_stats(p))).collect()
+        };
+        let start = stats(s);
+        traffic();
+        for ((label, (t0, n0)), (_, (t1, n1))) in start.into_iter().zip(stats(s)) {
+            if n1 > n0 {
+                live.entry(label).or_default().push((t1 - t0) as f64 / (n1 - n0) as f64);
             }
-            s.leave(w, hook, attached, xdp_link);
         }
-    }
+    });
     std::fs::write(STATS, before.trim()).unwrap();
     live
 }
