@@ -154,6 +154,28 @@ fn check_is_netns(spec: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+impl Netns {
+    /// The namespace with `inode`, by the first file that still names it:
+    /// `hints` (a path recorded earlier; for natfix's own namespace that is
+    /// /proc/thread-self, which names the reader's, hence the inode check),
+    /// then `ip netns` and Docker names, then every process's namespace.
+    pub fn find_by_inode(spec: &str, inode: u64, hints: &[PathBuf]) -> Result<Self> {
+        let listed = |dir: &str| std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
+        let candidates = hints
+            .iter()
+            .cloned()
+            .chain(listed(IP_NETNS_DIR))
+            .chain(listed(DOCKER_NETNS_DIR))
+            .chain(listed("/proc").map(|p| p.join("ns/net")));
+        for path in candidates {
+            if std::fs::metadata(&path).is_ok_and(|m| m.ino() == inode) {
+                return Ok(Self { spec: spec.to_owned(), path, inode });
+            }
+        }
+        bail!("no file names namespace `{spec}` (inode {inode}) any more (not in {IP_NETNS_DIR}, {DOCKER_NETNS_DIR} or any process)")
+    }
+}
+
 /// Inode of the calling thread's network namespace.
 pub fn current_inode() -> Result<u64> {
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
@@ -162,6 +184,15 @@ pub fn current_inode() -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_a_namespace_by_inode_past_a_stale_hint() {
+        let own = Netns::current().unwrap();
+        let stale = PathBuf::from("/nonexistent/ns");
+        let found = Netns::find_by_inode("self", own.inode, &[stale]).unwrap();
+        assert_eq!(std::fs::metadata(&found.path).unwrap().ino(), own.inode);
+        assert!(Netns::find_by_inode("gone", u64::MAX, &[]).is_err());
+    }
 
     #[test]
     fn candidates_follow_documented_order() {

@@ -81,27 +81,10 @@ fn nft_rule_counter(meta: &AttachmentMeta, table: String) -> Result<(u64, u64)> 
     if netns::current_inode()? == meta.netns_inode {
         return overlay::nft_rule_counter(&table);
     }
-    recorded_netns(meta)?.run(move || overlay::nft_rule_counter(&table))
-}
-
-/// A file naming the attachment's namespace, found by its inode: the one
-/// recorded at attach (for a `self` attachment that is /proc/thread-self,
-/// which names the reader's own), the owning process's, then `ip netns` and
-/// Docker names and every process's namespace.
-fn recorded_netns(meta: &AttachmentMeta) -> Result<Netns> {
-    let listed = |dir: &str| std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.path());
-    let processes = listed("/proc").map(|p| p.join("ns/net"));
-    let candidates = std::iter::once(std::path::PathBuf::from(&meta.netns_path))
-        .chain(meta.pid.map(|pid| format!("/proc/{pid}/ns/net").into()))
-        .chain(listed(netns::IP_NETNS_DIR))
-        .chain(listed(netns::DOCKER_NETNS_DIR))
-        .chain(processes);
-    for path in candidates {
-        if std::fs::metadata(&path).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == meta.netns_inode) {
-            return Ok(Netns { spec: meta.netns.clone(), path, inode: meta.netns_inode });
-        }
-    }
-    anyhow::bail!("no file names namespace inode {} any more (not in /run/netns, Docker's netns directory or any process)", meta.netns_inode)
+    // The recorded path, then the owning process's, then wherever else the namespace is named.
+    let hints: Vec<std::path::PathBuf> =
+        std::iter::once(meta.netns_path.clone().into()).chain(meta.pid.map(|pid| format!("/proc/{pid}/ns/net").into())).collect();
+    Netns::find_by_inode(&meta.netns, meta.netns_inode, &hints)?.run(move || overlay::nft_rule_counter(&table))
 }
 
 /// Stats of every recorded attachment matching the filters.
