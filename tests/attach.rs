@@ -204,3 +204,60 @@ fn overlay_nft_backend_reports_its_rule_counter() {
     let tables = natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "list", "tables"]).unwrap();
     assert!(!tables.contains(&table), "table removed: {tables}");
 }
+
+/// `--csum-backend auto` decides per interface: the nftables rule alone where
+/// the underlay is IPv4 only (it repairs every IPv4 path and costs least), the
+/// tc program too once the interface has a global IPv6 address (IPv6 needs a
+/// recomputed checksum, which only the tc program writes).
+#[test]
+fn overlay_auto_backend_adds_the_tc_program_only_for_ipv6() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("ova");
+    let peer = TestNs::new("ovapeer");
+    veth(&host, "gv0", "10.64.0.1/24", &peer, "gw0", "10.64.0.2/24").unwrap();
+    struct Detach<'a>(&'a str);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            let _ = natfix(&["detach", "--iface", "gv0", "--netns", self.0]);
+        }
+    }
+    let _detach = Detach(&host.name);
+    let attached = || {
+        let out = natfix(&["attach", "--iface", "gv0", "--netns", &host.name, "--overlay-fix", "--pin"]);
+        assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
+        let st = status_json();
+        st["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "gv0").unwrap().clone()
+    };
+    let nft_tables = || natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "list", "tables"]).unwrap();
+    // The kernel adds the link-local address once the link has carrier (linkwatch, up to 1 s).
+    let link_local = || natfix_tests::sh(&["ip", "-n", &host.name, "-6", "addr", "show", "dev", "gv0", "scope", "link"]).unwrap();
+    for _ in 0..50 {
+        if link_local().contains("fe80::") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(link_local().contains("fe80::"), "gv0 has its link-local address");
+
+    let rec = attached();
+    assert_eq!(rec["overlay"]["backend"], "nft", "IPv4 only: {rec}");
+    assert!(rec["programs"].as_array().unwrap().is_empty(), "no eBPF program: {rec}");
+    assert!(tcx_prog_ids(&host, "gv0", TcAttachType::Ingress).unwrap().is_empty(), "nothing on tc ingress");
+    assert!(nft_tables().contains("natfix_overlay_"), "the rule is installed");
+    let out = natfix(&["detach", "--iface", "gv0", "--netns", &host.name]);
+    assert!(out.status.success(), "detach: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!nft_tables().contains("natfix_overlay_"), "table removed");
+
+    // A link-local address (every IPv6 interface has one) does not count; a global one does.
+    natfix_tests::sh(&["ip", "-n", &host.name, "addr", "add", "2001:db8:64::1/64", "dev", "gv0", "nodad"]).unwrap();
+    let rec = attached();
+    assert_eq!(rec["overlay"]["backend"], "both", "global IPv6: {rec}");
+    let ingress = tcx_prog_ids(&host, "gv0", TcAttachType::Ingress).unwrap();
+    let ids: Vec<u64> = rec["programs"].as_array().unwrap().iter().map(|p| p["prog_id"].as_u64().unwrap()).collect();
+    assert_eq!((ingress.len(), ids.len()), (1, 1), "the overlay tc program: {rec}");
+    assert_eq!(u64::from(ingress[0]), ids[0], "status matches the kernel");
+    assert!(nft_tables().contains("natfix_overlay_"), "and the rule for IPv4");
+}

@@ -193,12 +193,28 @@ pub enum CsumMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CsumBackend {
-    /// tc program plus the nftables rule for IPv4 packets that never reach tc (fragments).
+    /// Decided at attach: the nftables rule for IPv4; `both` with --csum recompute or a
+    /// global IPv6 address on the interface (IPv6 needs the tc program).
     Auto,
     /// tc program only (needs the ESP GRO path: esp4_offload/esp6_offload and GRO).
     Tc,
-    /// nftables rule only (IPv4).
+    /// nftables rule only (IPv4): repairs every path, costs least.
     Nft,
+    /// tc program (IPv4 and IPv6, finer counters, events) plus the nftables rule
+    /// for IPv4 packets that never reach tc (fragments, no GRO).
+    Both,
+}
+
+impl CsumBackend {
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Tc => "tc",
+            Self::Nft => "nft",
+            Self::Both => "both",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

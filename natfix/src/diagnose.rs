@@ -719,8 +719,8 @@ pub fn analyze(facts: &Facts) -> Report {
         .unwrap_or_else(|| "<underlay-iface>".into());
     let has_sas = !docker_sas.is_empty();
 
-    findings.push(esp_offload_finding(&facts.kernel.esp_offload, has_sas, &underlay, ns));
-    findings.push(gro_finding(t, has_sas, &underlays, &underlay, ns));
+    findings.push(esp_offload_finding(&facts.kernel.esp_offload, has_sas));
+    findings.push(gro_finding(t, has_sas, &underlays));
     findings.push(xfrm_finding(t, &docker_sas));
     findings.push(vxlan_finding(facts, has_sas, &underlay, ns));
     findings.extend(csum_findings(facts, has_sas, &underlay, ns));
@@ -786,34 +786,36 @@ fn kernel_findings(k: &KernelFacts) -> Vec<Finding> {
     out
 }
 
-fn esp_offload_finding(state: &ModuleState, has_sas: bool, underlay: &str, ns: Option<&str>) -> Finding {
-    use Severity::{Info, Warning};
+fn esp_offload_finding(state: &ModuleState, has_sas: bool) -> Finding {
+    use Severity::Info;
+    // Only natfix's tc program needs the ESP GRO path; the default for IPv4,
+    // the nftables rule, sees decrypted packets on every path.
+    let tc_only = "only natfix's tc program needs it (IPv6 underlays, --csum recompute, --csum-backend tc or both)";
     match state {
         ModuleState::Loaded => Finding::new("kernel.esp-offload", Info, "esp4_offload is loaded (ESP GRO path)")
             .evidence(["/sys/module/esp4_offload exists".into()]),
         ModuleState::Available(how) => Finding::new(
             "kernel.esp-offload",
             Info,
-            "esp4_offload is available but not loaded; `natfix attach --overlay-fix` loads it",
+            format!("esp4_offload is available but not loaded; {tc_only}, and natfix loads it then"),
         )
         .evidence([how.clone()]),
         ModuleState::Missing(how) if has_sas => Finding::new(
             "kernel.esp-offload",
-            Warning,
-            "esp4_offload is not available: the tc checksum fix cannot see decrypted packets; use the nftables backend",
+            Info,
+            format!("esp4_offload is not available: {tc_only}; the default nftables rule repairs IPv4 without it"),
         )
-        .evidence([how.clone()])
-        .fix(Some(overlay_command(underlay, ns, " --csum-backend nft"))),
+        .evidence([how.clone()]),
         ModuleState::Missing(how) => Finding::new(
             "kernel.esp-offload",
             Info,
-            "esp4_offload is not available (only matters for encrypted overlays: --csum-backend nft works without it)",
+            "esp4_offload is not available (only matters for natfix's tc overlay program: the default nftables rule works without it)",
         )
         .evidence([how.clone()]),
     }
 }
 
-fn gro_finding(t: &NsFacts, has_sas: bool, underlays: &BTreeSet<String>, underlay: &str, ns: Option<&str>) -> Finding {
+fn gro_finding(t: &NsFacts, has_sas: bool, underlays: &BTreeSet<String>) -> Finding {
     let mut off: Vec<&str> = Vec::new();
     let mut lines = Vec::new();
     let mut sorted: Vec<&(String, Result<bool, String>)> = t.gro.iter().collect();
@@ -835,12 +837,11 @@ fn gro_finding(t: &NsFacts, has_sas: bool, underlays: &BTreeSet<String>, underla
             "iface.gro",
             Severity::Info,
             format!(
-                "GRO is off on the underlay ({}); `natfix attach --overlay-fix` switches it on",
+                "GRO is off on the underlay ({}); only natfix's tc overlay program needs it (IPv6, --csum recompute), and natfix switches it on then",
                 underlay_off.iter().map(|s| **s).collect::<Vec<_>>().join(", ")
             ),
         )
-        .evidence(lines)
-        .fix(Some(overlay_command(underlay, ns, "")));
+        .evidence(lines);
     }
     let summary = if t.gro.is_empty() {
         format!("no interfaces besides lo in namespace {}", t.label)
@@ -2174,9 +2175,10 @@ COMMIT
                 .iter()
                 .any(|l| l.starts_with("vx0 in namespace /run/netns/h: vni 42, dstport 4789, udpcsum, up"))
         );
+        // The default (the nftables rule) needs neither the module nor GRO.
         let e = find(&r, "kernel.esp-offload");
-        assert_eq!(e.severity, Severity::Warning);
-        assert!(e.fix.as_deref().unwrap().ends_with("--overlay-fix --csum-backend nft"));
+        assert_eq!((e.severity, e.fix.as_deref()), (Severity::Info, None));
+        assert!(e.summary.contains("the default nftables rule repairs IPv4 without it"), "{}", e.summary);
         let g = find(&r, "iface.gro");
         assert!(g.summary.contains("GRO is off on the underlay (eth0)"), "{}", g.summary);
         assert_eq!(g.evidence[0], "eth0: gro off");

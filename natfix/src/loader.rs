@@ -253,15 +253,71 @@ pub struct OverlayPlan {
 }
 
 impl OverlayPlan {
+    /// Call after `resolve_backend`: `auto` is not a mechanism.
     #[must_use]
     pub fn uses_tc(&self) -> bool {
-        self.backend != CsumBackend::Nft
+        matches!(self.backend, CsumBackend::Tc | CsumBackend::Both)
     }
 
     #[must_use]
     pub fn uses_nft(&self) -> bool {
-        self.backend != CsumBackend::Tc
+        matches!(self.backend, CsumBackend::Nft | CsumBackend::Both)
     }
+
+    /// Turns `auto` into the mechanism it stands for on this interface, and
+    /// records it; `has_global_ipv6` is read in the attachment's namespace.
+    pub fn resolve_backend(&mut self, has_global_ipv6: bool) {
+        if self.backend != CsumBackend::Auto {
+            return;
+        }
+        let recompute = self.config.flags & abi::OVERLAY_F_RECOMPUTE != 0;
+        let (backend, why) = auto_backend(recompute, has_global_ipv6);
+        info!("--csum-backend auto: {} ({why})", backend.name());
+        self.set_backend(backend);
+    }
+
+    /// An upgrade keeps the mechanisms the attachment has (`--replace` swaps
+    /// programs; it cannot add or remove one atomically).
+    pub fn resolve_backend_as(&mut self, old_has_tc: bool) {
+        if self.backend == CsumBackend::Auto {
+            self.set_backend(if old_has_tc { CsumBackend::Both } else { CsumBackend::Nft });
+        }
+    }
+
+    fn set_backend(&mut self, backend: CsumBackend) {
+        self.backend = backend;
+        self.meta.backend = backend.name().into();
+    }
+}
+
+/// What `--csum-backend auto` attaches, and why. The nftables rule alone
+/// repairs IPv4 on every path (fragments and non-GRO included) and costs
+/// other traffic least (BENCHMARKS.md); the tc program is added only where
+/// a zero checksum cannot do: IPv6, and an explicit recompute.
+#[must_use]
+pub fn auto_backend(recompute: bool, has_global_ipv6: bool) -> (CsumBackend, &'static str) {
+    if recompute {
+        (CsumBackend::Both, "--csum recompute needs the tc program; the nftables rule covers IPv4 packets that miss tc")
+    } else if has_global_ipv6 {
+        (CsumBackend::Both, "the interface has a global IPv6 address: IPv6 needs the tc program's recompute")
+    } else {
+        (CsumBackend::Nft, "IPv4 only: the nftables rule repairs every path at the least cost")
+    }
+}
+
+/// Whether `iface` has a global-scope IPv6 address in the calling thread's
+/// namespace (`/proc/net/if_inet6`: address, index, prefix, scope, flags, name).
+#[must_use]
+pub fn has_global_ipv6(iface: &str) -> bool {
+    // thread-self: /proc/net follows the main thread's namespace, not this thread's.
+    std::fs::read_to_string("/proc/thread-self/net/if_inet6").is_ok_and(|text| if_inet6_has_global(&text, iface))
+}
+
+fn if_inet6_has_global(text: &str, iface: &str) -> bool {
+    text.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() == 6 && f[5] == iface && f[3] == "00"
+    })
 }
 
 /// Validates the overlay options; None when --overlay-fix is off.
@@ -293,11 +349,7 @@ pub fn plan_overlay(args: &OverlayArgs) -> Result<Option<OverlayPlan>> {
             CsumMode::Zero => "zero".into(),
             CsumMode::Recompute => "recompute".into(),
         },
-        backend: match args.csum_backend {
-            CsumBackend::Auto => "auto".into(),
-            CsumBackend::Tc => "tc".into(),
-            CsumBackend::Nft => "nft".into(),
-        },
+        backend: args.csum_backend.name().into(),
         reqid: args.reqid,
         changes: OverlayChanges::default(),
     };
@@ -460,12 +512,17 @@ fn ifindex(iface: &str, netns: &Netns) -> Result<u32> {
     Ok(idx)
 }
 
-fn attach_here(req: AttachRequest) -> Result<Attachment> {
+fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
     let ifindex = ifindex(&req.iface, &req.netns)?;
     let pin_dir = PinDir::new(req.netns.inode, &req.iface);
     if pin_dir.meta_path().exists() {
         match pin_dir.read_meta() {
-            Ok(old) if old.pinned && req.replace => return upgrade_here(req, pin_dir, old, ifindex),
+            Ok(old) if old.pinned && req.replace => {
+                if let Some(plan) = req.overlay.as_mut() {
+                    plan.resolve_backend_as(old.programs.iter().any(|p| p.name == prog_names::OVERLAY_TC));
+                }
+                return upgrade_here(req, pin_dir, old, ifindex);
+            }
             Ok(old) if old.is_live() => bail!(UserError::Conflict(format!(
                 "natfix is already attached to {} in namespace `{}` ({}); run `natfix detach --iface {}{}` first",
                 req.iface,
@@ -480,6 +537,9 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
             }
             Err(_) => pin_dir.remove()?,
         }
+    }
+    if let Some(plan) = req.overlay.as_mut() {
+        plan.resolve_backend(has_global_ipv6(&req.iface));
     }
 
     let mut att = Attachment {
@@ -499,9 +559,11 @@ fn attach_here(req: AttachRequest) -> Result<Attachment> {
             created_clsact: false,
         },
         guard: req.guard.as_ref().map(|g| load_guard_object(g, req.events_per_sec)).transpose()?,
+        // The nftables backend alone needs no eBPF object.
         overlay: req
             .overlay
             .as_ref()
+            .filter(|o| o.uses_tc())
             .map(|o| load_overlay_object_for(&o.config, &req.iface, req.events_per_sec, None))
             .transpose()?,
         links: Vec::new(),
@@ -591,6 +653,7 @@ fn upgrade_here(req: AttachRequest, pin_dir: PinDir, old: AttachmentMeta, ifinde
         overlay: req
             .overlay
             .as_ref()
+            .filter(|o| o.uses_tc())
             .map(|o| load_overlay_object_for(&o.config, &req.iface, req.events_per_sec, Some(&pin_dir)))
             .transpose()?,
         links: Vec::new(),
@@ -735,7 +798,7 @@ impl Attachment {
                 match (gro_path, plan.backend) {
                     (Ok(()), _) => {}
                     (Err(e), CsumBackend::Tc) => return Err(e.context(UserError::Unsupported("the tc backend needs the ESP GRO path".into()))),
-                    (Err(e), _) => warn!("{e:#}; the nftables rule still covers IPv4"),
+                    (Err(e), _) => warn!("{e:#}; the nftables rule still covers IPv4, IPv6 stays unrepaired"),
                 }
                 install_overlay_writer(self.object(Feature::Overlay)?)?;
                 self.attach_tc(Feature::Overlay, prog_names::OVERLAY_TC, TcAttachType::Ingress)?;
@@ -888,5 +951,53 @@ fn undo_host_changes(meta: &AttachmentMeta) {
     }
     if let Some(o) = &meta.overlay {
         overlay::undo(&meta.iface, &o.changes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_backend_adds_tc_only_for_recompute_or_ipv6() {
+        assert_eq!(auto_backend(false, false).0, CsumBackend::Nft);
+        assert_eq!(auto_backend(false, true).0, CsumBackend::Both);
+        assert_eq!(auto_backend(true, false).0, CsumBackend::Both);
+    }
+
+    #[test]
+    fn only_a_global_ipv6_address_of_the_interface_counts() {
+        // Real /proc/net/if_inet6 lines: global on eth0, link-local on eth1, ::1 on lo.
+        let text = "\
+20010db8000000000000000000000001 02 40 00 80     eth0
+fe800000000000000000000000000001 03 40 20 80     eth1
+00000000000000000000000000000001 01 80 10 80       lo
+";
+        assert!(if_inet6_has_global(text, "eth0"));
+        assert!(!if_inet6_has_global(text, "eth1"));
+        assert!(!if_inet6_has_global(text, "lo"));
+        assert!(!if_inet6_has_global(text, "eth00"));
+        assert!(!if_inet6_has_global("", "eth0"));
+    }
+
+    #[test]
+    fn an_upgrade_keeps_the_mechanisms_attached() {
+        let args = OverlayArgs {
+            overlay_fix: true,
+            vxlan_ports: vec![],
+            reqid: None,
+            csum: CsumMode::Zero,
+            csum_backend: CsumBackend::Auto,
+        };
+        let mut plan = plan_overlay(&args).unwrap().unwrap();
+        plan.resolve_backend_as(true);
+        assert!(plan.uses_tc() && plan.uses_nft());
+        assert_eq!(plan.meta.backend, "both");
+        let mut plan = plan_overlay(&args).unwrap().unwrap();
+        plan.resolve_backend_as(false);
+        assert!(!plan.uses_tc() && plan.uses_nft());
+        let mut plan = plan_overlay(&OverlayArgs { csum_backend: CsumBackend::Tc, ..args }).unwrap().unwrap();
+        plan.resolve_backend(true);
+        assert!(plan.uses_tc() && !plan.uses_nft(), "an explicit backend is kept");
     }
 }

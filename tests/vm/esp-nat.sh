@@ -16,9 +16,10 @@
 #   nft           the nftables rule (prerouting, priority mangle) on A and B
 #   nft-one-side  the rule on B only: only what B receives is accepted
 #   natfix        `natfix attach --iface <underlay> <args from /etc/natfix/natfix-args> --pin` on A and B
-#   natfix-auto, natfix-auto-recompute, natfix-tc, natfix-tc-recompute, natfix-nft
-#                 natfix's overlay fix on A and B with that backend (auto: tc + nftables) and
-#                 checksum mode (zero unless -recompute); stats and detach are recorded
+#   natfix-auto, natfix-auto-recompute, natfix-tc, natfix-tc-recompute, natfix-nft, natfix-both
+#                 natfix's overlay fix on A and B with that backend (auto: the nftables rule for
+#                 IPv4, tc + nftables with recompute; both: tc + nftables) and checksum mode
+#                 (zero unless -recompute); stats and detach are recorded
 #   natfix-one-side   natfix's overlay fix on B only
 #   natfix-wrong-reqid natfix's overlay fix limited to another reqid: nothing may be fixed
 #   throughput    iperf3 over the overlay, noudpcsum workaround against natfix, alternating, same boot
@@ -328,9 +329,11 @@ run_mode() {
         natfix-tc) nf_args="--overlay-fix --csum-backend tc" ;;
         natfix-tc-recompute) nf_args="--overlay-fix --csum-backend tc --csum recompute" ;;
         natfix-nft) nf_args="--overlay-fix --csum-backend nft" ;;
+        natfix-both) nf_args="--overlay-fix --csum-backend both" ;;
         natfix-one-side) nf_args="--overlay-fix" ;;
-        natfix-cleartext) esp=false nf_args="--overlay-fix" ;;
-        natfix-wrong-reqid) nf_args="--overlay-fix --reqid 0x1234" ;;
+        # both: the tc program's own scope checks (secpath, reqid) are under test too.
+        natfix-cleartext) esp=false nf_args="--overlay-fix --csum-backend both" ;;
+        natfix-wrong-reqid) nf_args="--overlay-fix --csum-backend both --reqid 0x1234" ;;
         throughput)
             run_throughput
             return
@@ -439,7 +442,7 @@ run_mode() {
 
 modes=$(echo "${1:-baseline}" | tr , ' ')
 [ "$modes" = all ] && modes="cleartext baseline noudpcsum nft nft-one-side natfix"
-[ "$modes" = natfix-all ] && modes="baseline natfix-auto natfix-auto-recompute natfix-tc natfix-tc-recompute natfix-nft natfix-one-side natfix-cleartext natfix-wrong-reqid"
+[ "$modes" = natfix-all ] && modes="baseline natfix-auto natfix-auto-recompute natfix-tc natfix-tc-recompute natfix-nft natfix-both natfix-one-side natfix-cleartext natfix-wrong-reqid"
 set -- $modes
 run_modes "$@"
 reset_all
