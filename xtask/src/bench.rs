@@ -277,19 +277,20 @@ const NOTES: &str = "
   these rows are too kind by that much.
   The tc rows include turning the tc ingress hook (and for the overlay fix the netfilter hook) on
   at all: they rotate seven configurations (no tc program, an empty tc program, natfix's tc guard,
-  natfix's overlay fix as attached by default, its tc program alone, its nftables rule alone, and
-  an empty nftables chain at the rule's hook) so that each hook's own share and natfix's share on
-  top of it are rows of their own. Every packet on the underlay passes the overlay fix: its tc
-  program (the only hook that sees decrypted packets) and, for IPv4 by default, its nftables
-  prerouting rule (for what was fragmented after encryption). These frames are not VXLAN, so they
-  take its parse-and-count path and fail the rule's first match.
+  natfix's overlay fix with both mechanisms, its tc program alone, its nftables rule alone (the
+  default for IPv4), and an empty nftables chain at the rule's hook) so that each hook's own share and natfix's share on
+  top of it are rows of their own. Every packet on the underlay passes the overlay fix: for IPv4
+  by default its nftables prerouting rule alone (decrypted packets pass prerouting on every path);
+  with both mechanisms (IPv6, --csum recompute) also its tc program, which sees decrypted packets
+  on the ESP GRO path. These frames are not VXLAN, so they take the program's parse-and-count path
+  and fail the rule's first match.
 - The `on a Docker node` rows repeat the rows where the rest of the path costs more per packet, as
   on the hosts natfix is for: the receiver carries a Docker node's netfilter
   (`natfix/benches/data/docker-node.nft`: conntrack and Docker's NAT chains; the port-stealing
   problem needs conntrack and NAT, and Docker's encrypted overlay comes with Docker's rules). Its
   netfilter hook is on already, so the overlay fix's chain adds only itself. They run the XDP
-  guard against its baseline, and the tc configurations (no program, tc guard, overlay fix as
-  attached, its nftables rule alone, an empty nftables chain) with 64 B frames and with frames of
+  guard against its baseline, and the tc configurations (no program, tc guard, overlay fix with
+  both mechanisms, its nftables rule alone as attached by default for IPv4, an empty nftables chain) with 64 B frames and with frames of
   the overlay's own size (1,400 B); the tc configurations run once more with 1,400 B frames on the
   bare receiver. 40 rounds each.
 - `TCP bulk stream` rows are the throughput iperf3 measures, in the same swapped-window design:
