@@ -261,3 +261,59 @@ fn overlay_auto_backend_adds_the_tc_program_only_for_ipv6() {
     assert_eq!(u64::from(ingress[0]), ids[0], "status matches the kernel");
     assert!(nft_tables().contains("natfix_overlay_"), "and the rule for IPv4");
 }
+
+/// Pins are keyed by the namespace's inode, and the kernel hands a deleted
+/// namespace's inode to a later one. A record left by a pinned attachment in
+/// a deleted namespace must neither block nor be undone in the namespace that
+/// got its inode. The record is made to look like that one by giving it
+/// another namespace's cookie, which is what tells namespaces apart.
+#[test]
+fn a_record_left_by_a_deleted_namespace_with_this_inode_is_not_this_namespaces() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("reuse");
+    let peer = TestNs::new("reusepeer");
+    veth(&host, "gr0", "10.65.0.1/24", &peer, "gs0", "10.65.0.2/24").unwrap();
+    struct Detach<'a>(&'a str);
+    impl Drop for Detach<'_> {
+        fn drop(&mut self) {
+            let _ = natfix(&["detach", "--iface", "gr0", "--netns", self.0]);
+        }
+    }
+    let _detach = Detach(&host.name);
+    let args = ["attach", "--iface", "gr0", "--netns", &host.name, "--overlay-fix", "--csum-backend", "nft", "--pin"];
+    let out = natfix(&args);
+    assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = natfix::pins::PinDir::new(host.netns().inode, "gr0");
+    let own_cookie = dir.read_meta().unwrap().netns_cookie.expect("the record has the namespace's cookie");
+    let as_if_left_by_a_deleted_namespace = || {
+        let mut meta = dir.read_meta().unwrap();
+        meta.netns_cookie = Some(own_cookie ^ 1);
+        dir.write_meta(&meta).unwrap();
+    };
+    let state = || {
+        let st = status_json();
+        st["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "gr0").map(|a| a["state"].clone())
+    };
+    assert_eq!(state(), Some("pinned".into()));
+
+    as_if_left_by_a_deleted_namespace();
+    assert_eq!(state(), Some("stale".into()), "status sees the namespace is not the record's");
+    // Before natfix compared cookies this was "already attached" (exit 6).
+    let out = natfix(&args);
+    assert!(out.status.success(), "attach takes the inode over: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dir.read_meta().unwrap().netns_cookie, Some(own_cookie));
+    assert_eq!(state(), Some("pinned".into()));
+
+    // detach must not undo a gone namespace's record in this one: the table stays.
+    as_if_left_by_a_deleted_namespace();
+    let out = natfix(&["detach", "--iface", "gr0", "--netns", &host.name]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("left by a deleted namespace"), "{stderr}");
+    assert!(!dir.meta_path().exists(), "the stale record is removed");
+    let tables = natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "list", "tables"]).unwrap();
+    assert!(tables.contains("natfix_overlay_"), "this namespace's table is left alone: {tables}");
+}

@@ -121,6 +121,13 @@ pub fn detach(args: &TargetArgs) -> Result<()> {
         )));
     }
     let meta = dir.read_meta()?;
+    if !meta.written_in(netns.run(|| Ok(crate::netns::current_cookie()))?) {
+        dir.remove()?;
+        bail!(UserError::NotFound(format!(
+            "natfix is not attached to {} in namespace `{}`: the record there was left by a deleted namespace with the same inode, and is removed now",
+            args.iface, netns.spec
+        )));
+    }
     if !meta.pinned
         && let Some(pid) = meta.pid.filter(|_| meta.is_live())
     {
@@ -153,7 +160,12 @@ pub fn status(json: bool) -> Result<()> {
     let mut entries = Vec::new();
     for dir in PinDir::list_all() {
         let meta = dir.read_meta()?;
-        let state = if meta.pinned {
+        // A pinned record outlives its namespace (pins are keyed by inode);
+        // only the cookie check can say so, and only for records that have one.
+        let gone = meta.netns_cookie.is_some() && meta.find_netns().is_err();
+        let state = if gone {
+            "stale"
+        } else if meta.pinned {
             "pinned"
         } else if meta.is_live() {
             "running"

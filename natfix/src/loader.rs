@@ -515,8 +515,10 @@ fn ifindex(iface: &str, netns: &Netns) -> Result<u32> {
 fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
     let ifindex = ifindex(&req.iface, &req.netns)?;
     let pin_dir = PinDir::new(req.netns.inode, &req.iface);
+    let cookie = crate::netns::current_cookie();
     if pin_dir.meta_path().exists() {
         match pin_dir.read_meta() {
+            Ok(gone) if !gone.written_in(cookie) => forget_gone_namespace(&pin_dir, &gone)?,
             Ok(old) if old.pinned && req.replace => {
                 if let Some(plan) = req.overlay.as_mut() {
                     plan.resolve_backend_as(old.programs.iter().any(|p| p.name == prog_names::OVERLAY_TC));
@@ -548,6 +550,7 @@ fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
             netns: req.netns.spec.clone(),
             netns_path: req.netns.path.display().to_string(),
             netns_inode: req.netns.inode,
+            netns_cookie: cookie,
             iface: req.iface.clone(),
             ifindex,
             pid: if req.pin { None } else { Some(std::process::id()) },
@@ -921,8 +924,23 @@ pub fn detach_pinned(pin_dir: &PinDir, meta: &AttachmentMeta, netns: &Netns) -> 
     netns.run(move || remove_recorded_here(&dir, &meta))
 }
 
+/// Drops the record of an attachment whose namespace is gone (this one got
+/// its inode). Nothing of it is left to undo, and undoing it here would
+/// touch this namespace: its links went with its devices, its nftables table
+/// and GRO setting with the namespace.
+fn forget_gone_namespace(dir: &PinDir, gone: &AttachmentMeta) -> Result<()> {
+    info!(
+        "removing the record of natfix on {} in namespace `{}`: that namespace is gone and inode {} now names another",
+        gone.iface, gone.netns, gone.netns_inode
+    );
+    dir.remove()
+}
+
 /// Undoes everything a record says natfix did; runs in its namespace.
 fn remove_recorded_here(dir: &PinDir, meta: &AttachmentMeta) -> Result<()> {
+    if !meta.written_in(crate::netns::current_cookie()) {
+        return forget_gone_namespace(dir, meta);
+    }
     for p in &meta.programs {
         if p.mode == "clsact" {
             // Netlink filters outlive natfix (kernels < 6.6): remove them by name.

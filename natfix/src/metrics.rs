@@ -204,6 +204,7 @@ mod tests {
             netns: netns.into(),
             netns_path: "/run/netns/host".into(),
             netns_inode: 4_026_532_000,
+            netns_cookie: None,
             iface: "eth0".into(),
             ifindex: 2,
             pid: Some(1234),

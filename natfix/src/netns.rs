@@ -176,6 +176,31 @@ impl Netns {
     }
 }
 
+/// `SO_NETNS_COOKIE` (Linux >= 5.14; libc 0.2.191 does not export it for this target).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Cookie of the calling thread's network namespace: unlike its inode, never
+/// reused while the machine runs, so it tells a namespace from a later one
+/// that got the same inode. None where the kernel has no cookies (< 5.14).
+#[must_use]
+pub fn current_cookie() -> Option<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: plain socket(2); the fd is owned (and closed) by `sock`.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: `raw` is a fresh, valid fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &raw mut len)
+    };
+    (rc == 0 && len as usize == std::mem::size_of::<u64>()).then_some(cookie)
+}
+
 /// Inode of the calling thread's network namespace.
 pub fn current_inode() -> Result<u64> {
     Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
@@ -192,6 +217,21 @@ mod tests {
         let found = Netns::find_by_inode("self", own.inode, &[stale]).unwrap();
         assert_eq!(std::fs::metadata(&found.path).unwrap().ino(), own.inode);
         assert!(Netns::find_by_inode("gone", u64::MAX, &[]).is_err());
+    }
+
+    #[test]
+    fn a_namespace_keeps_its_cookie_and_another_has_its_own() {
+        let here = current_cookie().expect("kernel >= 5.14 has netns cookies");
+        assert_eq!(current_cookie(), Some(here));
+        let other = std::thread::spawn(|| {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).ok().map(|()| current_cookie())
+        })
+        .join()
+        .unwrap();
+        // unshare needs CAP_SYS_ADMIN; without it there is nothing to compare.
+        if let Some(other) = other {
+            assert!(other.is_some_and(|c| c != here), "a new namespace has a new cookie");
+        }
     }
 
     #[test]

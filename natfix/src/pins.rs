@@ -159,6 +159,11 @@ pub struct AttachmentMeta {
     pub netns: String,
     pub netns_path: String,
     pub netns_inode: u64,
+    /// The namespace's cookie (`netns::current_cookie`); None from older
+    /// records or kernels < 5.14. Pins are keyed by inode, which a later
+    /// namespace can reuse: the cookie tells them apart.
+    #[serde(default)]
+    pub netns_cookie: Option<u64>,
     pub iface: String,
     pub ifindex: u32,
     /// The foreground `natfix attach` that owns it; None when pinned.
@@ -204,6 +209,28 @@ pub struct OverlayMeta {
 }
 
 impl AttachmentMeta {
+    /// Whether the record was written in the namespace whose cookie is
+    /// `current` (the caller's). Only two known, different cookies say no:
+    /// the recorded namespace is gone and its inode went to this one.
+    #[must_use]
+    pub fn written_in(&self, current: Option<u64>) -> bool {
+        !matches!((self.netns_cookie, current), (Some(a), Some(b)) if a != b)
+    }
+
+    /// The namespace this record was written in, entered through any file
+    /// that still names it: the recorded path, the owner's, then any other
+    /// (`Netns::find_by_inode`). Fails when it is gone, even if a later
+    /// namespace got its inode.
+    pub fn find_netns(&self) -> Result<crate::netns::Netns> {
+        let hints: Vec<PathBuf> =
+            std::iter::once(self.netns_path.clone().into()).chain(self.pid.map(|pid| format!("/proc/{pid}/ns/net").into())).collect();
+        let ns = crate::netns::Netns::find_by_inode(&self.netns, self.netns_inode, &hints)?;
+        if self.netns_cookie.is_some() && !self.written_in(ns.run(|| Ok(crate::netns::current_cookie()))?) {
+            bail!("namespace `{}` is gone: inode {} now names another", self.netns, self.netns_inode);
+        }
+        Ok(ns)
+    }
+
     /// Still owned by someone: pinned, or its foreground process is alive.
     #[must_use]
     pub fn is_live(&self) -> bool {

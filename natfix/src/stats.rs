@@ -7,7 +7,7 @@ use tracing::warn;
 
 use crate::{
     abi::{Counter, CounterValue},
-    netns::{self, Netns},
+    netns,
     overlay,
     pins::{self, AttachmentMeta, PinDir},
 };
@@ -78,13 +78,10 @@ pub fn read_counters(dir: &PinDir, meta: &AttachmentMeta) -> Result<Vec<CounterR
 
 /// The overlay fix's nftables rule counter, read in the attachment's namespace.
 fn nft_rule_counter(meta: &AttachmentMeta, table: String) -> Result<(u64, u64)> {
-    if netns::current_inode()? == meta.netns_inode {
+    if netns::current_inode()? == meta.netns_inode && meta.written_in(netns::current_cookie()) {
         return overlay::nft_rule_counter(&table);
     }
-    // The recorded path, then the owning process's, then wherever else the namespace is named.
-    let hints: Vec<std::path::PathBuf> =
-        std::iter::once(meta.netns_path.clone().into()).chain(meta.pid.map(|pid| format!("/proc/{pid}/ns/net").into())).collect();
-    Netns::find_by_inode(&meta.netns, meta.netns_inode, &hints)?.run(move || overlay::nft_rule_counter(&table))
+    meta.find_netns()?.run(move || overlay::nft_rule_counter(&table))
 }
 
 /// Stats of every recorded attachment matching the filters.
