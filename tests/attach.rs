@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use aya::programs::TcAttachType;
 use natfix_tests::{
-    Daemon, TestNs, ensure_bpffs, natfix, require_root, send_udp, stat, tcx_prog_ids, veth, xdp_prog_id,
+    Daemon, DetachOnDrop, TestNs, ensure_bpffs, natfix, require_root, send_udp, stat, tcx_prog_ids, veth, xdp_prog_id,
 };
 
 fn addr(s: &str) -> SocketAddr {
@@ -169,14 +169,7 @@ fn overlay_nft_backend_reports_its_rule_counter() {
     veth(&host, "go0", "10.63.0.1/24", &peer, "gp0", "10.63.0.2/24").unwrap();
     let out = natfix(&["attach", "--iface", "go0", "--netns", &host.name, "--overlay-fix", "--csum-backend", "nft", "--pin"]);
     assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
-    // A failed assertion must not leave the pin behind for a later namespace with the same inode.
-    struct Detach<'a>(&'a str);
-    impl Drop for Detach<'_> {
-        fn drop(&mut self) {
-            let _ = natfix(&["detach", "--iface", "go0", "--netns", self.0]);
-        }
-    }
-    let _detach = Detach(&host.name);
+    let _detach = DetachOnDrop { iface: "go0", netns: &host.name };
 
     let nft_row = || {
         let out = natfix(&["stats", "--json", "--netns", &host.name, "--iface", "go0"]);
@@ -218,13 +211,7 @@ fn overlay_auto_backend_adds_the_tc_program_only_for_ipv6() {
     let host = TestNs::new("ova");
     let peer = TestNs::new("ovapeer");
     veth(&host, "gv0", "10.64.0.1/24", &peer, "gw0", "10.64.0.2/24").unwrap();
-    struct Detach<'a>(&'a str);
-    impl Drop for Detach<'_> {
-        fn drop(&mut self) {
-            let _ = natfix(&["detach", "--iface", "gv0", "--netns", self.0]);
-        }
-    }
-    let _detach = Detach(&host.name);
+    let _detach = DetachOnDrop { iface: "gv0", netns: &host.name };
     let attached = || {
         let out = natfix(&["attach", "--iface", "gv0", "--netns", &host.name, "--overlay-fix", "--pin"]);
         assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
@@ -276,13 +263,7 @@ fn a_record_left_by_a_deleted_namespace_with_this_inode_is_not_this_namespaces()
     let host = TestNs::new("reuse");
     let peer = TestNs::new("reusepeer");
     veth(&host, "gr0", "10.65.0.1/24", &peer, "gs0", "10.65.0.2/24").unwrap();
-    struct Detach<'a>(&'a str);
-    impl Drop for Detach<'_> {
-        fn drop(&mut self) {
-            let _ = natfix(&["detach", "--iface", "gr0", "--netns", self.0]);
-        }
-    }
-    let _detach = Detach(&host.name);
+    let _detach = DetachOnDrop { iface: "gr0", netns: &host.name };
     let args = ["attach", "--iface", "gr0", "--netns", &host.name, "--overlay-fix", "--csum-backend", "nft", "--pin"];
     let out = natfix(&args);
     assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));

@@ -28,6 +28,19 @@ pub fn natfix(args: &[&str]) -> Output {
     Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn").output().expect("run natfix")
 }
 
+/// Detaches a pinned attachment when dropped, so a failed assertion does not
+/// leave its pin for a later namespace that gets the same inode.
+pub struct DetachOnDrop<'a> {
+    pub iface: &'a str,
+    pub netns: &'a str,
+}
+
+impl Drop for DetachOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = natfix(&["detach", "--iface", self.iface, "--netns", self.netns]);
+    }
+}
+
 /// Skips (returns false) unless root: these tests create namespaces and load BPF.
 #[must_use]
 pub fn require_root() -> bool {
