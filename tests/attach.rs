@@ -298,3 +298,35 @@ fn a_record_left_by_a_deleted_namespace_with_this_inode_is_not_this_namespaces()
     let tables = natfix_tests::sh(&["ip", "netns", "exec", &host.name, "nft", "list", "tables"]).unwrap();
     assert!(tables.contains("natfix_overlay_"), "this namespace's table is left alone: {tables}");
 }
+
+/// A pinned attachment outlives its namespace in bpffs (pins are keyed by
+/// inode). Once the namespace is deleted its name no longer resolves, yet
+/// `detach` by that name must still release natfix's pins for it.
+#[test]
+fn detach_releases_the_pins_of_a_deleted_namespace() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("gone");
+    let peer = TestNs::new("gonepeer");
+    veth(&host, "gz0", "10.66.0.1/24", &peer, "gy0", "10.66.0.2/24").unwrap();
+    let out = natfix(&["attach", "--iface", "gz0", "--netns", &host.name, "--guard", "20000-30000", "--flow-source", "own", "--pin"]);
+    assert!(out.status.success(), "pinned attach: {}", String::from_utf8_lossy(&out.stderr));
+    let dir = natfix::pins::PinDir::new(host.netns().inode, "gz0");
+    assert!(dir.meta_path().exists());
+    let record = || {
+        let st = status_json();
+        st["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "gz0" && a["netns"] == host.name.as_str()).cloned()
+    };
+
+    natfix_tests::sh(&["ip", "netns", "del", &host.name]).unwrap();
+    assert_eq!(record().map(|r| r["state"].clone()), Some("stale".into()), "status sees the namespace is gone");
+    let out = natfix(&["detach", "--iface", "gz0", "--netns", &host.name]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "detach by the deleted name: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("that namespace is gone"), "{stdout}");
+    assert!(!dir.meta_path().exists() && record().is_none(), "pins released");
+    // Nothing left: the same request is now an ordinary "not found".
+    assert_eq!(natfix(&["detach", "--iface", "gz0", "--netns", &host.name]).status.code(), Some(3));
+}

@@ -112,14 +112,22 @@ async fn wait_for_shutdown() -> Result<()> {
 pub fn detach(args: &TargetArgs) -> Result<()> {
     features::require_privileges(args.netns.is_some())?;
     pins::require_bpffs()?;
-    let netns = Netns::resolve(args.netns.as_deref())?;
-    let dir = PinDir::new(netns.inode, &args.iface);
-    if !dir.meta_path().exists() {
+    let resolved = Netns::resolve(args.netns.as_deref());
+    let dir = resolved.as_ref().ok().map(|ns| PinDir::new(ns.inode, &args.iface)).filter(|d| d.meta_path().exists());
+    let Some(dir) = dir else {
+        // Nothing here under that name now; records of an earlier namespace
+        // by that name (deleted, or recreated with another inode) may remain.
+        let spec = args.netns.as_deref().unwrap_or("self");
+        if forget_records_of_gone_namespaces(spec, &args.iface)? > 0 {
+            return Ok(());
+        }
+        let netns = resolved?;
         bail!(UserError::NotFound(format!(
             "natfix is not attached to {} in namespace `{}` (see `natfix status`)",
             args.iface, netns.spec
         )));
-    }
+    };
+    let netns = resolved?;
     let meta = dir.read_meta()?;
     if !meta.written_in(netns.run(|| Ok(crate::netns::current_cookie()))?) {
         dir.remove()?;
@@ -146,6 +154,28 @@ pub fn detach(args: &TargetArgs) -> Result<()> {
     loader::detach_pinned(&dir, &meta, &netns)?;
     println!("detached natfix from {} in namespace `{}`", args.iface, netns.spec);
     Ok(())
+}
+
+/// Removes the records of `iface` in namespaces once called `spec` that no
+/// file names any more (or whose inode went to another namespace); returns
+/// how many. Their links are gone with their devices; what natfix changed
+/// inside such a namespace cannot be reached from here, so only pins go.
+fn forget_records_of_gone_namespaces(spec: &str, iface: &str) -> Result<usize> {
+    let mut forgotten = 0;
+    for dir in PinDir::list_all() {
+        let Ok(meta) = dir.read_meta() else { continue };
+        // A namespace still reachable is detached the normal way, by its current name.
+        if meta.netns != spec || meta.iface != iface || meta.find_netns().is_ok() {
+            continue;
+        }
+        dir.remove()?;
+        forgotten += 1;
+        println!(
+            "removed natfix's record of {iface} in namespace `{spec}` (inode {}): that namespace is gone or out of reach, and natfix's pins for it are released",
+            meta.netns_inode
+        );
+    }
+    Ok(forgotten)
 }
 
 #[derive(serde::Serialize)]
@@ -187,6 +217,10 @@ pub fn status(json: bool) -> Result<()> {
             "{} netns {} (inode {}) {}{}",
             e.meta.iface, e.meta.netns, e.meta.netns_inode, e.state, owner
         );
+        if e.state == "stale" {
+            let ns = if e.meta.netns == "self" { String::new() } else { format!(" --netns {}", e.meta.netns) };
+            println!("  its namespace or process is gone: `natfix detach --iface {}{ns}` releases it", e.meta.iface);
+        }
         for p in &e.meta.programs {
             println!("  {:<20} {:<10} {:<8} prog id {}", p.name, p.hook, p.mode, p.prog_id);
         }
