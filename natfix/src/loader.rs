@@ -271,7 +271,7 @@ impl OverlayPlan {
             return;
         }
         let recompute = self.config.flags & abi::OVERLAY_F_RECOMPUTE != 0;
-        let (backend, why) = auto_backend(recompute, has_global_ipv6);
+        let (backend, why) = overlay::auto_backend(recompute, has_global_ipv6);
         info!("--csum-backend auto: {} ({why})", backend.name());
         self.set_backend(backend);
     }
@@ -288,36 +288,6 @@ impl OverlayPlan {
         self.backend = backend;
         self.meta.backend = backend.name().into();
     }
-}
-
-/// What `--csum-backend auto` attaches, and why. The nftables rule alone
-/// repairs IPv4 on every path (fragments and non-GRO included) and costs
-/// other traffic least (BENCHMARKS.md); the tc program is added only where
-/// a zero checksum cannot do: IPv6, and an explicit recompute.
-#[must_use]
-pub fn auto_backend(recompute: bool, has_global_ipv6: bool) -> (CsumBackend, &'static str) {
-    if recompute {
-        (CsumBackend::Both, "--csum recompute needs the tc program; the nftables rule covers IPv4 packets that miss tc")
-    } else if has_global_ipv6 {
-        (CsumBackend::Both, "the interface has a global IPv6 address: IPv6 needs the tc program's recompute")
-    } else {
-        (CsumBackend::Nft, "IPv4 only: the nftables rule repairs every path at the least cost")
-    }
-}
-
-/// Whether `iface` has a global-scope IPv6 address in the calling thread's
-/// namespace (`/proc/net/if_inet6`: address, index, prefix, scope, flags, name).
-#[must_use]
-pub fn has_global_ipv6(iface: &str) -> bool {
-    // thread-self: /proc/net follows the main thread's namespace, not this thread's.
-    std::fs::read_to_string("/proc/thread-self/net/if_inet6").is_ok_and(|text| if_inet6_has_global(&text, iface))
-}
-
-fn if_inet6_has_global(text: &str, iface: &str) -> bool {
-    text.lines().any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        f.len() == 6 && f[5] == iface && f[3] == "00"
-    })
 }
 
 /// Validates the overlay options; None when --overlay-fix is off.
@@ -541,7 +511,7 @@ fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
         }
     }
     if let Some(plan) = req.overlay.as_mut() {
-        plan.resolve_backend(has_global_ipv6(&req.iface));
+        plan.resolve_backend(overlay::has_global_ipv6(&req.iface));
     }
 
     let mut att = Attachment {
@@ -975,28 +945,6 @@ fn undo_host_changes(meta: &AttachmentMeta) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn auto_backend_adds_tc_only_for_recompute_or_ipv6() {
-        assert_eq!(auto_backend(false, false).0, CsumBackend::Nft);
-        assert_eq!(auto_backend(false, true).0, CsumBackend::Both);
-        assert_eq!(auto_backend(true, false).0, CsumBackend::Both);
-    }
-
-    #[test]
-    fn only_a_global_ipv6_address_of_the_interface_counts() {
-        // Real /proc/net/if_inet6 lines: global on eth0, link-local on eth1, ::1 on lo.
-        let text = "\
-20010db8000000000000000000000001 02 40 00 80     eth0
-fe800000000000000000000000000001 03 40 20 80     eth1
-00000000000000000000000000000001 01 80 10 80       lo
-";
-        assert!(if_inet6_has_global(text, "eth0"));
-        assert!(!if_inet6_has_global(text, "eth1"));
-        assert!(!if_inet6_has_global(text, "lo"));
-        assert!(!if_inet6_has_global(text, "eth00"));
-        assert!(!if_inet6_has_global("", "eth0"));
-    }
 
     #[test]
     fn an_upgrade_keeps_the_mechanisms_attached() {

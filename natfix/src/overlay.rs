@@ -1,4 +1,5 @@
-//! Host changes the overlay fix needs, and their undoing: the ESP offload
+//! Which mechanism `--csum-backend auto` picks, the host changes the overlay
+//! fix needs, and their undoing: the ESP offload
 //! modules and GRO (so decrypted packets reach tc ingress), and the nftables
 //! table that covers packets which never take that path (IPv4 fragments).
 //! Every change is recorded so detach restores exactly what natfix changed.
@@ -165,6 +166,37 @@ pub fn nft_table_name(ifindex: u32) -> String {
     format!("natfix_overlay_{ifindex}")
 }
 
+/// What `--csum-backend auto` attaches, and why. The nftables rule alone
+/// repairs IPv4 on every path (fragments and non-GRO included) and costs
+/// other traffic least (BENCHMARKS.md); the tc program is added only where
+/// a zero checksum cannot do: IPv6, and an explicit recompute.
+#[must_use]
+pub fn auto_backend(recompute: bool, has_global_ipv6: bool) -> (crate::cli::CsumBackend, &'static str) {
+    use crate::cli::CsumBackend;
+    if recompute {
+        (CsumBackend::Both, "--csum recompute needs the tc program; the nftables rule covers IPv4 packets that miss tc")
+    } else if has_global_ipv6 {
+        (CsumBackend::Both, "the interface has a global IPv6 address: IPv6 needs the tc program's recompute")
+    } else {
+        (CsumBackend::Nft, "IPv4 only: the nftables rule repairs every path at the least cost")
+    }
+}
+
+/// Whether `iface` has a global-scope IPv6 address in the calling thread's
+/// namespace (`/proc/net/if_inet6`: address, index, prefix, scope, flags, name).
+#[must_use]
+pub fn has_global_ipv6(iface: &str) -> bool {
+    // thread-self: /proc/net follows the main thread's namespace, not this thread's.
+    std::fs::read_to_string("/proc/thread-self/net/if_inet6").is_ok_and(|text| if_inet6_has_global(&text, iface))
+}
+
+fn if_inet6_has_global(text: &str, iface: &str) -> bool {
+    text.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() == 6 && f[5] == iface && f[3] == "00"
+    })
+}
+
 /// The ruleset, as nftables JSON: decrypted (secpath) UDP to the VXLAN ports
 /// arriving on `iface` gets checksum 0, at prerouting priority mangle, where
 /// the decrypted packet passes again (fragments included). With `reqid`,
@@ -284,6 +316,29 @@ pub fn undo(iface: &str, changes: &OverlayChanges) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_backend_adds_tc_only_for_recompute_or_ipv6() {
+        assert_eq!(auto_backend(false, false).0, crate::cli::CsumBackend::Nft);
+        assert_eq!(auto_backend(false, true).0, crate::cli::CsumBackend::Both);
+        assert_eq!(auto_backend(true, false).0, crate::cli::CsumBackend::Both);
+    }
+
+    #[test]
+    fn only_a_global_ipv6_address_of_the_interface_counts() {
+        // Real /proc/net/if_inet6 lines: global on eth0, link-local on eth1, ::1 on lo.
+        let text = "\
+20010db8000000000000000000000001 02 40 00 80     eth0
+fe800000000000000000000000000001 03 40 20 80     eth1
+00000000000000000000000000000001 01 80 10 80       lo
+";
+        assert!(if_inet6_has_global(text, "eth0"));
+        assert!(!if_inet6_has_global(text, "eth1"));
+        assert!(!if_inet6_has_global(text, "lo"));
+        assert!(!if_inet6_has_global(text, "eth00"));
+        assert!(!if_inet6_has_global("", "eth0"));
+    }
+
 
     #[test]
     fn reads_netdev_features_by_name() {
