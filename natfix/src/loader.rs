@@ -908,9 +908,6 @@ fn forget_gone_namespace(dir: &PinDir, gone: &AttachmentMeta) -> Result<()> {
 
 /// Undoes everything a record says natfix did; runs in its namespace.
 fn remove_recorded_here(dir: &PinDir, meta: &AttachmentMeta) -> Result<()> {
-    if !meta.written_in(crate::netns::current_cookie()) {
-        return forget_gone_namespace(dir, meta);
-    }
     for p in &meta.programs {
         if p.mode == "clsact" {
             // Netlink filters outlive natfix (kernels < 6.6): remove them by name.
