@@ -67,55 +67,28 @@ fn window_rates(windows: &[TrafficWindow]) -> Vec<f64> {
     windows.iter().map(|w| w.frames / w.secs).collect()
 }
 
-/// The ratio of `runs` to `baseline` by `estimate` (over windows of round
-/// indices), with a bootstrap 95% interval resampling rounds (fixed seed: the
-/// same data gives the same interval).
-fn ratio_with_ci(runs: &[TrafficWindow], baseline: &[TrafficWindow], estimate: impl Fn(&mut dyn Iterator<Item = TrafficWindow>) -> f64) -> (f64, [f64; 2]) {
-    let ratio_of = |rounds: &[usize]| {
-        estimate(&mut rounds.iter().map(|&i| runs[i])) / estimate(&mut rounds.iter().map(|&i| baseline[i]))
-    };
-    let all: Vec<usize> = (0..runs.len().min(baseline.len())).collect();
+/// Prints a row of live-traffic windows whose ratio is the median of
+/// `ratios`: one per round, each a subject window against the baseline
+/// windows right beside it (`flanked_sequence` in the flood bench). `ci95`
+/// is a bootstrap interval of that median, resampling rounds (fixed seed:
+/// the same data gives the same interval); the pooled ratio (all frames /
+/// all seconds of each side) is kept beside it.
+pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], ratios: &[f64], higher_is_better: bool) {
+    let median = |v: &mut Vec<f64>| summary(v).0;
     let mut rng = SmallRng::seed_from_u64(1);
     let mut resampled: Vec<f64> = (0..2000)
-        .map(|_| {
-            let rounds: Vec<usize> = all.iter().map(|_| rng.random_range(0..all.len())).collect();
-            ratio_of(&rounds)
-        })
+        .map(|_| median(&mut (0..ratios.len()).map(|_| ratios[rng.random_range(0..ratios.len())]).collect()))
         .collect();
     resampled.sort_by(f64::total_cmp);
-    (ratio_of(&all), [resampled[resampled.len() * 25 / 1000], resampled[resampled.len() * 975 / 1000]])
-}
-
-/// Prints a row of interleaved live-traffic windows (`runs[i]` and
-/// `baseline[i]` from round i). Each side's rate is pooled (all frames / all
-/// seconds) rather than a median of per-round ratios: short windows come out
-/// quantized to scheduler ticks (4 ms steps), and a median of such ratios snaps
-/// to those steps. `ci95` is a bootstrap interval of the ratio, resampling
-/// rounds (fixed seed: the same data gives the same interval).
-pub fn report_pooled(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], higher_is_better: bool) {
-    let (ratio, ci) = ratio_with_ci(runs, baseline, |ws| pooled_rate(ws));
-    let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), higher_is_better);
-    row["ratio"] = json!(ratio);
-    row["ci95"] = json!(ci);
-    row["delta"] = json!(pooled_rate(&mut runs.iter().copied()) - pooled_rate(&mut baseline.iter().copied()));
-    row["estimator"] = json!("pooled");
-    println!("{row}");
-}
-
-/// As `report_pooled`, but each side's rate is the median window's: for
-/// windows long enough not to quantize, on a machine whose neighbours now
-/// and then take a window's CPU whatever ran in it (seen in every
-/// configuration alike), the typical window is what a configuration costs.
-/// The pooled ratio is kept in the row beside it.
-pub fn report_median(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], higher_is_better: bool) {
-    let median_rate = |ws: &mut dyn Iterator<Item = TrafficWindow>| summary(&mut window_rates(&ws.collect::<Vec<_>>())).0;
-    let (ratio, ci) = ratio_with_ci(runs, baseline, median_rate);
+    let ci = [resampled[resampled.len() * 25 / 1000], resampled[resampled.len() * 975 / 1000]];
     let pooled = pooled_rate(&mut runs.iter().copied()) / pooled_rate(&mut baseline.iter().copied());
     let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), higher_is_better);
-    row["ratio"] = json!(ratio);
+    row["ratio"] = json!(median(&mut ratios.to_vec()));
     row["ci95"] = json!(ci);
     row["pooled_ratio"] = json!(pooled);
+    row["rounds"] = json!(ratios.len());
+    row["round_ratios"] = json!(ratios);
     row["delta"] = json!(row["median"].as_f64().unwrap_or(0.0) - row["baseline_median"].as_f64().unwrap_or(0.0));
-    row["estimator"] = json!("median");
+    row["estimator"] = json!("flanked");
     println!("{row}");
 }

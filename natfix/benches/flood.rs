@@ -9,15 +9,15 @@
 //! Then legitimate traffic through the same rig (group "throughput"): the
 //! frames are replies of a flow in the guard's table, read by an application;
 //! natfix's guard (and on tc, its overlay fix, which all underlay traffic
-//! passes) and their baselines alternate in windows of a million frames
-//! (`legit_windows`; why so long: `LEGIT_WINDOW`):
+//! passes) run in windows of a million frames, each between two baseline
+//! windows (`flanked_sequence`; why so long: `LEGIT_WINDOW`):
 //! 64-byte frames on a receiver without netfilter (the worst case), then on
 //! a Docker node's netfilter (the XDP guard; the tc configurations with 64-byte
 //! and 1,400-byte frames), then 1,400-byte frames on the bare receiver.
 //! Before those, bulk TCP through the same configurations (`stream_windows`).
 //! `NATFIX_FLOOD_PART=flood|stream|legit` runs one part; `NATFIX_STREAM_ROUNDS`
 //! and `NATFIX_STREAM_WINDOW_MS` size the stream's; `NATFIX_LEGIT_ROUNDS`,
-//! `NATFIX_LEGIT_MORE_ROUNDS` (the Docker-node and large-frame runs) and
+//! `NATFIX_LEGIT_DOCKER_ROUNDS` (the Docker-node runs) and
 //! `NATFIX_LEGIT_WINDOW` the solicited-UDP part's.
 
 mod common;
@@ -235,19 +235,48 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 /// receiver / the generator's time: the receive softirq runs on the
 /// generator's CPU as it flushes each batch, so that time covers the whole
 /// path up to the socket. Programs are swapped between windows (XDP:
-/// bpf_link_update on one link; tc: tcx attach/detach), so subject and
-/// baseline windows are ~0.1 s apart and slower machine drift cancels.
+/// bpf_link_update on one link; tc: tcx attach/detach), each subject window
+/// between two baseline windows (`flanked_sequence`), so machine drift
+/// slower than a window cancels out of its ratio (`LegitRates::flanked`).
 struct LegitRates {
     /// Each configuration's windows, round by round.
     windows: std::collections::HashMap<Window, Vec<TrafficWindow>>,
+    /// Every window in the order it ran (`flanked_sequence`).
+    sequence: Vec<(Window, TrafficWindow)>,
     read_fraction: f64,
     /// ns per run of each program on the live traffic (`live_costs`), round by round.
     live_ns: std::collections::HashMap<&'static str, Vec<f64>>,
 }
 
 impl LegitRates {
+    fn new(read_fraction: f64) -> Self {
+        Self { windows: std::collections::HashMap::new(), sequence: Vec::new(), read_fraction, live_ns: std::collections::HashMap::new() }
+    }
+
+    fn push(&mut self, w: Window, t: TrafficWindow) {
+        self.windows.entry(w).or_default().push(t);
+        self.sequence.push((w, t));
+    }
+
     fn of(&self, w: Window) -> &[TrafficWindow] {
         self.windows.get(&w).map_or(&[], Vec::as_slice)
+    }
+
+    /// Each window of `w` against the baseline windows right before and
+    /// after it (their mean rate), round by round: a slow spell of the
+    /// machine that spans the three windows cancels out of the ratio.
+    fn flanked(&self, w: Window) -> Vec<f64> {
+        let rate = |t: &TrafficWindow| t.frames / t.secs;
+        let seq = &self.sequence;
+        (1..seq.len().saturating_sub(1))
+            .filter(|&i| seq[i].0 == w && seq[i - 1].0 == Window::Baseline && seq[i + 1].0 == Window::Baseline)
+            .map(|i| rate(&seq[i].1) / f64::midpoint(rate(&seq[i - 1].1), rate(&seq[i + 1].1)))
+            .collect()
+    }
+
+    /// `w` against `against` (each flanked by baselines), round by round.
+    fn flanked_against(&self, w: Window, against: Window) -> Vec<f64> {
+        self.flanked(w).iter().zip(self.flanked(against)).map(|(a, b)| a / b).collect()
     }
 }
 
@@ -384,15 +413,13 @@ impl TcSubjects {
         attached
     }
 
-    /// `rounds` rounds of windows of `configs` in `window_order`: each window
-    /// attached, measured by `measure` (given the window), then taken off.
-    fn rotate(&mut self, configs: &[Window], rounds: usize, hook: &str, fr0: u32, xdp_link: &mut Option<XdpLink>, mut measure: impl FnMut(&Self, Window)) {
-        for round in 0..rounds {
-            for w in window_order(configs, round) {
-                let attached = self.enter(w, hook, fr0, xdp_link);
-                measure(self, w);
-                self.leave(w, hook, attached, xdp_link);
-            }
+    /// The windows of `sequence` in order: each attached, measured by
+    /// `measure` (given the window), then taken off.
+    fn rotate(&mut self, sequence: &[Window], hook: &str, fr0: u32, xdp_link: &mut Option<XdpLink>, mut measure: impl FnMut(&Self, Window)) {
+        for &w in sequence {
+            let attached = self.enter(w, hook, fr0, xdp_link);
+            measure(self, w);
+            self.leave(w, hook, attached, xdp_link);
         }
     }
 
@@ -508,16 +535,15 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     let before_all = passes(&s.base) + solicited(&s.guard);
     let generator = Generator::start(rig);
     generator.seconds_for(window); // warm-up: neighbour tables, caches
-    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 0.0, live_ns: std::collections::HashMap::new() };
+    let mut rates = LegitRates::new(0.0);
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
-    s.rotate(configs, rounds, hook, fr0, &mut xdp_link, |s, w| {
+    s.rotate(&flanked_sequence(configs, rounds), hook, fr0, &mut xdp_link, |s, w| {
         // Under the XDP guard the guard's own counter sees the frames.
         let under_xdp_guard = w == Window::Natfix && hook == "xdp";
         let reached = |s: &TcSubjects| if under_xdp_guard { solicited(&s.guard) } else { passes(&s.base) };
         let before = reached(s);
         let secs = generator.seconds_for(window);
-        let rate = TrafficWindow { frames: (reached(s) - before) as f64, secs };
-        rates.windows.entry(w).or_default().push(rate);
+        rates.push(w, TrafficWindow { frames: (reached(s) - before) as f64, secs });
     });
     if live {
         rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || {
@@ -555,6 +581,27 @@ fn window_order(configs: &[Window], round: usize) -> Vec<Window> {
         order.reverse();
     }
     order
+}
+
+/// `rounds` rounds of `configs` in `window_order`, back to back.
+fn rotation_sequence(configs: &[Window], rounds: usize) -> Vec<Window> {
+    (0..rounds).flat_map(|round| window_order(configs, round)).collect()
+}
+
+/// `rounds` rounds in which every configuration other than the baseline
+/// (in `window_order`) runs between two baseline windows: B s1 B s2 ... B sn,
+/// and one B after the last round. This machine's neighbours slow it in
+/// spells of a few seconds (every configuration's windows, the baseline's
+/// included, fall from ~1.4 to ~0.8 million datagrams/s and back), longer
+/// than a window but shorter than a round of seven: a subject compared with
+/// the baselines right beside it (`LegitRates::flanked`) shares its spell,
+/// where a pooled or median rate over rounds does not. Every window follows
+/// a swap, so no configuration profits from following itself.
+fn flanked_sequence(configs: &[Window], rounds: usize) -> Vec<Window> {
+    let subjects: Vec<Window> = configs.iter().copied().filter(|&w| w != Window::Baseline).collect();
+    let mut sequence: Vec<Window> = (0..rounds).flat_map(|round| window_order(&subjects, round).into_iter().flat_map(|w| [Window::Baseline, w])).collect();
+    sequence.push(Window::Baseline);
+    sequence
 }
 
 /// Bulk TCP, the throughput iperf3 measures: one connection from the
@@ -613,12 +660,12 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
     let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     std::thread::sleep(Duration::from_secs(1)); // warm-up: slow start, buffer autotuning
-    let mut rates = LegitRates { windows: std::collections::HashMap::new(), read_fraction: 1.0, live_ns: std::collections::HashMap::new() };
-    s.rotate(configs, rounds, hook, fr0, &mut xdp_link, |_, w| {
+    let mut rates = LegitRates::new(1.0);
+    s.rotate(&flanked_sequence(configs, rounds), hook, fr0, &mut xdp_link, |_, w| {
         let (before, start) = (got.load(Ordering::Relaxed), Instant::now());
         std::thread::sleep(window);
         let gbit = (got.load(Ordering::Relaxed) - before) as f64 * 8.0 / 1e9;
-        rates.windows.entry(w).or_default().push(TrafficWindow { frames: gbit, secs: start.elapsed().as_secs_f64() });
+        rates.push(w, TrafficWindow { frames: gbit, secs: start.elapsed().as_secs_f64() });
     });
     rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || std::thread::sleep(window));
     done.store(true, Ordering::Release);
@@ -667,7 +714,7 @@ fn live_costs(
     std::fs::write(STATS, "1").unwrap();
     let configs: &[Window] = if hook == "xdp" { &XDP } else { &[Window::EmptyTc, Window::Natfix, Window::OverlayTc] };
     let mut live: std::collections::HashMap<&'static str, Vec<f64>> = std::collections::HashMap::new();
-    s.rotate(configs, 10, hook, fr0, xdp_link, |s, w| {
+    s.rotate(&rotation_sequence(configs, 10), hook, fr0, xdp_link, |s, w| {
         // Each program the window runs, by row label, with its stats.
         let stats = |s: &TcSubjects| -> Vec<(&'static str, (u64, u64))> {
             let programs = match (w, hook) {
@@ -698,7 +745,7 @@ fn stream(rounds: usize, window: Duration) {
     let what = |through: &str| format!("TCP bulk stream (one connection, as iperf3) read by the application, through {through}");
     let r = stream_windows("xdp", &XDP, rounds, window);
     let row = what("natfix's XDP guard and its egress flow learner");
-    common::report_median("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), true);
+    common::report_flanked("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
     let live = |r: &LegitRates, name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
     let cost = |of: &str| format!("live cost per run on the TCP stream's packets (bpf_stats, windows of their own): {of}");
     common::report_paired("live cost", &cost("natfix's XDP guard"), "ns/run", &live(&r, "guard XDP"), "the counting XDP program", &live(&r, "counting XDP"), false);
@@ -719,7 +766,7 @@ fn stream(rounds: usize, window: Duration) {
         (Window::EmptyNft, "an empty nftables chain at the rule's hook (the cost of the netfilter hook itself)"),
         (Window::EmptyTc, "an empty tc program (the cost of the tc hook itself)"),
     ] {
-        common::report_median("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), true);
+        common::report_flanked("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), &r.flanked(w), true);
     }
 }
 
@@ -751,7 +798,7 @@ fn legit(rounds: usize, window: u32) {
             "solicited UDP replies read by the application (64 B frames, windows of {window}) through {name} ({:.0}% read)",
             r.read_fraction * 100.0
         );
-        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
         // natfix's own time per packet on these frames, apart from the hook's.
         let live = |name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
         let cost = |of: &str| format!("live cost per run on the solicited 64 B UDP replies (bpf_stats, windows of their own): {of}");
@@ -765,9 +812,9 @@ fn legit(rounds: usize, window: u32) {
         if hook == "tc" {
             // The hook's own share, and natfix's share on top of it.
             let row = "solicited UDP replies (as above) through an empty tc program: the cost of the tc hook itself";
-            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::EmptyTc), baseline, r.of(Window::Baseline), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyTc), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyTc), true);
             let row = "solicited UDP replies (as above) through natfix's tc guard, against an empty tc program";
-            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::Natfix), "an empty tc program", r.of(Window::EmptyTc), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::Natfix), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::Natfix, Window::EmptyTc), true);
             // The overlay fix sits on the underlay (tc is the only hook that sees
             // decrypted packets; the nftables rule covers what was fragmented
             // after encryption), so every other packet there passes it: these
@@ -775,20 +822,20 @@ fn legit(rounds: usize, window: u32) {
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through natfix's overlay fix with both mechanisms (--csum-backend both: tc program + nftables rule; not VXLAN, passed untouched)"
             );
-            common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), true);
+            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay), true);
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone (--csum-backend tc)";
-            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayTc), baseline, r.of(Window::Baseline), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayTc), true);
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone, against an empty tc program";
-            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::OverlayTc, Window::EmptyTc), true);
             // Full name: the IPv4 default is held to the target.
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through the overlay fix as attached by default for IPv4 (its nftables rule alone: --overlay-fix, --csum-backend nft)"
             );
-            common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), true);
+            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft), true);
             let row = "solicited UDP replies (as above) through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself";
-            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft), true);
             let row = "solicited UDP replies (as above) through the overlay fix's nftables rule alone, against an empty nftables chain at its hook";
-            common::report_pooled("throughput", row, "datagrams/s", r.of(Window::OverlayNft), "an empty nftables chain", r.of(Window::EmptyNft), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayNft), "an empty nftables chain", r.of(Window::EmptyNft), &r.flanked_against(Window::OverlayNft, Window::EmptyNft), true);
         }
     }
     // The rows again where the rest of the path costs more per packet: on a
@@ -796,26 +843,28 @@ fn legit(rounds: usize, window: u32) {
     // needs conntrack and NAT; Docker's overlay comes with Docker's netfilter
     // rules), with small and with overlay-sized frames; then large frames on
     // the bare receiver.
-    let rounds = env_u32("NATFIX_LEGIT_MORE_ROUNDS", 40) as usize;
+    // More rounds on the Docker node, whose default rows carry the target.
+    let docker_rounds = env_u32("NATFIX_LEGIT_DOCKER_ROUNDS", 60) as usize;
     const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
-    let r = legit_windows("xdp", Host::DockerNode, SMALL_PAYLOAD, &XDP, rounds, window, false);
+    let r = legit_windows("xdp", Host::DockerNode, SMALL_PAYLOAD, &XDP, docker_rounds, window, false);
     let row = format!("solicited UDP replies read by the application {DOCKER}, 64 B frames (windows of {window}), through natfix's XDP guard ({:.0}% read)", r.read_fraction * 100.0);
-    common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), true);
+    common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
     for (host, payload, on) in [
         (Host::DockerNode, SMALL_PAYLOAD, format!("{DOCKER}, 64 B frames")),
         (Host::DockerNode, LARGE_PAYLOAD, format!("{DOCKER}, 1,400 B frames")),
         (Host::Bare, LARGE_PAYLOAD, "with 1,400 B frames".to_owned()),
     ] {
+        let rounds = if host == Host::DockerNode { docker_rounds } else { rounds };
         let r = legit_windows("tc", host, payload, &OPERATOR_TC, rounds, window, false);
         let baseline = "no natfix (the counting XDP program under both)";
         let row = format!("solicited UDP replies read by the application {on} (windows of {window}), through natfix's tc guard ({:.0}% read)", r.read_fraction * 100.0);
-        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
         let row = format!("solicited UDP replies read by the application {on}, through natfix's overlay fix with both mechanisms (--csum-backend both: tc program + nftables rule)");
-        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay), true);
         let row = format!("solicited UDP replies read by the application {on}, through the overlay fix as attached by default for IPv4 (its nftables rule alone: --overlay-fix, --csum-backend nft)");
-        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft), true);
         let row = format!("solicited UDP replies {on}, through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself");
-        common::report_pooled("throughput", &row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft), true);
     }
 }
 
@@ -847,6 +896,6 @@ fn main() {
         stream(env_u32("NATFIX_STREAM_ROUNDS", 60) as usize, Duration::from_millis(env_u32("NATFIX_STREAM_WINDOW_MS", 500).into()));
     }
     if part.is_empty() || part == "legit" {
-        legit(env_u32("NATFIX_LEGIT_ROUNDS", 40) as usize, env_u32("NATFIX_LEGIT_WINDOW", LEGIT_WINDOW));
+        legit(env_u32("NATFIX_LEGIT_ROUNDS", 30) as usize, env_u32("NATFIX_LEGIT_WINDOW", LEGIT_WINDOW));
     }
 }

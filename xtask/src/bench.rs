@@ -175,7 +175,8 @@ fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
     s.push_str("interleaved with it where possible; the ratio is what to read (these machines are noisy).\n");
     s.push_str("A ratio marked *paired* is the median of per-round ratios (subject and baseline back to back in each round);\n");
     s.push_str("one marked *pooled* is all subject frames / seconds over all baseline frames / seconds, with a bootstrap interval over rounds;\n");
-    s.push_str("one marked *median* is the median window's rate over the baseline's, with a bootstrap interval over rounds (the pooled ratio beside it).\n\n");
+    s.push_str("one marked *median* is the median window's rate over the baseline's, with a bootstrap interval over rounds (the pooled ratio beside it);\n");
+    s.push_str("one marked *flanked* is the median over rounds of a subject window's rate over the mean of the baseline windows right before and after it, with a bootstrap interval over rounds (the pooled ratio beside it).\n\n");
     for (group, cmd) in commands {
         let _ = writeln!(s, "- {group}: `{cmd}`");
     }
@@ -207,9 +208,10 @@ fn render(rows: &[Value], commands: &[(&str, &str)], host: &str) -> String {
                 (Some(true), _) => " *paired*".to_owned(),
                 (_, Some(ci)) => {
                     let ci = format!("95% CI {:.3}-{:.3}", ci[0].as_f64().unwrap_or(f64::NAN), ci[1].as_f64().unwrap_or(f64::NAN));
+                    let estimator = r["estimator"].as_str().unwrap_or("pooled");
                     match r["pooled_ratio"].as_f64() {
-                        Some(pooled) => format!(" *median*, {ci} (pooled {pooled:.3})"),
-                        None => format!(" *pooled*, {ci}"),
+                        Some(pooled) => format!(" *{estimator}*, {ci} (pooled {pooled:.3})"),
+                        None => format!(" *{estimator}*, {ci}"),
                     }
                 }
                 _ => String::new(),
@@ -266,17 +268,22 @@ const NOTES: &str = "
   byte: 64-byte replies of a flow the application opened, every one through the guard's pass path,
   read by the application. The generator and the receive softirq share CPU 0, so a row's ratio is
   the share of one core's small-packet rate natfix leaves. natfix's program and the baseline are
-  swapped on the live veth between back-to-back windows of 1,000,000 frames (about 0.5 s; XDP: one
-  link, `bpf_link_update`; tc: tcx attach/detach), so slow drift cancels; the order is reversed
-  every other round and its start rotated, so every configuration takes every position equally
-  often. The ratio is pooled (all frames / all seconds per configuration) and given with a 95%
-  bootstrap interval over rounds. Until this run the windows were 50,000 frames: each generator
-  burst costs 15-30 ms of wall time beyond its frames (100 frames take 15 ms, 50,000 take 35 ms,
-  1,000,000 take 430 ms), the same in every configuration, which pulled every ratio about 40% of
-  the way towards 1 and made costs of a few percent vanish into noise. Earlier files' ratios of
-  these rows are too kind by that much.
+  swapped on the live veth between back-to-back windows of 1,000,000 frames (about 0.5-1 s; XDP:
+  one link, `bpf_link_update`; tc: tcx attach/detach), and every configuration's window runs
+  between two baseline windows (B s1 B s2 ... B sn B, the subjects' order reversed every other
+  round and its start rotated). The ratio is *flanked*: per round, the subject window's rate over
+  the mean of the two baseline windows beside it; the row gives the median over rounds with a 95%
+  bootstrap interval, and the pooled ratio (all frames / all seconds) beside it. Why: this
+  machine's neighbours slow it in spells of a few seconds (every configuration's windows, the
+  baseline's included, drop from about 1.4-2.0 to 0.8-1.2 million datagrams/s and back), shorter
+  than a round of seven configurations, so rates pooled over rounds (this file's estimator until
+  session 10) moved by several percent from run to run with the spells each configuration
+  happened to catch. Each generator burst costs 15-30 ms of wall time beyond its frames (100
+  frames take 15 ms, 1,000,000 take 430 ms), the same in every configuration: it pulls ratios
+  towards 1 by under 5% of the difference at this window size (files before session 8 used
+  50,000-frame windows, where it hid about 40%).
   The tc rows include turning the tc ingress hook (and for the overlay fix the netfilter hook) on
-  at all: they rotate seven configurations (no tc program, an empty tc program, natfix's tc guard,
+  at all: they run seven configurations (no tc program, an empty tc program, natfix's tc guard,
   natfix's overlay fix with both mechanisms, its tc program alone, its nftables rule alone (the
   default for IPv4), and an empty nftables chain at the rule's hook) so that each hook's own share and natfix's share on
   top of it are rows of their own. Every packet on the underlay passes the overlay fix: for IPv4
@@ -291,8 +298,8 @@ const NOTES: &str = "
   netfilter hook is on already, so the overlay fix's chain adds only itself. They run the XDP
   guard against its baseline, and the tc configurations (no program, tc guard, overlay fix with
   both mechanisms, its nftables rule alone as attached by default for IPv4, an empty nftables chain) with 64 B frames and with frames of
-  the overlay's own size (1,400 B); the tc configurations run once more with 1,400 B frames on the
-  bare receiver. 40 rounds each.
+  the overlay's own size (1,400 B), 60 rounds each; the tc configurations run once more with
+  1,400 B frames on the bare receiver (30 rounds, as the bare 64 B rows).
 - `TCP bulk stream` rows are the throughput iperf3 measures, in the same swapped-window design:
   one TCP connection between the namespaces (sender and receive softirq on CPU 0, the reading
   application on CPU 1), bytes read in 0.5 s windows, natfix's programs swapped between windows
@@ -301,8 +308,8 @@ const NOTES: &str = "
   spread over many bytes. The tc rows run with no XDP program on the veth (native XDP on veth
   gives up that aggregation: about 9 Gbit/s instead of 50), the XDP row against the counting XDP
   program. Every configuration, the baseline included, has windows that a neighbour on this
-  shared machine slows by up to 40%; the ratio is therefore of median windows, with the pooled
-  ratio beside it. These packets are out of the guard's scope (TCP) and not VXLAN.
+  shared machine slows by up to 40%; the ratio is flanked, as above, with the pooled ratio beside
+  it. These packets are out of the guard's scope (TCP) and not VXLAN.
 - `live cost` rows are each program's own time per run on the TCP stream's packets and on the
   solicited 64 B UDP replies, as the kernel counts it with `kernel.bpf_stats_enabled`
   (`run_time_ns` / `run_cnt` from the program's fdinfo), in windows of their own after the
@@ -352,8 +359,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let commands = [
         ("test_run", "cargo bench -p natfix --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
         ("flood", "cargo bench -p natfix --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
-        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 40 rounds of 1,000,000-frame windows on a bare receiver, 40 each on a Docker node's netfilter with 64 B and 1,400 B frames and on the bare receiver with 1,400 B frames, programs swapped between windows)"),
-        ("throughput, TCP bulk", "cargo bench -p natfix --bench flood (one TCP connection; 60 rounds of 0.5 s windows per configuration, programs swapped between windows)"),
+        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 1,000,000-frame windows, each between two baseline windows: 30 rounds on a bare receiver, 60 each on a Docker node's netfilter with 64 B and 1,400 B frames, 30 on the bare receiver with 1,400 B frames; programs swapped between windows)"),
+        ("throughput, TCP bulk", "cargo bench -p natfix --bench flood (one TCP connection; 60 rounds of 0.5 s windows, each configuration's between two baseline windows, programs swapped between windows)"),
         ("memory, latency", "cargo xtask bench (/proc/PID/status, wall clock of the release binary)"),
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
         ("all of it", "cargo xtask bench"),
