@@ -558,10 +558,10 @@ fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
     })();
     match result {
         Ok(()) => {
-            info!(
-                iface = %att.iface, netns = %att.netns.spec,
-                "attached: {}", att.meta.programs.iter().map(|p| format!("{} ({} {})", p.name, p.hook, p.mode)).collect::<Vec<_>>().join(", ")
-            );
+            // Programs, and the overlay fix's nftables rule (alone for IPv4 by default: no program).
+            let mut parts: Vec<String> = att.meta.programs.iter().map(|p| format!("{} ({} {})", p.name, p.hook, p.mode)).collect();
+            parts.extend(att.meta.overlay.as_ref().and_then(|o| o.changes.nft_table.as_ref()).map(|t| format!("nftables table ip {t} (prerouting)")));
+            info!(iface = %att.iface, netns = %att.netns.spec, "attached: {}", parts.join(", "));
             if let Some(guard) = &req.guard {
                 info!("flow source {}: {}", guard.source.name(), guard.source_reason);
             }
