@@ -72,8 +72,8 @@ fn window_rates(windows: &[TrafficWindow]) -> Vec<f64> {
 /// windows right beside it (`flanked_sequence` in the flood bench). `ci95`
 /// is a bootstrap interval of that median, resampling rounds (fixed seed:
 /// the same data gives the same interval); the pooled ratio (all frames /
-/// all seconds of each side) is kept beside it.
-pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], ratios: &[f64], higher_is_better: bool) {
+/// all seconds of each side) is kept beside it. Rates: higher is better.
+pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], ratios: &[f64]) {
     let median = |v: &mut Vec<f64>| summary(v).0;
     let mut rng = SmallRng::seed_from_u64(1);
     let mut resampled: Vec<f64> = (0..2000)
@@ -82,7 +82,7 @@ pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow
     resampled.sort_by(f64::total_cmp);
     let ci = [resampled[resampled.len() * 25 / 1000], resampled[resampled.len() * 975 / 1000]];
     let pooled = pooled_rate(&mut runs.iter().copied()) / pooled_rate(&mut baseline.iter().copied());
-    let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), higher_is_better);
+    let mut row = row(group, name, unit, &window_rates(runs), baseline_name, &window_rates(baseline), true);
     row["ratio"] = json!(median(&mut ratios.to_vec()));
     row["ci95"] = json!(ci);
     row["pooled_ratio"] = json!(pooled);

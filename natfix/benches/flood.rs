@@ -745,7 +745,7 @@ fn stream(rounds: usize, window: Duration) {
     let what = |through: &str| format!("TCP bulk stream (one connection, as iperf3) read by the application, through {through}");
     let r = stream_windows("xdp", &XDP, rounds, window);
     let row = what("natfix's XDP guard and its egress flow learner");
-    common::report_flanked("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
+    common::report_flanked("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix));
     let live = |r: &LegitRates, name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
     let cost = |of: &str| format!("live cost per run on the TCP stream's packets (bpf_stats, windows of their own): {of}");
     common::report_paired("live cost", &cost("natfix's XDP guard"), "ns/run", &live(&r, "guard XDP"), "the counting XDP program", &live(&r, "counting XDP"), false);
@@ -766,7 +766,7 @@ fn stream(rounds: usize, window: Duration) {
         (Window::EmptyNft, "an empty nftables chain at the rule's hook (the cost of the netfilter hook itself)"),
         (Window::EmptyTc, "an empty tc program (the cost of the tc hook itself)"),
     ] {
-        common::report_flanked("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), &r.flanked(w), true);
+        common::report_flanked("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), &r.flanked(w));
     }
 }
 
@@ -798,7 +798,7 @@ fn legit(rounds: usize, window: u32) {
             "solicited UDP replies read by the application (64 B frames, windows of {window}) through {name} ({:.0}% read)",
             r.read_fraction * 100.0
         );
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix));
         // natfix's own time per packet on these frames, apart from the hook's.
         let live = |name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
         let cost = |of: &str| format!("live cost per run on the solicited 64 B UDP replies (bpf_stats, windows of their own): {of}");
@@ -812,9 +812,9 @@ fn legit(rounds: usize, window: u32) {
         if hook == "tc" {
             // The hook's own share, and natfix's share on top of it.
             let row = "solicited UDP replies (as above) through an empty tc program: the cost of the tc hook itself";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyTc), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyTc), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyTc), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyTc));
             let row = "solicited UDP replies (as above) through natfix's tc guard, against an empty tc program";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::Natfix), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::Natfix, Window::EmptyTc), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::Natfix), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::Natfix, Window::EmptyTc));
             // The overlay fix sits on the underlay (tc is the only hook that sees
             // decrypted packets; the nftables rule covers what was fragmented
             // after encryption), so every other packet there passes it: these
@@ -822,20 +822,20 @@ fn legit(rounds: usize, window: u32) {
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through natfix's overlay fix with both mechanisms (--csum-backend both: tc program + nftables rule; not VXLAN, passed untouched)"
             );
-            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay), true);
+            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay));
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone (--csum-backend tc)";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayTc), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayTc));
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone, against an empty tc program";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::OverlayTc, Window::EmptyTc), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::OverlayTc, Window::EmptyTc));
             // Full name: the IPv4 default is held to the target.
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through the overlay fix as attached by default for IPv4 (its nftables rule alone: --overlay-fix, --csum-backend nft)"
             );
-            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft), true);
+            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft));
             let row = "solicited UDP replies (as above) through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft));
             let row = "solicited UDP replies (as above) through the overlay fix's nftables rule alone, against an empty nftables chain at its hook";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayNft), "an empty nftables chain", r.of(Window::EmptyNft), &r.flanked_against(Window::OverlayNft, Window::EmptyNft), true);
+            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayNft), "an empty nftables chain", r.of(Window::EmptyNft), &r.flanked_against(Window::OverlayNft, Window::EmptyNft));
         }
     }
     // The rows again where the rest of the path costs more per packet: on a
@@ -848,7 +848,7 @@ fn legit(rounds: usize, window: u32) {
     const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
     let r = legit_windows("xdp", Host::DockerNode, SMALL_PAYLOAD, &XDP, docker_rounds, window, false);
     let row = format!("solicited UDP replies read by the application {DOCKER}, 64 B frames (windows of {window}), through natfix's XDP guard ({:.0}% read)", r.read_fraction * 100.0);
-    common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
+    common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix));
     for (host, payload, on) in [
         (Host::DockerNode, SMALL_PAYLOAD, format!("{DOCKER}, 64 B frames")),
         (Host::DockerNode, LARGE_PAYLOAD, format!("{DOCKER}, 1,400 B frames")),
@@ -858,13 +858,13 @@ fn legit(rounds: usize, window: u32) {
         let r = legit_windows("tc", host, payload, &OPERATOR_TC, rounds, window, false);
         let baseline = "no natfix (the counting XDP program under both)";
         let row = format!("solicited UDP replies read by the application {on} (windows of {window}), through natfix's tc guard ({:.0}% read)", r.read_fraction * 100.0);
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix));
         let row = format!("solicited UDP replies read by the application {on}, through natfix's overlay fix with both mechanisms (--csum-backend both: tc program + nftables rule)");
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay));
         let row = format!("solicited UDP replies read by the application {on}, through the overlay fix as attached by default for IPv4 (its nftables rule alone: --overlay-fix, --csum-backend nft)");
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft));
         let row = format!("solicited UDP replies {on}, through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself");
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft), true);
+        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft));
     }
 }
 
