@@ -330,3 +330,80 @@ fn detach_releases_the_pins_of_a_deleted_namespace() {
     // Nothing left: the same request is now an ordinary "not found".
     assert_eq!(natfix(&["detach", "--iface", "gz0", "--netns", &host.name]).status.code(), Some(3));
 }
+
+/// Where the driver has no native XDP (macvlan here), `--xdp-mode auto` (the
+/// default) puts the guard at tc ingress, not in generic XDP, which would
+/// turn GRO off on the device; it guards there, for both flow sources (the
+/// conntrack build is one object per hook), and `--replace` keeps it there.
+/// `--xdp-mode native` refuses and says what to use instead.
+#[test]
+fn without_native_xdp_the_guard_runs_at_tc_ingress() {
+    if !require_root() {
+        return;
+    }
+    ensure_bpffs();
+    let host = TestNs::new("nox");
+    let peer = TestNs::new("noxpeer");
+    // The veth carries no address; the macvlan on it owns one.
+    natfix_tests::sh(&["ip", "link", "add", "gn0", "netns", &host.name, "type", "veth", "peer", "name", "gp0", "netns", &peer.name]).unwrap();
+    for cmd in [
+        &["ip", "link", "set", "gn0", "up"][..],
+        &["ip", "link", "add", "mv0", "link", "gn0", "type", "macvlan", "mode", "bridge"],
+        &["ip", "addr", "add", "10.67.0.1/24", "dev", "mv0"],
+        &["ip", "link", "set", "mv0", "up"],
+    ] {
+        host.exec(cmd).unwrap();
+    }
+    peer.exec(&["ip", "addr", "add", "10.67.0.2/24", "dev", "gp0"]).unwrap();
+    peer.exec(&["ip", "link", "set", "gp0", "up"]).unwrap();
+    // Until carrier is up (linkwatch, up to 1 s) the veth drops what it is given.
+    let reachable = || peer.exec(&["ping", "-c1", "-W1", "10.67.0.1"]).is_ok();
+    assert!((0..5).any(|_| reachable()), "the peer reaches mv0");
+    let _detach = DetachOnDrop { iface: "mv0", netns: &host.name };
+    let attach = |extra: &[&str]| {
+        let mut args = vec!["attach", "--iface", "mv0", "--netns", &host.name, "--guard", "20000-30000", "--pin"];
+        args.extend_from_slice(extra);
+        natfix(&args)
+    };
+    let guard_on_tc = |what: &str| {
+        let st = status_json();
+        let rec = st["attachments"].as_array().unwrap().iter().find(|a| a["iface"] == "mv0").unwrap().clone();
+        let guard = rec["programs"].as_array().unwrap().iter().find(|p| p["name"].as_str().unwrap().starts_with("natfix_guard")).unwrap().clone();
+        assert_eq!((guard["name"].as_str(), guard["hook"].as_str()), (Some("natfix_guard_tc"), Some("tc-ingress")), "{what}: {rec}");
+        let ingress = tcx_prog_ids(&host, "mv0", TcAttachType::Ingress).unwrap();
+        assert_eq!(ingress.iter().map(|&id| u64::from(id)).collect::<Vec<_>>(), vec![guard["prog_id"].as_u64().unwrap()], "{what}: the kernel runs it");
+        assert_eq!(xdp_prog_id(&host, "mv0").unwrap(), None, "{what}: no generic XDP");
+    };
+
+    for source in ["conntrack", "own"] {
+        let out = attach(&["--flow-source", source]);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{source}: {log}");
+        assert!(log.contains("tc ingress instead"), "{source}: the fallback is logged: {log}");
+        guard_on_tc(source);
+        // It guards there: unsolicited datagrams to a guarded port are dropped.
+        send_udp(&peer, addr("10.67.0.2:41000"), addr("10.67.0.1:25000"), 5).unwrap();
+        let dropped = || stat(&host.name, "mv0", "guard", "dropped_unsolicited");
+        for _ in 0..50 {
+            if dropped() >= 5 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let stats = natfix(&["stats", "--netns", &host.name, "--iface", "mv0"]);
+        assert_eq!(dropped(), 5, "{source}: dropped at tc ingress: {}", String::from_utf8_lossy(&stats.stdout));
+        if source == "own" {
+            let out = attach(&["--flow-source", source, "--replace"]);
+            assert!(out.status.success(), "--replace: {}", String::from_utf8_lossy(&out.stderr));
+            guard_on_tc("after --replace");
+        }
+        let out = natfix(&["detach", "--iface", "mv0", "--netns", &host.name]);
+        assert!(out.status.success(), "{source}: detach: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let out = attach(&["--xdp-mode", "native"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("native XDP is not available on mv0") && err.contains("--guard-hook tc"), "says what to use: {err}");
+    assert!(tcx_prog_ids(&host, "mv0", TcAttachType::Ingress).unwrap().is_empty(), "nothing left attached");
+}

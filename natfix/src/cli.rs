@@ -113,7 +113,7 @@ pub enum LabScenario {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum GuardHook {
-    /// XDP, native mode, falling back to generic.
+    /// XDP, native mode; tc ingress where the driver has none (see --xdp-mode).
     Xdp,
     /// tc ingress (tcx on kernels >= 6.6, clsact below).
     Tc,
@@ -142,9 +142,11 @@ pub enum Filtering {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum XdpModeArg {
-    /// Native, falling back to generic with a warning.
+    /// Native; where that fails (no driver support, MTU, another program), tc ingress with a warning.
     Auto,
+    /// Native or an error.
     Native,
+    /// Generic (skb) XDP: runs later than native and turns GRO off on the device.
     Generic,
 }
 

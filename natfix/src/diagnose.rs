@@ -758,7 +758,7 @@ fn kernel_findings(k: &KernelFacts) -> Vec<Finding> {
         Ok(true) => Finding::new(
             "kernel.xdp",
             Info,
-            "XDP programs load (native mode depends on the driver; natfix falls back to generic)",
+            "XDP programs load (native mode depends on the driver; where it has none, natfix runs the guard at tc ingress)",
         ),
         Ok(false) => Finding::new(
             "kernel.xdp",

@@ -59,6 +59,16 @@ pub struct GuardPlan {
     pub meta: GuardMeta,
 }
 
+impl GuardPlan {
+    /// `--replace` keeps the hook the attachment has: under `--xdp-mode
+    /// auto` the XDP guard may have fallen back to tc ingress.
+    pub fn resolve_hook_as(&mut self, has_tc_guard: bool) {
+        if self.hook == GuardHook::Xdp && self.xdp_mode == XdpModeArg::Auto && has_tc_guard {
+            self.hook = GuardHook::Tc;
+        }
+    }
+}
+
 /// Builds the `const volatile` configuration of the guard.
 #[must_use]
 pub fn guard_config(ranges: &[PortRange], flags: u32, flow_timeout: Duration) -> GuardConfig {
@@ -493,6 +503,9 @@ fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
                 if let Some(plan) = req.overlay.as_mut() {
                     plan.resolve_backend_as(old.programs.iter().any(|p| p.name == prog_names::OVERLAY_TC));
                 }
+                if let Some(plan) = req.guard.as_mut() {
+                    plan.resolve_hook_as(old.programs.iter().any(|p| p.name == prog_names::GUARD_TC));
+                }
                 return upgrade_here(req, pin_dir, old, ifindex);
             }
             Ok(old) if old.is_live() => bail!(UserError::Conflict(format!(
@@ -549,7 +562,7 @@ fn attach_here(mut req: AttachRequest) -> Result<Attachment> {
         // Maps first: the own flow table is seeded through its pin before the guard attaches.
         att.pin_maps()?;
         if let Some(guard) = &req.guard {
-            att.attach_guard(guard)?;
+            att.attach_guard(guard, req.events_per_sec)?;
         }
         if let Some(overlay) = &req.overlay {
             att.attach_overlay(overlay)?;
@@ -722,30 +735,58 @@ impl Attachment {
         Ok(())
     }
 
-    fn attach_xdp(&mut self, name: &str, mode: XdpModeArg) -> Result<()> {
+    /// Attaches XDP program `name` in `mode` (`used` names it in the record).
+    fn attach_xdp(&mut self, name: &str, mode: XdpMode, used: &str) -> Result<()> {
         let iface = self.iface.clone();
         let prog = load_xdp(self.object(Feature::Guard)?, name)?;
-        let (id, used) = match mode {
-            XdpModeArg::Generic => (prog.attach(&iface, XdpMode::Skb), "generic"),
-            XdpModeArg::Native => (prog.attach(&iface, XdpMode::Driver), "native"),
-            XdpModeArg::Auto => match prog.attach(&iface, XdpMode::Driver) {
-                Ok(id) => (Ok(id), "native"),
-                Err(e) => {
-                    warn!("native XDP is not available on {iface} ({e}); using generic XDP, which runs later and costs more");
-                    (prog.attach(&iface, XdpMode::Skb), "generic")
-                }
-            },
-        };
-        let id = id.with_context(|| {
-            format!("cannot attach {name} to XDP ({used}) of {iface}; another XDP program may own it (`ip link show {iface}`)")
-        })?;
+        let id = prog.attach(&iface, mode).with_context(|| format!("cannot attach {name} to {used} XDP of {iface}"))?;
         let prog_id = prog.info()?.id();
         self.links.push((Feature::Guard, name.to_owned(), LinkRef::Xdp(id)));
         self.meta.programs.push(ProgramMeta { name: name.to_owned(), hook: "xdp".into(), mode: used.into(), prog_id });
         Ok(())
     }
 
-    fn attach_guard(&mut self, plan: &GuardPlan) -> Result<()> {
+    /// The guard's ingress program where `plan` says. `--xdp-mode auto`
+    /// falls back to tc ingress, not generic XDP: generic XDP sets the
+    /// device's `xdp_prog`, which turns GRO off on it (`netif_elide_gro`:
+    /// every TCP segment climbs the stack alone, and the ESP GRO path the
+    /// overlay fix's tc program needs is gone), and copies non-linear skbs;
+    /// tc ingress also runs before conntrack, and coexists with another
+    /// owner's XDP program.
+    fn attach_guard_ingress(&mut self, plan: &GuardPlan, events_per_sec: u32) -> Result<()> {
+        let iface = self.iface.clone();
+        let why_not_native = "the driver has no native XDP, the MTU is too large for it, or another program holds the device's XDP";
+        match (plan.hook, plan.xdp_mode) {
+            (GuardHook::Tc, _) => self.attach_tc(Feature::Guard, prog_names::GUARD_TC, TcAttachType::Ingress),
+            (GuardHook::Xdp, XdpModeArg::Native) => self.attach_xdp(prog_names::GUARD_XDP, XdpMode::Driver, "native").map_err(|e| {
+                e.context(format!(
+                    "native XDP is not available on {iface} ({why_not_native}); use --xdp-mode auto (tc ingress where native XDP is missing) or --guard-hook tc"
+                ))
+            }),
+            (GuardHook::Xdp, XdpModeArg::Generic) => {
+                warn!(
+                    "generic XDP on {iface} turns GRO off on it (every TCP segment climbs the stack alone, and the overlay fix's tc program loses the ESP GRO path it needs); --guard-hook tc costs less"
+                );
+                self.attach_xdp(prog_names::GUARD_XDP, XdpMode::Skb, "generic")
+            }
+            (GuardHook::Xdp, XdpModeArg::Auto) => match self.attach_xdp(prog_names::GUARD_XDP, XdpMode::Driver, "native") {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    warn!(
+                        "{e:#} ({why_not_native}): the guard runs at tc ingress instead, also before conntrack (generic XDP would turn GRO off on {iface}; --xdp-mode generic insists on it)"
+                    );
+                    if plan.source == ResolvedFlowSource::Conntrack {
+                        // The conntrack build is one object per hook; the maps pinned so far carry over.
+                        let tc_plan = GuardPlan { hook: GuardHook::Tc, ..plan.clone() };
+                        self.guard = Some(load_guard_object_reusing(&tc_plan, events_per_sec, Some(&self.pin_dir))?);
+                    }
+                    self.attach_tc(Feature::Guard, prog_names::GUARD_TC, TcAttachType::Ingress)
+                }
+            },
+        }
+    }
+
+    fn attach_guard(&mut self, plan: &GuardPlan, events_per_sec: u32) -> Result<()> {
         // Learn before guarding, so replies to flows leaving meanwhile pass.
         if plan.source == ResolvedFlowSource::Own {
             self.attach_tc(Feature::Guard, prog_names::FLOW_EGRESS, TcAttachType::Egress)?;
@@ -756,10 +797,7 @@ impl Attachment {
             let mut sync = crate::flowsync::FlowSync::open(&self.pin_dir.map(pins::GUARD_FLOWS), ranges, eif)?;
             self.ct_events = Some(sync.subscribe_and_seed(&self.netns)?);
         }
-        match plan.hook {
-            GuardHook::Xdp => self.attach_xdp(prog_names::GUARD_XDP, plan.xdp_mode),
-            GuardHook::Tc => self.attach_tc(Feature::Guard, prog_names::GUARD_TC, TcAttachType::Ingress),
-        }
+        self.attach_guard_ingress(plan, events_per_sec)
     }
 
     /// The tc program (with the ESP GRO path it needs) and/or the nft table.
