@@ -768,6 +768,7 @@ impl Attachment {
                     "generic XDP on {iface} turns GRO off on it (every TCP segment climbs the stack alone, and the overlay fix's tc program loses the ESP GRO path it needs); --guard-hook tc costs less"
                 );
                 self.attach_xdp(prog_names::GUARD_XDP, XdpMode::Skb, "generic")
+                    .map_err(|e| e.context(format!("another XDP program may hold {iface} (`ip link show {iface}`)")))
             }
             (GuardHook::Xdp, XdpModeArg::Auto) => match self.attach_xdp(prog_names::GUARD_XDP, XdpMode::Driver, "native") {
                 Ok(()) => Ok(()),
