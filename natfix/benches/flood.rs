@@ -298,6 +298,9 @@ enum Window {
     /// An nftables base chain at the rule's hook and priority, without
     /// rules: the cost of the netfilter hook itself, as EmptyTc is tc's.
     EmptyNft,
+    /// TCP rows only: natfix's XDP guard in generic (skb) mode, which
+    /// `--xdp-mode auto` no longer falls back to (with the egress learner).
+    GenericXdp,
 }
 
 /// The empty chain of `Window::EmptyNft`: the same family, hook, priority
@@ -375,6 +378,8 @@ struct TcSubjects {
     /// natfix's windows also attach the guard's egress flow learner, as
     /// `attach --flow-source own` does (the TCP rows, whose ACKs pass it).
     with_learner: bool,
+    /// The XDP guard for `Window::GenericXdp` (the TCP rows on tc).
+    guard_xdp: Option<GuardHarness>,
 }
 
 impl TcSubjects {
@@ -383,7 +388,7 @@ impl TcSubjects {
             Window::Natfix => self.guard.ingress_program_mut().unwrap(),
             Window::Overlay | Window::OverlayTc => self.overlay.program_mut().unwrap(),
             Window::EmptyTc => self.base.program_mut(programs::EMPTY_TC).unwrap(),
-            Window::Baseline | Window::OverlayNft | Window::EmptyNft => unreachable!("these windows attach no tc program"),
+            Window::Baseline | Window::OverlayNft | Window::EmptyNft | Window::GenericXdp => unreachable!("these windows attach no tc program"),
         };
         p.try_into().unwrap()
     }
@@ -404,9 +409,13 @@ impl TcSubjects {
                 let guard_xdp = self.guard.ingress_program_mut().unwrap().try_into().unwrap();
                 *xdp_link = Some(move_xdp_link(guard_xdp, xdp_link.take().unwrap()));
             }
+            (Window::GenericXdp, _) => {
+                let generic: &mut Xdp = self.guard_xdp.as_mut().unwrap().ingress_program_mut().unwrap().try_into().unwrap();
+                attached.xdp_generic = Some(generic.attach("fr0", XdpMode::Skb).unwrap());
+            }
             _ => attached.tc_ingress = Some(self.program(w).attach("fr0", TcAttachType::Ingress).unwrap()),
         }
-        if w == Window::Natfix && self.with_learner {
+        if matches!(w, Window::Natfix | Window::GenericXdp) && self.with_learner {
             let learner: &mut SchedClassifier = self.guard.egress_program_mut().unwrap().try_into().unwrap();
             attached.tc_egress = Some(learner.attach("fr0", TcAttachType::Egress).unwrap());
         }
@@ -435,6 +444,10 @@ impl TcSubjects {
                 let counting_xdp = self.base.program_mut(programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
                 *xdp_link = Some(move_xdp_link(counting_xdp, xdp_link.take().unwrap()));
             }
+            (Window::GenericXdp, _) => {
+                let generic: &mut Xdp = self.guard_xdp.as_mut().unwrap().ingress_program_mut().unwrap().try_into().unwrap();
+                generic.detach(attached.xdp_generic.unwrap()).unwrap();
+            }
             _ => self.program(w).detach(attached.tc_ingress.unwrap()).unwrap(),
         }
         if let Some(link) = attached.tc_egress {
@@ -456,6 +469,7 @@ fn nft_here(script: &str) {
 #[derive(Default)]
 struct Attached {
     tc_ingress: Option<SchedClassifierLinkId>,
+    xdp_generic: Option<aya::programs::xdp::XdpLinkId>,
     tc_egress: Option<SchedClassifierLinkId>,
     nft: natfix::overlay::OverlayChanges,
 }
@@ -529,7 +543,7 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     let mut base = aya::Ebpf::load(objects::BENCH_EMPTY).unwrap();
     let mut xdp_link = Some(attach_counting_xdp(&mut base));
     loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
-    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: false };
+    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: false, guard_xdp: None };
     let passes = |base: &aya::Ebpf| bench_count(base, "natfix_bench_passes");
     let solicited = |guard: &GuardHarness| guard.counters().unwrap()[Counter::GuardPassSolicited].packets;
     let before_all = passes(&s.base) + solicited(&s.guard);
@@ -657,7 +671,8 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
     let mut xdp_link = (hook == "xdp").then(|| attach_counting_xdp(&mut base));
     loader::load_tc(&mut base, programs::EMPTY_TC).unwrap();
     let guard = GuardHarness::load(&guard_plan(hook)).unwrap();
-    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true };
+    let guard_xdp = (hook == "tc").then(|| GuardHarness::load(&guard_plan("xdp")).unwrap());
+    let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true, guard_xdp };
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
     std::thread::sleep(Duration::from_secs(1)); // warm-up: slow start, buffer autotuning
     let mut rates = LegitRates::new(1.0);
@@ -749,7 +764,7 @@ fn stream(rounds: usize, window: Duration) {
     let live = |r: &LegitRates, name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
     let cost = |of: &str| format!("live cost per run on the TCP stream's packets (bpf_stats, windows of their own): {of}");
     common::report_paired("live cost", &cost("natfix's XDP guard"), "ns/run", &live(&r, "guard XDP"), "the counting XDP program", &live(&r, "counting XDP"), false);
-    let r = stream_windows("tc", &ALL_TC, rounds, window);
+    let r = stream_windows("tc", &STREAM_TC, rounds, window);
     for (name, of) in [
         ("guard tc", "natfix's tc guard"),
         ("flow learner", "natfix's egress flow learner (the stream's ACKs)"),
@@ -765,6 +780,7 @@ fn stream(rounds: usize, window: Duration) {
         (Window::OverlayNft, "the overlay fix as attached by default for IPv4 (its nftables rule alone)"),
         (Window::EmptyNft, "an empty nftables chain at the rule's hook (the cost of the netfilter hook itself)"),
         (Window::EmptyTc, "an empty tc program (the cost of the tc hook itself)"),
+        (Window::GenericXdp, "natfix's XDP guard in generic mode (--xdp-mode generic, which auto no longer falls back to) and its egress flow learner"),
     ] {
         common::report_flanked("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), &r.flanked(w));
     }
@@ -880,6 +896,18 @@ const LEGIT_WINDOW: u32 = 1_000_000;
 const XDP: [Window; 2] = [Window::Baseline, Window::Natfix];
 /// Every tc configuration: the hook's own share and natfix's on top of it.
 const ALL_TC: [Window; 7] = [Window::Baseline, Window::EmptyTc, Window::Natfix, Window::Overlay, Window::OverlayTc, Window::OverlayNft, Window::EmptyNft];
+/// The TCP rows' tc configurations: all of the above, and the XDP guard in
+/// generic mode (none of them leaves an XDP program on the veth).
+const STREAM_TC: [Window; 8] = [
+    Window::Baseline,
+    Window::EmptyTc,
+    Window::Natfix,
+    Window::Overlay,
+    Window::OverlayTc,
+    Window::OverlayNft,
+    Window::EmptyNft,
+    Window::GenericXdp,
+];
 /// What an operator picks between: the tc guard, and the overlay fix with
 /// both mechanisms or as attached by default for IPv4 (the nftables rule);
 /// and the netfilter hook's own share.
