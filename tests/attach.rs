@@ -344,10 +344,14 @@ fn without_native_xdp_the_guard_runs_at_tc_ingress() {
     ensure_bpffs();
     let host = TestNs::new("nox");
     let peer = TestNs::new("noxpeer");
-    // The veth carries no address; the macvlan on it owns one.
+    // The veth carries no address; the macvlan on it owns one. arp_ignore=1:
+    // else the veth answers ARP for the macvlan's address first (macvlan
+    // takes broadcasts from a work queue) and the peer's datagrams arrive on
+    // the veth, never passing the macvlan's tc ingress.
     natfix_tests::sh(&["ip", "link", "add", "gn0", "netns", &host.name, "type", "veth", "peer", "name", "gp0", "netns", &peer.name]).unwrap();
     for cmd in [
-        &["ip", "link", "set", "gn0", "up"][..],
+        &["sysctl", "-qw", "net.ipv4.conf.gn0.arp_ignore=1"][..],
+        &["ip", "link", "set", "gn0", "up"],
         &["ip", "link", "add", "mv0", "link", "gn0", "type", "macvlan", "mode", "bridge"],
         &["ip", "addr", "add", "10.67.0.1/24", "dev", "mv0"],
         &["ip", "link", "set", "mv0", "up"],
@@ -359,6 +363,10 @@ fn without_native_xdp_the_guard_runs_at_tc_ingress() {
     // Until carrier is up (linkwatch, up to 1 s) the veth drops what it is given.
     let reachable = || peer.exec(&["ping", "-c1", "-W1", "10.67.0.1"]).is_ok();
     assert!((0..5).any(|_| reachable()), "the peer reaches mv0");
+    let json = |out: String| serde_json::from_str::<serde_json::Value>(&out).unwrap();
+    let mv0_mac = json(host.exec(&["ip", "-j", "link", "show", "mv0"]).unwrap())[0]["address"].clone();
+    let peer_sees = json(peer.exec(&["ip", "-j", "neigh", "show", "10.67.0.1"]).unwrap())[0]["lladdr"].clone();
+    assert_eq!(peer_sees, mv0_mac, "the peer sends to mv0, not to the veth under it");
     let _detach = DetachOnDrop { iface: "mv0", netns: &host.name };
     let attach = |extra: &[&str]| {
         let mut args = vec!["attach", "--iface", "mv0", "--netns", &host.name, "--guard", "20000-30000", "--pin"];
