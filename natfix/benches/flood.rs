@@ -239,8 +239,6 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 /// between two baseline windows (`flanked_sequence`), so machine drift
 /// slower than a window cancels out of its ratio (`LegitRates::flanked`).
 struct LegitRates {
-    /// Each configuration's windows, round by round.
-    windows: std::collections::HashMap<Window, Vec<TrafficWindow>>,
     /// Every window in the order it ran (`flanked_sequence`).
     sequence: Vec<(Window, TrafficWindow)>,
     read_fraction: f64,
@@ -250,16 +248,16 @@ struct LegitRates {
 
 impl LegitRates {
     fn new(read_fraction: f64) -> Self {
-        Self { windows: std::collections::HashMap::new(), sequence: Vec::new(), read_fraction, live_ns: std::collections::HashMap::new() }
+        Self { sequence: Vec::new(), read_fraction, live_ns: std::collections::HashMap::new() }
     }
 
     fn push(&mut self, w: Window, t: TrafficWindow) {
-        self.windows.entry(w).or_default().push(t);
         self.sequence.push((w, t));
     }
 
-    fn of(&self, w: Window) -> &[TrafficWindow] {
-        self.windows.get(&w).map_or(&[], Vec::as_slice)
+    /// The windows of `w`, round by round.
+    fn of(&self, w: Window) -> Vec<TrafficWindow> {
+        self.sequence.iter().filter(|(x, _)| *x == w).map(|(_, t)| *t).collect()
     }
 
     /// Each window of `w` against the baseline windows right before and
@@ -277,6 +275,13 @@ impl LegitRates {
     /// `w` against `against` (each flanked by baselines), round by round.
     fn flanked_against(&self, w: Window, against: Window) -> Vec<f64> {
         self.flanked(w).iter().zip(self.flanked(against)).map(|(a, b)| a / b).collect()
+    }
+
+    /// Prints the "throughput" row of `w` against `against` (named
+    /// `against_name`): the baseline, or another configuration of the run.
+    fn report(&self, name: &str, unit: &str, w: Window, against_name: &str, against: Window) {
+        let ratios = if against == Window::Baseline { self.flanked(w) } else { self.flanked_against(w, against) };
+        common::report_flanked("throughput", name, unit, &self.of(w), against_name, &self.of(against), &ratios);
     }
 }
 
@@ -760,7 +765,7 @@ fn stream(rounds: usize, window: Duration) {
     let what = |through: &str| format!("TCP bulk stream (one connection, as iperf3) read by the application, through {through}");
     let r = stream_windows("xdp", &XDP, rounds, window);
     let row = what("natfix's XDP guard and its egress flow learner");
-    common::report_flanked("throughput", &row, "Gbit/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix));
+    r.report(&row, "Gbit/s", Window::Natfix, "a counting pass-all XDP program on the same veth", Window::Baseline);
     let live = |r: &LegitRates, name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
     let cost = |of: &str| format!("live cost per run on the TCP stream's packets (bpf_stats, windows of their own): {of}");
     common::report_paired("live cost", &cost("natfix's XDP guard"), "ns/run", &live(&r, "guard XDP"), "the counting XDP program", &live(&r, "counting XDP"), false);
@@ -782,7 +787,7 @@ fn stream(rounds: usize, window: Duration) {
         (Window::EmptyTc, "an empty tc program (the cost of the tc hook itself)"),
         (Window::GenericXdp, "natfix's XDP guard in generic mode (--xdp-mode generic, which auto no longer falls back to) and its egress flow learner"),
     ] {
-        common::report_flanked("throughput", &what(through), "Gbit/s", r.of(w), baseline, r.of(Window::Baseline), &r.flanked(w));
+        r.report(&what(through), "Gbit/s", w, baseline, Window::Baseline);
     }
 }
 
@@ -814,7 +819,7 @@ fn legit(rounds: usize, window: u32) {
             "solicited UDP replies read by the application (64 B frames, windows of {window}) through {name} ({:.0}% read)",
             r.read_fraction * 100.0
         );
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix));
+        r.report(&row, "datagrams/s", Window::Natfix, baseline, Window::Baseline);
         // natfix's own time per packet on these frames, apart from the hook's.
         let live = |name: &str| r.live_ns.get(name).cloned().unwrap_or_default();
         let cost = |of: &str| format!("live cost per run on the solicited 64 B UDP replies (bpf_stats, windows of their own): {of}");
@@ -828,9 +833,9 @@ fn legit(rounds: usize, window: u32) {
         if hook == "tc" {
             // The hook's own share, and natfix's share on top of it.
             let row = "solicited UDP replies (as above) through an empty tc program: the cost of the tc hook itself";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyTc), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyTc));
+            r.report(row, "datagrams/s", Window::EmptyTc, baseline, Window::Baseline);
             let row = "solicited UDP replies (as above) through natfix's tc guard, against an empty tc program";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::Natfix), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::Natfix, Window::EmptyTc));
+            r.report(row, "datagrams/s", Window::Natfix, "an empty tc program", Window::EmptyTc);
             // The overlay fix sits on the underlay (tc is the only hook that sees
             // decrypted packets; the nftables rule covers what was fragmented
             // after encryption), so every other packet there passes it: these
@@ -838,20 +843,20 @@ fn legit(rounds: usize, window: u32) {
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through natfix's overlay fix with both mechanisms (--csum-backend both: tc program + nftables rule; not VXLAN, passed untouched)"
             );
-            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay));
+            r.report(&row, "datagrams/s", Window::Overlay, baseline, Window::Baseline);
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone (--csum-backend tc)";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayTc));
+            r.report(row, "datagrams/s", Window::OverlayTc, baseline, Window::Baseline);
             let row = "solicited UDP replies (as above) through the overlay fix's tc program alone, against an empty tc program";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayTc), "an empty tc program", r.of(Window::EmptyTc), &r.flanked_against(Window::OverlayTc, Window::EmptyTc));
+            r.report(row, "datagrams/s", Window::OverlayTc, "an empty tc program", Window::EmptyTc);
             // Full name: the IPv4 default is held to the target.
             let row = format!(
                 "solicited UDP replies read by the application (64 B frames, windows of {window}) through the overlay fix as attached by default for IPv4 (its nftables rule alone: --overlay-fix, --csum-backend nft)"
             );
-            common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft));
+            r.report(&row, "datagrams/s", Window::OverlayNft, baseline, Window::Baseline);
             let row = "solicited UDP replies (as above) through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft));
+            r.report(row, "datagrams/s", Window::EmptyNft, baseline, Window::Baseline);
             let row = "solicited UDP replies (as above) through the overlay fix's nftables rule alone, against an empty nftables chain at its hook";
-            common::report_flanked("throughput", row, "datagrams/s", r.of(Window::OverlayNft), "an empty nftables chain", r.of(Window::EmptyNft), &r.flanked_against(Window::OverlayNft, Window::EmptyNft));
+            r.report(row, "datagrams/s", Window::OverlayNft, "an empty nftables chain", Window::EmptyNft);
         }
     }
     // The rows again where the rest of the path costs more per packet: on a
@@ -864,7 +869,7 @@ fn legit(rounds: usize, window: u32) {
     const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
     let r = legit_windows("xdp", Host::DockerNode, SMALL_PAYLOAD, &XDP, docker_rounds, window, false);
     let row = format!("solicited UDP replies read by the application {DOCKER}, 64 B frames (windows of {window}), through natfix's XDP guard ({:.0}% read)", r.read_fraction * 100.0);
-    common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), "a counting pass-all XDP program on the same veth", r.of(Window::Baseline), &r.flanked(Window::Natfix));
+    r.report(&row, "datagrams/s", Window::Natfix, "a counting pass-all XDP program on the same veth", Window::Baseline);
     for (host, payload, on) in [
         (Host::DockerNode, SMALL_PAYLOAD, format!("{DOCKER}, 64 B frames")),
         (Host::DockerNode, LARGE_PAYLOAD, format!("{DOCKER}, 1,400 B frames")),
@@ -874,13 +879,13 @@ fn legit(rounds: usize, window: u32) {
         let r = legit_windows("tc", host, payload, &OPERATOR_TC, rounds, window, false);
         let baseline = "no natfix (the counting XDP program under both)";
         let row = format!("solicited UDP replies read by the application {on} (windows of {window}), through natfix's tc guard ({:.0}% read)", r.read_fraction * 100.0);
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Natfix), baseline, r.of(Window::Baseline), &r.flanked(Window::Natfix));
+        r.report(&row, "datagrams/s", Window::Natfix, baseline, Window::Baseline);
         let row = format!("solicited UDP replies read by the application {on}, through natfix's overlay fix with both mechanisms (--csum-backend both: tc program + nftables rule)");
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::Overlay), baseline, r.of(Window::Baseline), &r.flanked(Window::Overlay));
+        r.report(&row, "datagrams/s", Window::Overlay, baseline, Window::Baseline);
         let row = format!("solicited UDP replies read by the application {on}, through the overlay fix as attached by default for IPv4 (its nftables rule alone: --overlay-fix, --csum-backend nft)");
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::OverlayNft), baseline, r.of(Window::Baseline), &r.flanked(Window::OverlayNft));
+        r.report(&row, "datagrams/s", Window::OverlayNft, baseline, Window::Baseline);
         let row = format!("solicited UDP replies {on}, through an empty nftables chain at the rule's hook: the cost of the netfilter hook itself");
-        common::report_flanked("throughput", &row, "datagrams/s", r.of(Window::EmptyNft), baseline, r.of(Window::Baseline), &r.flanked(Window::EmptyNft));
+        r.report(&row, "datagrams/s", Window::EmptyNft, baseline, Window::Baseline);
     }
 }
 
