@@ -16,6 +16,8 @@ struct BpfObject {
     name: &'static str,
     sources: &'static [&'static str],
     defines: &'static [&'static str],
+    /// Built only for the test rig (the `rig` feature).
+    rig: bool,
 }
 
 const OBJECTS: &[BpfObject] = &[
@@ -24,6 +26,7 @@ const OBJECTS: &[BpfObject] = &[
         name: "guard",
         sources: &["guard_xdp", "guard_tc", "flow_egress"],
         defines: &[],
+        rig: false,
     },
     // Conntrack kfunc flavour: one object per hook (libbpf's linker cannot
     // merge two objects that both declare the same kfunc extern).
@@ -31,23 +34,28 @@ const OBJECTS: &[BpfObject] = &[
         name: "guard_xdp_ct",
         sources: &["guard_xdp"],
         defines: &["-DNATFIX_FLOW_CONNTRACK"],
+        rig: false,
     },
     BpfObject {
         name: "guard_tc_ct",
         sources: &["guard_tc"],
         defines: &["-DNATFIX_FLOW_CONNTRACK"],
+        rig: false,
     },
     // Checksum repair of decrypted VXLAN (tc ingress on the underlay).
     BpfObject {
         name: "overlay",
         sources: &["overlay_tc"],
         defines: &[],
+        rig: false,
     },
-    // Empty programs: the baseline of every benchmark ratio.
+    // Test rig: empty programs (the baseline of every benchmark ratio), the
+    // flood generator and the counting sinks.
     BpfObject {
-        name: "bench_empty",
-        sources: &["bench_empty"],
+        name: "rig",
+        sources: &["rig_empty", "rig_traffic"],
         defines: &[],
+        rig: true,
     },
 ];
 
@@ -63,7 +71,8 @@ fn main() {
     ensure_tools(&clang);
     let multiarch = multiarch();
 
-    for object in OBJECTS {
+    let rig = env::var_os("CARGO_FEATURE_RIG").is_some();
+    for object in OBJECTS.iter().filter(|o| rig || !o.rig) {
         let mut parts = Vec::new();
         for source in object.sources {
             let input = src.join(format!("{source}.bpf.c"));

@@ -58,9 +58,9 @@ impl Counter {
 
     /// Which program family the counter belongs to.
     #[must_use]
-    pub const fn program(self) -> &'static str {
+    pub const fn family(self) -> Family {
         match self {
-            Self::FlowLearned | Self::FlowRefreshed | Self::FlowLearnFailed | Self::FlowOutOfScope => "flow",
+            Self::FlowLearned | Self::FlowRefreshed | Self::FlowLearnFailed | Self::FlowOutOfScope => Family::Flow,
             Self::OverlayZeroed
             | Self::OverlayRecomputed
             | Self::OverlayCleartext
@@ -68,9 +68,16 @@ impl Counter {
             | Self::OverlayMalformed
             | Self::OverlayError
             | Self::OverlayOtherSa
-            | Self::OverlayRecomputedDelta => "overlay",
-            _ => "guard",
+            | Self::OverlayRecomputedDelta => Family::Overlay,
+            _ => Family::Guard,
         }
+    }
+
+    /// The family's name (`guard`, `flow`, `overlay`): the `program` of
+    /// `natfix stats` and of the metrics' labels.
+    #[must_use]
+    pub const fn program(self) -> &'static str {
+        self.family().name()
     }
 
     /// The reason, as printed by `natfix stats` and used as a metrics label.
@@ -102,6 +109,26 @@ impl Counter {
     #[must_use]
     pub fn from_slot(slot: u32) -> Option<Self> {
         Self::ALL.into_iter().find(|c| *c as u32 == slot)
+    }
+}
+
+/// The program families that count: the ingress guard, the egress flow
+/// learner, and the overlay checksum fixer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Guard,
+    Flow,
+    Overlay,
+}
+
+impl Family {
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Guard => "guard",
+            Self::Flow => "flow",
+            Self::Overlay => "overlay",
+        }
     }
 }
 

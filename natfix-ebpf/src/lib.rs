@@ -16,9 +16,20 @@ pub mod objects {
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard_tc_ct.bpf.o"));
     /// Checksum repair of decrypted VXLAN: `natfix_overlay_tc` (tc ingress).
     pub static OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
-    /// Empty `natfix_empty_xdp` and `natfix_empty_tc`: benchmark baselines.
-    pub static BENCH_EMPTY: &[u8] =
-        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench_empty.bpf.o"));
+}
+
+/// The test rig's programs (feature `rig`): never part of the product.
+#[cfg(feature = "rig")]
+pub mod rig {
+    /// Empty `natfix_empty_xdp`/`natfix_empty_tc` (benchmark baselines), the
+    /// flood generator `natfix_gen_xdp`, and the counting sinks
+    /// `natfix_drop_xdp`/`natfix_count_pass_xdp`.
+    pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rig.bpf.o"));
+    pub const EMPTY_XDP: &str = "natfix_empty_xdp";
+    pub const EMPTY_TC: &str = "natfix_empty_tc";
+    pub const GEN_XDP: &str = "natfix_gen_xdp";
+    pub const DROP_XDP: &str = "natfix_drop_xdp";
+    pub const COUNT_PASS_XDP: &str = "natfix_count_pass_xdp";
 }
 
 /// Program names (C function names) as aya looks them up.

@@ -1,10 +1,14 @@
-//! Command-line interface: clap derive types and the parsers of their values.
+//! The command line: clap structs, and their conversion into the `config`
+//! types the commands take. The only module that knows clap.
 
-use std::{net::IpAddr, str::FromStr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
-use crate::abi::{MAX_PORT_RANGES, PortRange};
+use crate::config::{
+    AttachSpec, Cidr, CsumBackend, CsumMode, DEFAULT_EVENTS_PER_SEC, Filtering, FlowSource, GuardHook, GuardSpec,
+    IfaceName, IfaceSel, OverlaySpec, PortRange, XdpMode, parse_port_range,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "natfix", version, about = "eBPF data-plane fixes for container hosts behind NAT")]
@@ -41,8 +45,8 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct MonitorArgs {
     /// Only this interface.
-    #[arg(long)]
-    pub iface: Option<String>,
+    #[arg(long, value_parser = parse_iface)]
+    pub iface: Option<IfaceName>,
     /// Only attachments in this namespace (same forms as for attach).
     #[arg(long)]
     pub netns: Option<String>,
@@ -70,8 +74,8 @@ pub struct DiagnoseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
     /// Interface, as named inside the namespace.
-    #[arg(long)]
-    pub iface: String,
+    #[arg(long, value_parser = parse_iface)]
+    pub iface: IfaceName,
     /// Network namespace: a name under /var/run/docker/netns (or `ingress`), a name under
     /// /run/netns, an absolute path, or pid:N. Default: natfix's own namespace.
     #[arg(long)]
@@ -81,8 +85,8 @@ pub struct TargetArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StatsArgs {
     /// Only this interface.
-    #[arg(long)]
-    pub iface: Option<String>,
+    #[arg(long, value_parser = parse_iface)]
+    pub iface: Option<IfaceName>,
     /// Only attachments in this namespace (same forms as for attach).
     #[arg(long)]
     pub netns: Option<String>,
@@ -110,50 +114,15 @@ pub enum LabScenario {
     All,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GuardHook {
-    /// XDP, native mode; tc ingress where the driver has none (see --xdp-mode).
-    Xdp,
-    /// tc ingress (tcx on kernels >= 6.6, clsact below).
-    Tc,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FlowSource {
-    /// conntrack kfunc where the kernel has it, else own.
-    Auto,
-    /// natfix's own flow table, learned on egress and seeded from conntrack.
-    Own,
-    /// The kernel's conntrack table via the bpf_*_ct_lookup kfuncs.
-    Conntrack,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Filtering {
-    /// Exact 5-tuple: only the peer the local port sent to may answer.
-    PortRestricted,
-    /// Any peer may answer once the local port has sent out (RFC 4787).
-    EndpointIndependent,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XdpModeArg {
-    /// Native; where that fails (no driver support, MTU, another program), tc ingress with a warning.
-    Auto,
-    /// Native or an error.
-    Native,
-    /// Generic (skb) XDP: runs later than native and turns GRO off on the device.
-    Generic,
-}
-
 #[derive(Debug, Clone, Args)]
 pub struct AttachArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
+    /// Interface, as named inside the namespace; `auto`: the interface of the default route.
+    #[arg(long, value_parser = parse_iface_sel)]
+    pub iface: IfaceSel,
+    /// Network namespace: a name under /var/run/docker/netns (or `ingress`), a name under
+    /// /run/netns, an absolute path, or pid:N. Default: natfix's own namespace.
+    #[arg(long)]
+    pub netns: Option<String>,
 
     /// Pin programs, links and maps under /sys/fs/bpf/natfix and exit, leaving them attached.
     #[arg(long)]
@@ -165,7 +134,7 @@ pub struct AttachArgs {
 
     /// Sampled drop/rewrite events per CPU per second for `natfix monitor` (0: none);
     /// rewrites are sampled first (the first on each CPU, then every 64th).
-    #[arg(long, value_name = "N", default_value_t = crate::loader::DEFAULT_EVENTS_PER_SEC)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_EVENTS_PER_SEC)]
     pub events_rate: u32,
 
     /// Log the sampled events (the ring buffer has one reader: this or `natfix monitor`).
@@ -174,7 +143,7 @@ pub struct AttachArgs {
 
     /// Serve Prometheus metrics on http://ADDR/metrics while attached (e.g. 127.0.0.1:9477).
     #[arg(long, value_name = "ADDR", conflicts_with = "pin")]
-    pub metrics: Option<std::net::SocketAddr>,
+    pub metrics: Option<SocketAddr>,
 
     #[command(flatten)]
     pub guard: GuardArgs,
@@ -183,40 +152,39 @@ pub struct AttachArgs {
     pub overlay: OverlayArgs,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CsumMode {
-    /// IPv4: set the UDP checksum to 0 (IPv6 is always recomputed).
-    Zero,
-    /// Recompute the UDP checksum (IPv4 and IPv6).
-    Recompute,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CsumBackend {
-    /// Decided at attach: the nftables rule for IPv4; `both` with --csum recompute or a
-    /// global IPv6 address on the interface (IPv6 needs the tc program).
-    Auto,
-    /// tc program only (needs the ESP GRO path: esp4_offload/esp6_offload and GRO).
-    Tc,
-    /// nftables rule only (IPv4): repairs every path, costs least.
-    Nft,
-    /// tc program (IPv4 and IPv6, finer counters, events) plus the nftables rule
-    /// for IPv4 packets that never reach tc (fragments, no GRO).
-    Both,
-}
-
-impl CsumBackend {
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::Tc => "tc",
-            Self::Nft => "nft",
-            Self::Both => "both",
-        }
-    }
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Unsolicited-UDP guard")]
+pub struct GuardArgs {
+    /// Guard these destination ports: `20000-30000` or `5000` (repeatable, up to 16).
+    #[arg(long = "guard", value_name = "RANGE", value_parser = parse_port_range)]
+    pub ranges: Vec<PortRange>,
+    /// Where the guard runs.
+    #[arg(long, value_enum, default_value_t = GuardHook::Xdp)]
+    pub guard_hook: GuardHook,
+    /// XDP attach mode [default: auto] (with --guard-hook xdp).
+    #[arg(long, value_enum)]
+    pub xdp_mode: Option<XdpMode>,
+    /// How the guard knows which flows are solicited.
+    #[arg(long, value_enum, default_value_t = FlowSource::Auto)]
+    pub flow_source: FlowSource,
+    /// Filtering of the own flow table.
+    #[arg(long, value_enum, default_value_t = Filtering::PortRestricted)]
+    pub filtering: Filtering,
+    /// Idle time after which an own-table flow stops admitting replies, seconds [default: 180].
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    pub flow_timeout: Option<Duration>,
+    /// Capacity of the own flow table (LRU) [default: 65536].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
+    pub flow_table_size: Option<u32>,
+    /// Published (DNAT'd) UDP port that accepts new flows (repeatable).
+    #[arg(long = "allow-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub allow_ports: Vec<u16>,
+    /// Source prefix whose unsolicited UDP is let through (repeatable), e.g. 10.0.0.0/8.
+    #[arg(long = "allow-src", value_name = "CIDR", value_parser = parse_cidr)]
+    pub allow_src: Vec<Cidr>,
+    /// Count what would be dropped; drop nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -239,13 +207,57 @@ pub struct OverlayArgs {
     pub csum_backend: CsumBackend,
 }
 
-/// Default VXLAN port (IANA); Docker's data-path port may differ.
-pub const VXLAN_PORT: u16 = 4789;
+impl GuardArgs {
+    /// The guard's spec; None when no range was given (the guard is off).
+    #[must_use]
+    pub fn spec(&self) -> Option<GuardSpec> {
+        (!self.ranges.is_empty()).then(|| GuardSpec {
+            ranges: self.ranges.clone(),
+            hook: self.guard_hook,
+            xdp_mode: self.xdp_mode,
+            flow_source: self.flow_source,
+            filtering: self.filtering,
+            flow_timeout: self.flow_timeout,
+            flow_table_size: self.flow_table_size,
+            allow_ports: self.allow_ports.clone(),
+            allow_src: self.allow_src.clone(),
+            dry_run: self.dry_run,
+        })
+    }
+}
 
 impl OverlayArgs {
-    #[must_use]
-    pub fn ports(&self) -> Vec<u16> {
-        if self.vxlan_ports.is_empty() { vec![VXLAN_PORT] } else { self.vxlan_ports.clone() }
+    /// The overlay fix's spec; None without --overlay-fix. Its options
+    /// without the flag are refused rather than ignored.
+    pub fn spec(&self) -> Result<Option<OverlaySpec>, String> {
+        let touched = !self.vxlan_ports.is_empty()
+            || self.reqid.is_some()
+            || self.csum != CsumMode::Zero
+            || self.csum_backend != CsumBackend::Auto;
+        if !self.overlay_fix {
+            return if touched { Err("--vxlan-port, --reqid, --csum and --csum-backend need --overlay-fix".into()) } else { Ok(None) };
+        }
+        Ok(Some(OverlaySpec {
+            vxlan_ports: self.vxlan_ports.clone(),
+            reqid: self.reqid,
+            csum: self.csum,
+            backend: self.csum_backend,
+        }))
+    }
+}
+
+impl AttachArgs {
+    /// The attachment asked for, validated.
+    pub fn spec(&self) -> Result<AttachSpec, String> {
+        let spec = AttachSpec {
+            iface: self.iface.clone(),
+            netns: self.netns.clone(),
+            guard: self.guard.spec(),
+            overlay: self.overlay.spec()?,
+            events_per_sec: self.events_rate,
+        };
+        spec.validate()?;
+        Ok(spec)
     }
 }
 
@@ -258,125 +270,16 @@ fn parse_u32_any_base(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| format!("`{s}` is not a number (decimal or 0x-hex)"))
 }
 
-/// Checks of the overlay options clap cannot express.
-pub fn validate_overlay(args: &OverlayArgs) -> Result<(), String> {
-    let touched = !args.vxlan_ports.is_empty()
-        || args.reqid.is_some()
-        || args.csum != CsumMode::Zero
-        || args.csum_backend != CsumBackend::Auto;
-    if touched && !args.overlay_fix {
-        return Err("--vxlan-port, --reqid, --csum and --csum-backend need --overlay-fix".into());
-    }
-    if args.vxlan_ports.len() > crate::abi::MAX_VXLAN_PORTS {
-        return Err(format!("at most {} --vxlan-port values", crate::abi::MAX_VXLAN_PORTS));
-    }
-    if args.csum_backend == CsumBackend::Nft && args.csum == CsumMode::Recompute {
-        return Err("--csum-backend nft can only zero the checksum (IPv4); use --csum zero or another backend".into());
-    }
-    Ok(())
-}
-
-#[derive(Debug, Clone, Args)]
-#[command(next_help_heading = "Unsolicited-UDP guard")]
-pub struct GuardArgs {
-    /// Guard these destination ports: `20000-30000` or `5000` (repeatable, up to 16).
-    #[arg(long = "guard", value_name = "RANGE", value_parser = parse_port_range)]
-    pub ranges: Vec<PortRange>,
-    /// Where the guard runs.
-    #[arg(long, value_enum, default_value_t = GuardHook::Xdp)]
-    pub guard_hook: GuardHook,
-    /// XDP attach mode.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
-    pub xdp_mode: XdpModeArg,
-    /// How the guard knows which flows are solicited.
-    #[arg(long, value_enum, default_value_t = FlowSource::Auto)]
-    pub flow_source: FlowSource,
-    /// Filtering of the own flow table.
-    #[arg(long, value_enum, default_value_t = Filtering::PortRestricted)]
-    pub filtering: Filtering,
-    /// Idle time after which an own-table flow stops admitting replies (seconds).
-    #[arg(long, value_name = "SECS", default_value = "180", value_parser = parse_positive_secs)]
-    pub flow_timeout: Duration,
-    /// Capacity of the own flow table (LRU).
-    #[arg(long, value_name = "N", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=16_777_216))]
-    pub flow_table_size: u32,
-    /// Published (DNAT'd) UDP port that accepts new flows (repeatable).
-    #[arg(long = "allow-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub allow_ports: Vec<u16>,
-    /// Source prefix whose unsolicited UDP is let through (repeatable), e.g. 10.0.0.0/8.
-    #[arg(long = "allow-src", value_name = "CIDR", value_parser = parse_cidr)]
-    pub allow_src: Vec<Cidr>,
-    /// Count what would be dropped; drop nothing.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-impl GuardArgs {
-    /// The guard is enabled by giving at least one range.
-    #[must_use]
-    pub fn enabled(&self) -> bool {
-        !self.ranges.is_empty()
-    }
-}
-
-/// An IP prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| format!("`{s}` is not an IP address or prefix"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len = match len {
-            None => max,
-            Some(l) => l
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("prefix length `{l}` in `{s}` must be 0..={max}"))?,
-        };
-        Ok(Self { addr, prefix_len })
-    }
-}
-
 fn parse_cidr(s: &str) -> Result<Cidr, String> {
     s.parse()
 }
 
-/// `A-B` or `P`, 1 <= A <= B <= 65535.
-pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
-    let port = |p: &str| -> Result<u16, String> {
-        match p.trim().parse::<u16>() {
-            Ok(0) | Err(_) => Err(format!("`{p}` is not a port (1-65535)")),
-            Ok(p) => Ok(p),
-        }
-    };
-    let (first, last) = match s.split_once('-') {
-        Some((a, b)) => (port(a)?, port(b)?),
-        None => {
-            let p = port(s)?;
-            (p, p)
-        }
-    };
-    if first > last {
-        return Err(format!("range `{s}` is reversed: write {last}-{first}"));
-    }
-    Ok(PortRange { first, last })
+fn parse_iface(s: &str) -> Result<IfaceName, String> {
+    s.parse()
+}
+
+fn parse_iface_sel(s: &str) -> Result<IfaceSel, String> {
+    s.parse()
 }
 
 fn parse_positive_secs(s: &str) -> Result<Duration, String> {
@@ -386,69 +289,77 @@ fn parse_positive_secs(s: &str) -> Result<Duration, String> {
     }
 }
 
-/// Checks across options that clap cannot express.
-pub fn validate_guard(args: &GuardArgs) -> Result<(), String> {
-    if args.ranges.len() > MAX_PORT_RANGES {
-        return Err(format!(
-            "{} --guard ranges given; at most {MAX_PORT_RANGES} are supported",
-            args.ranges.len()
-        ));
-    }
-    for port in &args.allow_ports {
-        if !args.ranges.iter().any(|r| (r.first..=r.last).contains(port)) {
-            return Err(format!("--allow-port {port} is outside every --guard range; it would have no effect"));
+/// `ValueEnum` for the config enums: their names and help come from one
+/// table here, the enums themselves stay free of clap.
+macro_rules! value_enum {
+    ($ty:ty { $($variant:ident => $name:literal: $help:literal),+ $(,)? }) => {
+        impl ValueEnum for $ty {
+            fn value_variants<'a>() -> &'a [Self] {
+                &[$(<$ty>::$variant),+]
+            }
+            fn to_possible_value(&self) -> Option<PossibleValue> {
+                Some(match self {
+                    $(<$ty>::$variant => PossibleValue::new($name).help($help)),+
+                })
+            }
         }
-    }
-    Ok(())
+    };
 }
+
+value_enum!(GuardHook {
+    Xdp => "xdp": "XDP, native mode; tc ingress where the driver has none (see --xdp-mode)",
+    Tc => "tc": "tc ingress (tcx on kernels >= 6.6, clsact below)",
+});
+value_enum!(XdpMode {
+    Auto => "auto": "Native; where that fails (no driver support, MTU, another program), tc ingress with a warning",
+    Native => "native": "Native or an error",
+    Generic => "generic": "Generic (skb) XDP: runs later than native and turns GRO off on the device",
+});
+value_enum!(FlowSource {
+    Auto => "auto": "conntrack kfunc where the kernel has it, else own",
+    Own => "own": "natfix's own flow table, learned on egress and seeded from conntrack",
+    Conntrack => "conntrack": "The kernel's conntrack table via the bpf_*_ct_lookup kfuncs",
+});
+value_enum!(Filtering {
+    PortRestricted => "port-restricted": "Exact 5-tuple: only the peer the local port sent to may answer",
+    EndpointIndependent => "endpoint-independent": "Any peer may answer once the local port has sent out (RFC 4787)",
+});
+value_enum!(CsumMode {
+    Zero => "zero": "IPv4: set the UDP checksum to 0 (IPv6 is always recomputed)",
+    Recompute => "recompute": "Recompute the UDP checksum (IPv4 and IPv6)",
+});
+value_enum!(CsumBackend {
+    Auto => "auto": "Decided at attach: the nftables rule for IPv4; `both` with --csum recompute or a global IPv6 address on the interface (IPv6 needs the tc program)",
+    Tc => "tc": "tc program only (needs the ESP GRO path: esp4_offload/esp6_offload and GRO)",
+    Nft => "nft": "nftables rule only (IPv4): repairs every path, costs least",
+    Both => "both": "tc program (IPv4 and IPv6, finer counters, events) plus the nftables rule for IPv4 packets that never reach tc (fragments, no GRO)",
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn port_ranges_parse_and_reject() {
-        let cases: &[(&str, Result<(u16, u16), ()>)] = &[
-            ("20000-30000", Ok((20000, 30000))),
-            ("5000", Ok((5000, 5000))),
-            (" 1 - 65535 ", Ok((1, 65535))),
-            ("30000-20000", Err(())),
-            ("0-10", Err(())),
-            ("70000", Err(())),
-            ("a-b", Err(())),
-            ("", Err(())),
-            ("1-", Err(())),
-        ];
-        for (input, want) in cases {
-            let got = parse_port_range(input).map(|r| (r.first, r.last)).map_err(|_| ());
-            assert_eq!(&got, want, "input {input:?}");
-        }
+    fn attach(args: &[&str]) -> AttachArgs {
+        let mut argv = vec!["natfix", "attach"];
+        argv.extend_from_slice(args);
+        let Command::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { panic!("not attach") };
+        a
     }
 
     #[test]
-    fn cidrs_parse_and_reject() {
-        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().prefix_len, 8);
-        assert_eq!("2001:db8::/32".parse::<Cidr>().unwrap().prefix_len, 32);
-        assert_eq!("192.0.2.1".parse::<Cidr>().unwrap().prefix_len, 32);
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("::/129".parse::<Cidr>().is_err());
-        assert!("example.com/8".parse::<Cidr>().is_err());
-    }
-
-    #[test]
-    fn attach_parses_and_validates() {
-        let cli = Cli::try_parse_from([
-            "natfix", "attach", "--iface", "eth0", "--netns", "ingress", "--guard", "20000-30000",
-            "--guard", "40000", "--allow-port", "25000", "--allow-src", "10.0.0.0/8", "--dry-run",
-            "--guard-hook", "tc", "--flow-source", "own",
-        ])
-        .unwrap();
-        let Command::Attach(a) = cli.command else { panic!("not attach") };
-        assert_eq!(a.target.netns.as_deref(), Some("ingress"));
-        assert_eq!(a.guard.ranges.len(), 2);
-        assert_eq!(a.guard.guard_hook, GuardHook::Tc);
-        assert!(a.guard.dry_run);
-        validate_guard(&a.guard).unwrap();
+    fn attach_parses_into_a_spec() {
+        let a = attach(&[
+            "--iface", "eth0", "--netns", "ingress", "--guard", "20000-30000", "--guard", "40000", "--allow-port",
+            "25000", "--allow-src", "10.0.0.0/8", "--dry-run", "--guard-hook", "tc", "--flow-source", "own",
+        ]);
+        let spec = a.spec().unwrap();
+        assert_eq!(spec.netns.as_deref(), Some("ingress"));
+        let g = spec.guard.unwrap();
+        assert_eq!(g.ranges.len(), 2);
+        assert_eq!(g.hook, GuardHook::Tc);
+        assert!(g.dry_run);
+        assert!(spec.overlay.is_none());
+        assert_eq!(attach(&["--iface", "auto", "--overlay-fix"]).spec().unwrap().iface, IfaceSel::DefaultRoute);
     }
 
     #[test]
@@ -460,18 +371,32 @@ mod tests {
             &["natfix", "attach", "--iface", "e", "--flow-timeout", "0"],
             &["natfix", "attach", "--iface", "e", "--flow-table-size", "1"],
             &["natfix", "attach", "--iface", "e", "--allow-port", "0"],
+            &["natfix", "attach", "--iface", "../x", "--guard", "1"],
+            &["natfix", "detach", "--iface", "a/b"],
             &["natfix", "stats", "--watch", "-1"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "accepted {args:?}");
         }
-        let cli = Cli::try_parse_from(["natfix", "attach", "--iface", "e", "--guard", "1-10", "--allow-port", "20"])
-            .unwrap();
-        let Command::Attach(a) = cli.command else { panic!() };
-        assert!(validate_guard(&a.guard).unwrap_err().contains("outside"));
+        let spec_err = |args: &[&str]| attach(args).spec().unwrap_err();
+        assert!(spec_err(&["--iface", "e", "--guard", "1-10", "--allow-port", "20"]).contains("outside"));
+        assert!(spec_err(&["--iface", "e"]).contains("nothing to attach"));
+        assert!(spec_err(&["--iface", "e", "--guard", "1", "--reqid", "5"]).contains("need --overlay-fix"));
+        assert!(spec_err(&["--iface", "e", "--guard", "1", "--guard-hook", "tc", "--xdp-mode", "native"]).contains("--xdp-mode"));
+        assert!(spec_err(&["--iface", "e", "--guard", "1", "--flow-source", "conntrack", "--flow-timeout", "5"]).contains("conntrack"));
         let many: Vec<String> = (1..=17).map(|p| format!("--guard={p}")).collect();
-        let mut argv = vec!["natfix".to_owned(), "attach".into(), "--iface".into(), "e".into()];
-        argv.extend(many);
-        let Command::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { panic!() };
-        assert!(validate_guard(&a.guard).unwrap_err().contains("at most 16"));
+        let many: Vec<&str> = ["--iface", "e"].into_iter().chain(many.iter().map(String::as_str)).collect();
+        assert!(spec_err(&many).contains("at most 16"));
+    }
+
+    #[test]
+    fn value_names_match_the_records() {
+        // The CLI's words are the record's words (serde kebab-case).
+        for v in FlowSource::value_variants() {
+            let json = serde_json::to_string(v).unwrap();
+            assert_eq!(json.trim_matches('"'), v.to_possible_value().unwrap().get_name());
+        }
+        for v in CsumBackend::value_variants() {
+            assert_eq!(v.name(), v.to_possible_value().unwrap().get_name());
+        }
     }
 }

@@ -40,6 +40,9 @@ impl std::fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
+/// Exit code of `natfix diagnose` when at least one finding is a problem.
+pub const EXIT_PROBLEMS: u8 = 10;
+
 /// The exit code for any error: the first `UserError` in the chain decides, else 1.
 #[must_use]
 pub fn exit_code(err: &anyhow::Error) -> i32 {

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use crate::{
     abi::{FlowKey, FlowValue, PortRange},
     conntrack::{self, CtEntry, CtEventKind, CtEventStream, IPS_SEEN_REPLY},
-    netns::Netns,
+    sys::netns::Netns,
 };
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of bpf_ktime_get_coarse_ns(),

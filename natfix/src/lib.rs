@@ -1,22 +1,23 @@
-//! natfix userspace: loader, CLI, daemon and the tools around them.
+//! natfix userspace. The layers, bottom up (ARCHITECTURE.md):
+//! `error`, `config` (what the operator asks for), `sys` (host and kernel
+//! access), `record`/`pins` (what an attachment leaves in bpffs),
+//! `conntrack`, `overlay`, `flowsync`, `loader` (eBPF in and out of the
+//! kernel), `observe` (counters, metrics, events), `diagnose`, `lab`,
+//! `commands` (one per CLI command), and `cli` (clap, on top).
 
 pub mod cli;
+pub mod commands;
+pub mod config;
 pub mod conntrack;
-pub mod daemon;
 pub mod diagnose;
 pub mod error;
-pub mod features;
 pub mod flowsync;
-pub mod harness;
-pub mod kfunc;
 pub mod lab;
 pub mod loader;
-pub mod metrics;
-pub mod model;
-pub mod monitor;
-pub mod netns;
+pub mod observe;
 pub mod overlay;
 pub mod pins;
-pub mod stats;
+pub mod record;
+pub mod sys;
 
 pub use natfix_ebpf::abi;

@@ -6,16 +6,12 @@
 //! record. Keeping the record in bpffs (not /run) lets a privileged container
 //! and the host see the same attachments through one bind mount.
 
-use std::{
-    path::{Path, PathBuf},
-    time::{SystemTime, UNIX_EPOCH},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, MapData};
-use serde::{Deserialize, Serialize};
 
-use crate::error::UserError;
+use crate::{config::IfaceName, error::UserError, record::{AttachmentMeta, Program}};
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 /// Pin names of the maps in an attachment's directory.
@@ -48,9 +44,9 @@ pub struct PinDir {
 
 impl PinDir {
     #[must_use]
-    pub fn new(netns_inode: u64, iface: &str) -> Self {
+    pub fn new(netns_inode: u64, iface: &IfaceName) -> Self {
         Self {
-            path: Path::new(BPFFS).join("natfix").join(netns_inode.to_string()).join(iface),
+            path: Path::new(BPFFS).join("natfix").join(netns_inode.to_string()).join(iface.as_str()),
         }
     }
 
@@ -60,8 +56,8 @@ impl PinDir {
     }
 
     #[must_use]
-    pub fn link(&self, program: &str) -> PathBuf {
-        self.path.join(format!("link_{program}"))
+    pub fn link(&self, program: Program) -> PathBuf {
+        self.path.join(format!("link_{}", program.c_name()))
     }
 
     #[must_use]
@@ -151,103 +147,3 @@ impl PinDir {
     }
 }
 
-/// What `natfix status` shows, and what `detach` needs to undo an attachment.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AttachmentMeta {
-    pub natfix_version: String,
-    /// The namespace as the user named it (`self` when none was given).
-    pub netns: String,
-    pub netns_path: String,
-    pub netns_inode: u64,
-    /// The namespace's cookie (`netns::current_cookie`); None from older
-    /// records or kernels < 5.14. Pins are keyed by inode, which a later
-    /// namespace can reuse: the cookie tells them apart.
-    #[serde(default)]
-    pub netns_cookie: Option<u64>,
-    pub iface: String,
-    pub ifindex: u32,
-    /// The foreground `natfix attach` that owns it; None when pinned.
-    pub pid: Option<u32>,
-    pub pinned: bool,
-    pub created_unix: u64,
-    pub programs: Vec<ProgramMeta>,
-    pub guard: Option<GuardMeta>,
-    pub overlay: Option<OverlayMeta>,
-    /// natfix added the clsact qdisc (kernels without tcx) and must remove it.
-    pub created_clsact: bool,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ProgramMeta {
-    pub name: String,
-    /// `xdp`, `tc-ingress` or `tc-egress`.
-    pub hook: String,
-    /// `native`/`generic` for XDP, `tcx`/`clsact` for tc.
-    pub mode: String,
-    pub prog_id: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct GuardMeta {
-    pub ranges: Vec<String>,
-    pub flow_source: String,
-    pub flow_source_reason: String,
-    pub filtering: String,
-    pub dry_run: bool,
-    pub allow_ports: Vec<u16>,
-    pub allow_src: Vec<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct OverlayMeta {
-    pub vxlan_ports: Vec<u16>,
-    pub csum: String,
-    pub backend: String,
-    pub reqid: Option<u32>,
-    /// What natfix changed on the host, undone on detach.
-    pub changes: crate::overlay::OverlayChanges,
-}
-
-impl AttachmentMeta {
-    /// Whether the record was written in the namespace whose cookie is
-    /// `current` (the caller's). Only two known, different cookies say no:
-    /// the recorded namespace is gone and its inode went to this one.
-    #[must_use]
-    pub fn written_in(&self, current: Option<u64>) -> bool {
-        !matches!((self.netns_cookie, current), (Some(a), Some(b)) if a != b)
-    }
-
-    /// The namespace this record was written in, entered through any file
-    /// that still names it: the recorded path, the owner's, then any other
-    /// (`Netns::find_by_inode`). Fails when it is gone, even if a later
-    /// namespace got its inode.
-    pub fn find_netns(&self) -> Result<crate::netns::Netns> {
-        let hints: Vec<PathBuf> =
-            std::iter::once(self.netns_path.clone().into()).chain(self.pid.map(|pid| format!("/proc/{pid}/ns/net").into())).collect();
-        let ns = crate::netns::Netns::find_by_inode(&self.netns, self.netns_inode, &hints)?;
-        if self.netns_cookie.is_some() && !self.written_in(ns.run(|| Ok(crate::netns::current_cookie()))?) {
-            bail!("namespace `{}` is gone: inode {} now names another", self.netns, self.netns_inode);
-        }
-        Ok(ns)
-    }
-
-    /// Still owned by someone: pinned, or its foreground process is alive.
-    #[must_use]
-    pub fn is_live(&self) -> bool {
-        self.pinned || self.pid.is_some_and(process_alive)
-    }
-}
-
-fn process_alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    // Signal 0 checks existence; EPERM still means it exists.
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
-        Ok(()) | Err(nix::errno::Errno::EPERM) => true,
-        Err(_) => false,
-    }
-}
-
-#[must_use]
-pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}

@@ -1,255 +1,91 @@
-//! Test kit for natfix's end-to-end tests: throwaway network namespaces and
-//! veth pairs that remove themselves (even when a test fails), the natfix
-//! binary, and the kernel's own view of what is attached.
+//! natfix's test kit, apart from the product: the `BPF_PROG_TEST_RUN`
+//! harness, the Rust model of the data plane (a deliberate second
+//! implementation, for differential tests), packet builders and generators,
+//! the natfix binary as a user runs it, and the kernel's own view of what is
+//! attached. Namespaces come from the product's `lab::scratch`, the one
+//! scaffolding the lab, these tests and the benches share.
+//!
+//! Tests that need root (namespaces, BPF) are `#[ignore = "needs root: cargo
+//! xtask test"]`: a plain `cargo test` lists them as ignored, `cargo xtask
+//! test` runs them with `--include-ignored`, and `require_root` fails them
+//! loudly if that is done without root.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
-    time::{Duration, Instant},
-};
+pub mod cli;
+pub mod frames;
+pub mod harness;
+pub mod kernel_view;
+pub mod model;
+pub mod packet;
+pub mod plans;
 
-use anyhow::{Context, Result, bail};
-use aya::programs::{SchedClassifier, TcAttachType};
+pub use natfix::lab::scratch::{ScratchNs, bind_udp, run as sh, sock, veth};
 
-/// The natfix binary under test: $NATFIX_BIN, else the workspace's debug build.
-#[must_use]
-pub fn natfix_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("NATFIX_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/natfix");
-    assert!(p.exists(), "{} missing: run `cargo build -p natfix` first (cargo xtask test does)", p.display());
-    p
-}
-
-pub fn natfix(args: &[&str]) -> Output {
-    Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn").output().expect("run natfix")
-}
-
-/// Detaches a pinned attachment when dropped, so a failed assertion does not
-/// leave its pin for a later namespace that gets the same inode.
-pub struct DetachOnDrop<'a> {
-    pub iface: &'a str,
-    pub netns: &'a str,
-}
-
-impl Drop for DetachOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = natfix(&["detach", "--iface", self.iface, "--netns", self.netns]);
-    }
-}
-
-/// Skips (returns false) unless root: these tests create namespaces and load BPF.
-#[must_use]
-pub fn require_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIP: needs root (network namespaces, BPF)");
-    false
+/// Fails the calling test unless it runs as root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, BPF): run it with `cargo xtask test`"
+    );
 }
 
 /// Mounts bpffs when the machine has none (fresh CI machines).
 pub fn ensure_bpffs() {
-    let ok = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type().0 as i64 == 0xcafe_4a11);
+    let ok = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| i64::from(s.filesystem_type().0) == 0xcafe_4a11);
     if !ok {
-        let st = Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("mount");
+        let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("mount");
         assert!(st.success(), "cannot mount bpffs");
     }
 }
 
-pub fn sh(cmd: &[&str]) -> Result<String> {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+/// A root test's set-up: root, bpffs.
+pub fn root_setup() {
+    require_root();
+    ensure_bpffs();
+}
+
+/// A scratch namespace for a test (`ScratchNs::unique`), or a failed test.
+#[must_use]
+pub fn scratch_ns(tag: &str) -> ScratchNs {
+    ScratchNs::unique(tag).expect("ip netns add")
+}
+
+/// Runs `f` on a thread inside a fresh scratch namespace (deleted after).
+pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = scratch_ns("fresh");
+    ns.run(move || Ok(f())).expect("run in a scratch namespace")
+}
+
+pub use cli::{Daemon, DetachOnDrop, natfix, natfix_bin, stat};
+pub use kernel_view::{tcx_prog_ids, xdp_prog_id};
+
+/// Sends `count` datagrams from `bind` to `to`, inside `ns`.
+pub fn send_udp(ns: &ScratchNs, bind: std::net::SocketAddr, to: std::net::SocketAddr, count: u32) -> anyhow::Result<()> {
+    ns.send_udp(bind, to, count)
+}
+
+/// Binds `bind` inside `ns` and counts the datagrams arriving within `wait`.
+pub fn count_udp(
+    ns: &ScratchNs,
+    bind: std::net::SocketAddr,
+    wait: std::time::Duration,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<u32>>> {
+    let received = ns.recv_udp(bind, wait)?;
+    Ok(std::thread::spawn(move || {
+        let from = received.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+        Ok(u32::try_from(from.len())?)
+    }))
+}
+
+/// Reports the calling test skipped, with why: it returns without having
+/// checked anything, and must not count as passed. `cargo xtask test` sets
+/// NATFIX_SKIP_LOG and lists these lines as skipped in its summary.
+pub fn skip(reason: &str) {
+    use std::io::Write as _;
+    let test = std::thread::current().name().unwrap_or("?").to_owned();
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(path) = std::env::var_os("NATFIX_SKIP_LOG") {
+        let line = format!("{test}: {reason}\n");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path);
+        file.and_then(|mut f| f.write_all(line.as_bytes())).expect("write NATFIX_SKIP_LOG");
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A named namespace (`ip netns add`), deleted on drop.
-pub struct TestNs {
-    pub name: String,
-}
-
-impl TestNs {
-    pub fn new(tag: &str) -> Self {
-        let name = format!("nft-{tag}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
-        sh(&["ip", "netns", "add", &name]).expect("ip netns add");
-        let ns = Self { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]).expect("lo up");
-        ns
-    }
-
-    pub fn exec(&self, cmd: &[&str]) -> Result<String> {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(cmd);
-        sh(&full)
-    }
-
-    #[must_use]
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    pub fn netns(&self) -> natfix::netns::Netns {
-        natfix::netns::Netns::resolve(Some(self.path().to_str().expect("utf8"))).expect("resolve")
-    }
-
-    /// Runs `f` inside this namespace on a fresh thread.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-        self.netns().run(f)
-    }
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        // A test may have deleted it already (to show what natfix does then).
-        if self.path().exists() {
-            let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-        }
-    }
-}
-
-/// Connects `a` and `b` with a veth pair named `a_if`/`b_if`, addresses given as CIDR.
-pub fn veth(a: &TestNs, a_if: &str, a_addr: &str, b: &TestNs, b_if: &str, b_addr: &str) -> Result<()> {
-    let tmp_a = format!("t{}a{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed));
-    let tmp_b = format!("t{}b{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed));
-    sh(&["ip", "link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b])?;
-    sh(&["ip", "link", "set", &tmp_a, "netns", &a.name, "name", a_if])?;
-    sh(&["ip", "link", "set", &tmp_b, "netns", &b.name, "name", b_if])?;
-    for (ns, ifname, addr) in [(a, a_if, a_addr), (b, b_if, b_addr)] {
-        ns.exec(&["ip", "addr", "add", addr, "dev", ifname])?;
-        ns.exec(&["ip", "link", "set", ifname, "up"])?;
-    }
-    Ok(())
-}
-
-/// Sends `count` datagrams from `from` (bound to `bind`) to `to`, inside `ns`.
-pub fn send_udp(ns: &TestNs, bind: SocketAddr, to: SocketAddr, count: u32) -> Result<()> {
-    ns.run(move || {
-        let s = natfix::lab::bind_udp(bind)?;
-        for i in 0..count {
-            s.send_to(&i.to_be_bytes(), to)?;
-        }
-        Ok(())
-    })
-}
-
-/// Binds `bind` inside `ns` and counts datagrams arriving within `wait`.
-pub fn count_udp(ns: &TestNs, bind: SocketAddr, wait: Duration) -> Result<std::thread::JoinHandle<Result<u32>>> {
-    let netns = ns.netns();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = std::thread::spawn(move || {
-        netns.run(move || {
-            let s = natfix::lab::bind_udp(bind)?;
-            tx.send(()).ok();
-            s.set_read_timeout(Some(Duration::from_millis(100)))?;
-            let end = Instant::now() + wait;
-            let mut n = 0;
-            let mut buf = [0u8; 2048];
-            while Instant::now() < end {
-                if s.recv_from(&mut buf).is_ok() {
-                    n += 1;
-                }
-            }
-            Ok(n)
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(5)).context("receiver did not start")?;
-    Ok(handle)
-}
-
-/// Program ids attached through tcx at `iface` in `ns` (kernel's view, BPF_PROG_QUERY).
-pub fn tcx_prog_ids(ns: &TestNs, iface: &str, attach: TcAttachType) -> Result<Vec<u32>> {
-    let iface = iface.to_owned();
-    ns.run(move || {
-        let (_, progs) = SchedClassifier::query_tcx(&iface, attach)?;
-        Ok(progs.iter().map(aya::programs::ProgramInfo::id).collect())
-    })
-}
-
-/// The XDP program id on `iface` in `ns` per `ip -j link` (kernel's view), if any.
-pub fn xdp_prog_id(ns: &TestNs, iface: &str) -> Result<Option<u64>> {
-    let out = ns.exec(&["ip", "-j", "-d", "link", "show", "dev", iface])?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    Ok(v[0]["xdp"]["prog"]["id"].as_u64())
-}
-
-/// A running `natfix attach`, killed on drop if still alive.
-pub struct Daemon {
-    pub child: Child,
-}
-
-impl Daemon {
-    /// Starts `natfix attach <args>` and waits until its record shows up in `natfix status`.
-    pub fn start(args: &[&str]) -> Result<Self> {
-        let child = Command::new(natfix_bin())
-            .arg("attach")
-            .args(args)
-            .env("NATFIX_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let pid = child.id();
-        let mut d = Self { child };
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Some(status) = d.child.try_wait()? {
-                let mut err = String::new();
-                use std::io::Read as _;
-                d.child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-                bail!("natfix attach exited early ({status}): {err}");
-            }
-            let st = natfix(&["status", "--json"]);
-            let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
-            if v["attachments"].as_array().is_some_and(|a| a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid)))) {
-                return Ok(d);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("natfix attach did not come up within 20 s")
-    }
-
-    /// SIGTERM and wait; returns the exit status.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
-        let end = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.try_wait()? {
-                return Ok(s);
-            }
-            if Instant::now() > end {
-                bail!("natfix attach ignored SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// Counter value from `natfix stats --json` for (namespace, iface, reason) of program `prog`.
-pub fn stat(netns: &str, iface: &str, prog: &str, reason: &str) -> u64 {
-    let out = natfix(&["stats", "--json", "--netns", netns, "--iface", iface]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v["attachments"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|a| a["iface"] == iface)
-        .flat_map(|a| a["counters"].as_array().cloned().unwrap_or_default())
-        .find(|c| c["program"] == prog && c["reason"] == reason)
-        .and_then(|c| c["packets"].as_u64())
-        .unwrap_or(0)
 }

@@ -27,7 +27,7 @@ pub struct BenchArgs {
 /// A benchmark binary's JSON lines.
 fn cargo_bench(name: &str, env: &[(&str, String)]) -> Result<Vec<Value>> {
     let out = Command::new(env!("CARGO"))
-        .args(["bench", "-q", "-p", "natfix", "--bench", name])
+        .args(["bench", "-q", "-p", "natfix-testkit", "--bench", name])
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(workspace())
         .stderr(Stdio::inherit())
@@ -302,7 +302,7 @@ const NOTES: &str = "
   and fail the rule's first match.
 - The `on a Docker node` rows repeat the rows where the rest of the path costs more per packet, as
   on the hosts natfix is for: the receiver carries a Docker node's netfilter
-  (`natfix/benches/data/docker-node.nft`: conntrack and Docker's NAT chains; the port-stealing
+  (`tests/benches/data/docker-node.nft`: conntrack and Docker's NAT chains; the port-stealing
   problem needs conntrack and NAT, and Docker's encrypted overlay comes with Docker's rules). Its
   netfilter hook is on already, so the overlay fix's chain adds only itself. They run the XDP
   guard against its baseline, and the tc configurations (no program, tc guard, overlay fix with
@@ -378,10 +378,10 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         sh(&["uname", "-r"]).unwrap_or_default().trim()
     );
     let commands = [
-        ("test_run", "cargo bench -p natfix --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
-        ("flood", "cargo bench -p natfix --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
-        ("throughput, solicited UDP", "cargo bench -p natfix --bench flood (same generator; 1,000,000-frame windows, each between two baseline windows: 30 rounds on a bare receiver, 60 each on a Docker node's netfilter with 64 B and 1,400 B frames, 30 on the bare receiver with 1,400 B frames; programs swapped between windows)"),
-        ("throughput, TCP bulk", "cargo bench -p natfix --bench flood (one TCP connection; 60 rounds of 0.5 s windows, each configuration's between two baseline windows, programs swapped between windows)"),
+        ("test_run", "cargo bench -p natfix-testkit --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
+        ("flood", "cargo bench -p natfix-testkit --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
+        ("throughput, solicited UDP", "cargo bench -p natfix-testkit --bench flood (same generator; 1,000,000-frame windows, each between two baseline windows: 30 rounds on a bare receiver, 60 each on a Docker node's netfilter with 64 B and 1,400 B frames, 30 on the bare receiver with 1,400 B frames; programs swapped between windows)"),
+        ("throughput, TCP bulk", "cargo bench -p natfix-testkit --bench flood (one TCP connection; 60 rounds of 0.5 s windows, each configuration's between two baseline windows, programs swapped between windows)"),
         ("memory, latency", "cargo xtask bench (/proc/PID/status, wall clock of the release binary)"),
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
         ("all of it", "cargo xtask bench"),

@@ -1,0 +1,645 @@
+//! `natfix diagnose` on fixtures: parsers, conntrack analysis, findings, output.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::Duration,
+};
+
+use serde_json::Value;
+
+use super::{analyze::drops_finding, report::MAX_EVIDENCE, *};
+use crate::{config::DOCKER_REQID, sys::features::CtKfuncs};
+use crate::conntrack::{CtEntry, CtTuple, IPS_ASSURED, IPS_CONFIRMED, IPS_DST_NAT, IPS_SEEN_REPLY, IPS_SRC_NAT};
+const SNMP: &str = "\
+Ip: Forwarding DefaultTTL InReceives
+Ip: 1 64 1000
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 57 3 12 58 0 0 12 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 0 0 0 0 0 0 99 0 0
+";
+
+// `ip xfrm state` of a Docker encrypted overlay (iproute2 6.1 layout),
+// plus an unrelated SA, and reqid printed with -s's hex suffix.
+const XFRM: &str = "\
+src 192.0.2.10 dst 203.0.113.5
+\tproto esp spi 0xc0ffee01 reqid 13681891 mode transport
+\treplay-window 0 
+\taead rfc4106(gcm(aes)) 0x0102030405060708090a0b0c0d0e0f1011121314 64
+\tanti-replay context: seq 0x0, oseq 0x2a, bitmap 0x00000000
+\tsel src 0.0.0.0/0 dst 0.0.0.0/0 
+src 203.0.113.5 dst 192.0.2.10
+\tproto esp spi 0xc0ffee02 reqid 13681891 (0x00d0c4e3) mode transport
+\treplay-window 0 
+\tsel src 0.0.0.0/0 dst 0.0.0.0/0 
+src 192.0.2.10 dst 198.51.100.99
+\tproto esp spi 0x00000100 reqid 1 mode tunnel
+\treplay-window 32 flag af-unspec
+";
+
+// `ip -d -j link show type vxlan` (iproute2 6.1, trimmed).
+const VXLAN: &str = r#"[{"ifindex":2,"ifname":"vx0","flags":["BROADCAST","MULTICAST","UP","LOWER_UP"],"mtu":1450,
+"linkinfo":{"info_kind":"vxlan","info_data":{"id":42,"remote":"10.0.0.2","local":"10.0.0.1","port":4789,"udp_csum":true}}},
+{"ifindex":3,"ifname":"vx1","flags":["BROADCAST","MULTICAST"],"mtu":1450,
+"linkinfo":{"info_kind":"vxlan","info_data":{"id":43,"port":4790,"udp_csum":false}}},
+{"ifindex":4,"ifname":"br0","flags":["UP"],"linkinfo":{"info_kind":"bridge","info_data":{}}}]"#;
+
+// `nft -j list ruleset` (nftables 1.0.6): native DNAT/masquerade rules
+// and two iptables-nft rules with opaque xt targets.
+const NFT: &str = r#"{"nftables": [
+{"metainfo":{"version":"1.0.6","release_name":"Lester Gooch #5","json_schema_version":1}},
+{"rule":{"family":"ip","table":"t","chain":"pre","handle":3,"expr":[{"match":{"op":"==","left":{"meta":{"key":"iifname"}},"right":"ext"}},{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":25500}},{"dnat":{"addr":"10.77.0.2","port":25500}}]}},
+{"rule":{"family":"ip","table":"t","chain":"pre","handle":5,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":{"set":[3478,{"range":[5000,5010]}]}}},{"dnat":{"addr":"10.77.0.3"}}]}},
+{"rule":{"family":"ip","table":"t","chain":"pre","handle":6,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":6000}},{"dnat":{"addr":"10.77.0.4","port":6001}}]}},
+{"rule":{"family":"ip","table":"t","chain":"pre","handle":7,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"tcp","field":"dport"}},"right":80}},{"dnat":{"addr":"10.77.0.2"}}]}},
+{"rule":{"family":"ip","table":"t","chain":"pre","handle":8,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":{"range":[7000,7002]}}},{"dnat":{"addr":"10.77.0.5"}}]}},
+{"rule":{"family":"ip","table":"t","chain":"post","handle":9,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":{"prefix":{"addr":"10.77.0.0","len":24}}}},{"match":{"op":"==","left":{"meta":{"key":"oifname"}},"right":"ext"}},{"masquerade":{"flags":"fully-random"}}]}},
+{"rule":{"family":"ip","table":"t","chain":"post","handle":10,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":{"prefix":{"addr":"10.78.0.0","len":24}}}},{"masquerade":{"flags":["fully-random","persistent"]}}]}},
+{"rule":{"family":"ip","table":"t","chain":"post","handle":11,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":{"prefix":{"addr":"10.79.0.0","len":24}}}},{"masquerade":null}]}},
+{"rule":{"family":"ip","table":"t","chain":"post","handle":12,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":{"prefix":{"addr":"10.80.0.0","len":24}}}},{"snat":{"addr":"1.2.3.4","flags":"fully-random"}}]}},
+{"rule":{"family":"ip","table":"nat","chain":"POSTROUTING","handle":2,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"ip","field":"saddr"}},"right":{"prefix":{"addr":"172.17.0.0","len":16}}}},{"counter":{"packets":0,"bytes":0}},{"xt":{"type":"target","name":"MASQUERADE"}}]}},
+{"rule":{"family":"ip","table":"nat","chain":"PREROUTING","handle":4,"expr":[{"match":{"op":"==","left":{"payload":{"protocol":"udp","field":"dport"}},"right":9999}},{"counter":{"packets":0,"bytes":0}},{"xt":{"type":"target","name":"DNAT"}}]}}
+]}"#;
+
+const IPTABLES: &str = "\
+# Generated by iptables-save v1.8.9 (nf_tables)
+*nat
+:PREROUTING ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE --random-fully
+-A POSTROUTING -s 172.18.0.0/16 ! -o br-1 -j MASQUERADE
+-A DOCKER ! -i docker0 -p udp -m udp --dport 9999 -j DNAT --to-destination 172.17.0.2:9999
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+-A DOCKER -p udp -m multiport --dports 3478,40000:40010 -j DNAT --to-destination 172.17.0.3
+COMMIT
+*filter
+-A FORWARD -p udp --dport 53 -j ACCEPT
+COMMIT
+";
+
+const PROC_UDP: &str = "\
+   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  123: 00000000:12B5 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1001 2 0000000000000000 0
+  124: 0100007F:0035 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 1002 2 0000000000000000 0
+  125: 0A00000A:9C40 1400000A:1B58 01 00000000:00000000 00:00000000 00000000     0        0 1003 2 0000000000000000 0
+";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn tuple(src: &str, sport: u16, dst: &str, dport: u16) -> CtTuple {
+    CtTuple {
+        src: ip(src),
+        dst: ip(dst),
+        sport,
+        dport,
+    }
+}
+
+fn entry(orig: CtTuple, reply: CtTuple, status: u32) -> CtEntry {
+    CtEntry {
+        orig,
+        reply,
+        status: status | IPS_CONFIRMED,
+        timeout_secs: Some(29),
+    }
+}
+
+const HOST: &str = "198.51.100.10";
+const REMOTE: &str = "198.51.100.20";
+const CTR: &str = "10.77.0.2";
+
+fn local() -> Vec<IpAddr> {
+    vec![ip("127.0.0.1"), ip("10.77.0.1"), ip(HOST)]
+}
+
+/// Seed 000: the remote's probe of host:25000, then the container's flow
+/// from :25000 to the remote, moved to :41061.
+fn seed_000() -> (CtEntry, CtEntry) {
+    let probe = entry(tuple(REMOTE, 7000, HOST, 25000), tuple(HOST, 25000, REMOTE, 7000), 0);
+    let flow = entry(
+        tuple(CTR, 25000, REMOTE, 7000),
+        tuple(REMOTE, 7000, HOST, 41061),
+        IPS_SRC_NAT,
+    );
+    (probe, flow)
+}
+
+#[test]
+fn snmp_udp_counters_pair_names_with_values() {
+    let c = parse_snmp_udp(SNMP);
+    assert_eq!(c.get("InCsumErrors"), Some(&12), "Udp, not UdpLite");
+    assert_eq!(c.get("NoPorts"), Some(&3));
+    assert!(
+        parse_snmp_udp("Udp: InCsumErrors\n").is_empty(),
+        "header without values"
+    );
+}
+
+#[test]
+fn xfrm_states_parse_with_reqid_in_both_spellings() {
+    let s = parse_xfrm_states(XFRM);
+    assert_eq!(s.len(), 3);
+    assert_eq!((s[0].src.as_str(), s[0].dst.as_str()), ("192.0.2.10", "203.0.113.5"));
+    assert_eq!(
+        (s[0].proto.as_str(), s[0].spi.as_str(), s[0].mode.as_str()),
+        ("esp", "0xc0ffee01", "transport")
+    );
+    assert_eq!(s[0].reqid, DOCKER_REQID);
+    assert_eq!(s[1].reqid, DOCKER_REQID, "decimal followed by (0x...)");
+    assert_eq!((s[2].reqid, s[2].mode.as_str()), (1, "tunnel"));
+    assert!(parse_xfrm_states("").is_empty());
+}
+
+#[test]
+fn vxlan_links_report_csum_and_state() {
+    let d = parse_vxlan_links(VXLAN).unwrap();
+    assert_eq!(
+        d,
+        vec![
+            VxlanDev {
+                name: "vx0".into(),
+                vni: Some(42),
+                port: 4789,
+                udp_csum: Some(true),
+                up: true
+            },
+            VxlanDev {
+                name: "vx1".into(),
+                vni: Some(43),
+                port: 4790,
+                udp_csum: Some(false),
+                up: false
+            },
+        ]
+    );
+    assert!(parse_vxlan_links("").unwrap().is_empty());
+    assert!(parse_vxlan_links("[]").unwrap().is_empty());
+    assert!(parse_vxlan_links("{not json").is_err());
+}
+
+#[test]
+fn nft_ruleset_yields_published_udp_ports_and_random_masquerade() {
+    let r = parse_nft_ruleset(NFT).unwrap();
+    let spans: Vec<(u16, u16)> = r.published.iter().map(|(s, _)| (s.first, s.last)).collect();
+    // tcp dport 80 is not UDP; the xt DNAT rule (9999) is opaque here.
+    assert_eq!(
+        spans,
+        vec![(25500, 25500), (3478, 3478), (5000, 5010), (6000, 6000), (7000, 7002)]
+    );
+    assert_eq!(r.published[0].1, "nft ip t chain pre (handle 3)");
+    assert_eq!(
+        r.random,
+        vec![
+            "nft ip t chain post (handle 9): masquerade fully-random",
+            "nft ip t chain post (handle 10): masquerade fully-random",
+            "nft ip t chain post (handle 12): snat fully-random",
+        ]
+    );
+    assert_eq!(
+        r.masquerade_rules, 4,
+        "three masquerades and one snat; xt targets are not counted"
+    );
+    assert!(parse_nft_ruleset("nope").is_err());
+}
+
+#[test]
+fn iptables_save_yields_published_udp_ports_and_random_fully() {
+    let r = parse_iptables_save(IPTABLES);
+    let spans: Vec<(u16, u16)> = r.published.iter().map(|(s, _)| (s.first, s.last)).collect();
+    assert_eq!(spans, vec![(9999, 9999), (3478, 3478), (40000, 40010)]);
+    assert!(
+        r.published[0]
+            .1
+            .starts_with("iptables nat DOCKER: -A DOCKER ! -i docker0 -p udp")
+    );
+    assert_eq!(r.random.len(), 1);
+    assert!(r.random[0].contains("172.17.0.0/16") && r.random[0].contains("--random-fully"));
+    assert_eq!(r.masquerade_rules, 2);
+}
+
+#[test]
+fn merged_sources_keep_one_entry_per_published_span() {
+    let mut r = parse_nft_ruleset(NFT).unwrap();
+    let n = r.published.len();
+    r.merge(parse_iptables_save(IPTABLES));
+    // 9999 is new (xt in nft), 3478 was already there.
+    assert_eq!(r.published.len(), n + 2);
+    assert_eq!(r.random.len(), 4);
+}
+
+#[test]
+fn proc_udp_lists_unconnected_sockets() {
+    assert_eq!(parse_proc_udp(PROC_UDP), BTreeSet::from([4789, 53]));
+}
+
+#[test]
+fn route_get_names_the_device() {
+    let j = r#"[{"dst":"198.51.100.20","dev":"ext","prefsrc":"198.51.100.10","flags":[],"uid":0,"cache":[]}]"#;
+    assert_eq!(parse_route_dev(j).as_deref(), Some("ext"));
+    assert_eq!(parse_route_dev("[]"), None);
+}
+
+#[test]
+fn seed_000_collision_is_found() {
+    let (probe, flow) = seed_000();
+    let a = analyze_conntrack(&[probe.clone(), flow.clone()], &local());
+    assert_eq!(a.unsolicited, vec![probe.clone()]);
+    assert_eq!(a.contested, vec![probe.clone()]);
+    assert_eq!(
+        a.moved,
+        vec![MovedFlow {
+            flow,
+            culprit: Some(probe)
+        }]
+    );
+    assert_eq!(a.masqueraded, 1);
+}
+
+#[test]
+fn solicited_published_and_internal_entries_are_not_unsolicited() {
+    let l = local();
+    let replied = entry(
+        tuple(REMOTE, 7000, HOST, 25000),
+        tuple(HOST, 25000, REMOTE, 7000),
+        IPS_SEEN_REPLY | IPS_ASSURED,
+    );
+    let published = entry(
+        tuple(REMOTE, 7001, HOST, 25500),
+        tuple(CTR, 25500, REMOTE, 7001),
+        IPS_DST_NAT,
+    );
+    let outbound = entry(tuple(HOST, 5353, REMOTE, 53), tuple(REMOTE, 53, HOST, 5353), 0);
+    // A container talking to the host, while also masqueraded elsewhere.
+    let to_host = entry(
+        tuple(CTR, 40000, "10.77.0.1", 53),
+        tuple("10.77.0.1", 53, CTR, 40000),
+        0,
+    );
+    let kept = entry(
+        tuple(CTR, 30000, REMOTE, 7000),
+        tuple(REMOTE, 7000, HOST, 30000),
+        IPS_SRC_NAT,
+    );
+    let a = analyze_conntrack(&[replied, published, outbound, to_host, kept], &l);
+    assert!(a.unsolicited.is_empty(), "{:?}", a.unsolicited);
+    assert!(a.moved.is_empty(), "a flow that kept its port did not move");
+    assert_eq!(a.masqueraded, 1);
+}
+
+#[test]
+fn a_moved_flow_without_a_holder_has_no_culprit() {
+    // The probe came from another peer: no tuple clash, so not the cause.
+    let (_, flow) = seed_000();
+    let other = entry(
+        tuple("203.0.113.9", 7000, HOST, 25000),
+        tuple(HOST, 25000, "203.0.113.9", 7000),
+        0,
+    );
+    let a = analyze_conntrack(&[other.clone(), flow], &local());
+    assert_eq!(a.moved.len(), 1);
+    assert_eq!(a.moved[0].culprit, None);
+    assert_eq!(a.contested, vec![other], "it still holds the wanted port");
+}
+
+#[test]
+fn guard_ranges_cover_the_ports_in_whole_thousands() {
+    let r = |p: &[u16]| guard_range(p).map(|s| (s.first, s.last));
+    assert_eq!(r(&[25000]), Some((25000, 25999)));
+    assert_eq!(r(&[25999, 21234]), Some((21000, 25999)));
+    assert_eq!(r(&[1500]), Some((1024, 1999)));
+    assert_eq!(r(&[500]), Some((500, 999)), "a low port itself stays covered");
+    assert_eq!(r(&[65535]), Some((65000, 65535)));
+    assert_eq!(r(&[]), None);
+}
+
+#[test]
+fn guard_commands_allow_only_ports_inside_the_range() {
+    let cmd = guard_command(
+        "ext",
+        Some("blue"),
+        Span {
+            first: 25000,
+            last: 25999,
+        },
+        &BTreeSet::from([53, 25500]),
+    );
+    assert_eq!(
+        cmd,
+        "natfix attach --iface ext --netns blue --guard 25000-25999 --allow-port 25500"
+    );
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let crate::cli::Command::Attach(a) = <crate::cli::Cli as clap::Parser>::try_parse_from(words)
+        .unwrap()
+        .command
+    else {
+        panic!("not attach")
+    };
+    a.spec().unwrap();
+}
+
+fn kernel() -> KernelFacts {
+    KernelFacts {
+        release: "6.18.0".into(),
+        btf: true,
+        tcx: true,
+        xdp: Ok(true),
+        ct_kfuncs: CtKfuncs::Vmlinux,
+        esp_offload: ModuleState::Missing("nowhere".into()),
+    }
+}
+
+fn facts(target: NsFacts) -> Facts {
+    Facts {
+        netns_spec: Some("/run/netns/h".into()),
+        kernel: kernel(),
+        target,
+        docker: Vec::new(),
+        drops: DropSample::NotChecked("tracefs is not mounted".into()),
+    }
+}
+
+fn ns(label: &str) -> NsFacts {
+    let mut n = NsFacts::empty(label.into());
+    n.csum_errors = Ok((5, 5));
+    n.window = Duration::from_secs(2);
+    n.addrs = local();
+    n
+}
+
+fn find<'a>(r: &'a Report, check: &str) -> &'a Finding {
+    let f: Vec<&Finding> = r.findings.iter().filter(|f| f.check == check).collect();
+    assert_eq!(f.len(), 1, "{check}: {:#?}", r.findings);
+    f[0]
+}
+
+#[test]
+fn a_clean_namespace_has_only_info() {
+    let r = analyze(&facts(ns("/run/netns/h")));
+    assert!(
+        r.findings.iter().all(|f| f.severity == Severity::Info),
+        "{:#?}",
+        r.findings
+    );
+    let checks: Vec<&str> = r.findings.iter().map(|f| f.check.as_str()).collect();
+    assert_eq!(
+        checks,
+        [
+            "kernel.btf",
+            "kernel.tcx",
+            "kernel.xdp",
+            "kernel.ct-kfuncs",
+            "kernel.esp-offload",
+            "iface.gro",
+            "overlay.xfrm",
+            "overlay.vxlan-csum",
+            "overlay.csum-errors",
+            "overlay.drop-reasons",
+            "guard.unsolicited",
+            "guard.port-moved",
+            "guard.random-fully",
+            "guard.published-ports",
+        ],
+        "documented order"
+    );
+    assert_eq!(find(&r, "overlay.drop-reasons").evidence, ["tracefs is not mounted"]);
+}
+
+#[test]
+#[allow(clippy::many_single_char_names)]
+fn rising_csum_errors_with_docker_sas_are_a_problem_with_the_overlay_fix() {
+    let mut t = ns("/run/netns/h");
+    t.addrs.push(ip("192.0.2.10"));
+    t.xfrm = Ok(parse_xfrm_states(XFRM));
+    t.routes.insert(ip("203.0.113.5"), "eth0".into());
+    t.csum_errors = Ok((100, 160));
+    t.vxlan = Ok(parse_vxlan_links(VXLAN).unwrap());
+    t.gro = vec![("eth0".into(), Ok(false)), ("veth1".into(), Ok(true))];
+    let r = analyze(&facts(t));
+    let f = find(&r, "overlay.csum-errors");
+    assert_eq!(f.severity, Severity::Problem);
+    assert_eq!(
+        f.fix.as_deref(),
+        Some("natfix attach --iface eth0 --netns /run/netns/h --overlay-fix")
+    );
+    assert!(
+        f.evidence[0].contains("UdpInCsumErrors 100 -> 160 (+60) in 2.0 s"),
+        "{:?}",
+        f.evidence
+    );
+    assert!(f.evidence[1].contains("4789, 4790"), "{:?}", f.evidence);
+    let x = find(&r, "overlay.xfrm");
+    assert!(
+        x.summary.starts_with("2 ESP SAs with Docker's reqid 0xd0c4e3"),
+        "{}",
+        x.summary
+    );
+    let v = find(&r, "overlay.vxlan-csum");
+    assert_eq!(
+        v.severity,
+        Severity::Warning,
+        "checksums inside ESP break behind 1:1 NAT"
+    );
+    assert!(
+        v.evidence
+            .iter()
+            .any(|l| l.starts_with("vx0 in namespace /run/netns/h: vni 42, dstport 4789, udpcsum, up"))
+    );
+    // The default (the nftables rule) needs neither the module nor GRO.
+    let e = find(&r, "kernel.esp-offload");
+    assert_eq!((e.severity, e.fix.as_deref()), (Severity::Info, None));
+    assert!(e.summary.contains("the default nftables rule repairs IPv4 without it"), "{}", e.summary);
+    let g = find(&r, "iface.gro");
+    assert!(g.summary.contains("GRO is off on the underlay (eth0)"), "{}", g.summary);
+    assert_eq!(g.evidence[0], "eth0: gro off");
+}
+
+#[test]
+fn rising_csum_errors_without_sas_are_a_warning_without_fix() {
+    let mut t = ns("n1");
+    t.csum_errors = Ok((0, 7));
+    let r = analyze(&facts(t));
+    let f = find(&r, "overlay.csum-errors");
+    assert_eq!((f.severity, f.fix.as_deref()), (Severity::Warning, None));
+    // Docker namespaces are sampled too, each on its own.
+    let mut t = ns("n1");
+    let mut d = ns("1-abc");
+    d.csum_errors = Ok((1, 3));
+    t.csum_errors = Ok((1, 1));
+    let mut fx = facts(t);
+    fx.docker.push(d);
+    let r = analyze(&fx);
+    let f = find(&r, "overlay.csum-errors");
+    assert!(f.summary.contains("1-abc"), "{}", f.summary);
+}
+
+#[test]
+fn seed_000_is_a_problem_with_a_guard_command() {
+    let (probe, flow) = seed_000();
+    let mut t = ns("/run/netns/h");
+    t.conntrack = Ok(vec![probe, flow]);
+    t.routes.insert(ip(REMOTE), "ext".into());
+    t.nat = parse_nft_ruleset(NFT).unwrap();
+    t.udp_listeners = BTreeSet::from([25010, 53]);
+    let r = analyze(&facts(t));
+    let m = find(&r, "guard.port-moved");
+    assert_eq!(m.severity, Severity::Problem);
+    assert_eq!(
+        m.evidence[..2],
+        [
+            "container flow 10.77.0.2:25000 -> 198.51.100.20:7000 left as 198.51.100.10:41061 (wanted port 25000)"
+                .to_owned(),
+            "port 25000 held by unsolicited entry udp 198.51.100.20:7000 -> 198.51.100.10:25000 [UNREPLIED], \
+             reply 198.51.100.10:25000 -> 198.51.100.20:7000, 29 s left"
+                .to_owned(),
+        ]
+    );
+    let want =
+        "natfix attach --iface ext --netns /run/netns/h --guard 25000-25999 --allow-port 25010 --allow-port 25500";
+    assert_eq!(m.fix.as_deref(), Some(want));
+    assert_eq!(find(&r, "guard.unsolicited").severity, Severity::Warning);
+    assert_eq!(find(&r, "guard.random-fully").severity, Severity::Warning);
+    let p = find(&r, "guard.published-ports");
+    assert!(
+        p.summary.contains("inside the suggested guard range 25000-25999"),
+        "{}",
+        p.summary
+    );
+    assert_eq!(r.count(Severity::Problem), 1);
+}
+
+#[test]
+fn unreadable_conntrack_is_reported_not_fatal() {
+    let mut t = ns("x");
+    t.conntrack = Err("permission denied".into());
+    let r = analyze(&facts(t));
+    let c = find(&r, "guard.collect");
+    assert_eq!(
+        (c.severity, c.evidence.as_slice()),
+        (Severity::Warning, ["permission denied".to_owned()].as_slice())
+    );
+    // No "nothing found" claims from data that was never read.
+    assert!(
+        !r.findings
+            .iter()
+            .any(|f| f.check == "guard.unsolicited" || f.check == "guard.port-moved")
+    );
+    assert!(
+        r.findings.iter().any(|f| f.check == "guard.random-fully"),
+        "rules were read"
+    );
+    let mut t = ns("x");
+    t.nat.errors.push("nftables: permission denied".into());
+    let r = analyze(&facts(t));
+    assert!(
+        !r.findings
+            .iter()
+            .any(|f| f.check == "guard.random-fully" || f.check == "guard.published-ports")
+    );
+    assert_eq!(find(&r, "guard.collect").evidence, ["nftables: permission denied"]);
+}
+
+#[test]
+fn json_follows_the_documented_schema() {
+    let (probe, flow) = seed_000();
+    let mut t = ns("h");
+    t.conntrack = Ok(vec![probe, flow]);
+    let r = analyze(&facts(t));
+    let v: Value = serde_json::to_value(&r).unwrap();
+    assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["findings"]);
+    for f in v["findings"].as_array().unwrap() {
+        let keys: BTreeSet<&str> = f.as_object().unwrap().keys().map(String::as_str).collect();
+        let want: BTreeSet<&str> = if f.get("fix").is_some() {
+            BTreeSet::from(["check", "severity", "summary", "evidence", "fix"])
+        } else {
+            BTreeSet::from(["check", "severity", "summary", "evidence"])
+        };
+        assert_eq!(keys, want, "{f}");
+        assert!(["info", "warning", "problem"].contains(&f["severity"].as_str().unwrap()));
+    }
+    let m = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "guard.port-moved")
+        .unwrap();
+    assert_eq!(m["severity"], "problem");
+    assert!(m["fix"].as_str().unwrap().contains("--guard 25000-25999"));
+    // Round trip: consumers can read it back.
+    let back: Report = serde_json::from_value(v).unwrap();
+    assert_eq!(back, r);
+}
+
+#[test]
+fn table_lists_evidence_and_fix_under_each_finding() {
+    let (probe, flow) = seed_000();
+    let mut t = ns("h");
+    t.conntrack = Ok(vec![probe, flow]);
+    let text = render_table(&analyze(&facts(t)));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("SEVERITY  CHECK"));
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with("problem   guard.port-moved"))
+        .expect(&text);
+    assert!(
+        lines[i + 1]
+            .trim_start()
+            .starts_with("- container flow 10.77.0.2:25000"),
+        "{text}"
+    );
+    assert!(
+        lines[i + 3]
+            .trim_start()
+            .starts_with("fix: natfix attach --iface <external-iface> --netns /run/netns/h --guard 25000-25999"),
+        "{text}"
+    );
+    assert!(text.ends_with("1 problem, 1 warning, 12 info\n"), "{text}");
+}
+
+#[test]
+fn long_evidence_is_cut_with_a_count() {
+    let f = Finding::new("x", Severity::Info, "s").evidence((0..100).map(|i| i.to_string()));
+    assert_eq!(f.evidence.len(), MAX_EVIDENCE);
+    assert_eq!(
+        f.evidence.last().unwrap(),
+        &format!("... and {} more", 100 - (MAX_EVIDENCE - 1))
+    );
+}
+
+const KFREE_FORMAT: &str = "name: kfree_skb\nID: 2310\nformat:\n\tfield:enum skb_drop_reason reason;\toffset:36;\tsize:4;\tsigned:0;\n\n\
+print fmt: \"skbaddr=%p rx_sk=%p protocol=%u location=%pS reason: %s\", REC->skbaddr, REC->rx_sk, REC->protocol, REC->location, \
+__print_symbolic(REC->reason, { 2, \"NOT_SPECIFIED\" }, { 3, \"NO_SOCKET\" }, { 11, \"UDP_CSUM\" }, { 128, \"MAX\" })";
+
+const TRACE: &str = "\
+# tracer: nop
+#
+#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION
+      <idle>-0       [001] ..s2.   100.000001: kfree_skb: skbaddr=0000000012345678 rx_sk=0000000000000000 protocol=2048 location=__udp4_lib_rcv+0x3c/0x80 reason: UDP_CSUM
+      <idle>-0       [001] ..s2.   100.000002: kfree_skb: skbaddr=0000000012345679 rx_sk=0000000000000000 protocol=2048 location=__udp4_lib_rcv+0x3c/0x80 reason: UDP_CSUM
+      <idle>-0       [000] ..s2.   100.000003: kfree_skb: skbaddr=000000001234567a rx_sk=0000000000000000 protocol=2048 location=ip_rcv+0x10/0x20 reason: NO_SOCKET
+";
+
+#[test]
+fn drop_reasons_parse_from_format_and_trace() {
+    let sym = parse_reason_symbols(KFREE_FORMAT);
+    assert_eq!(sym.get(&11).map(String::as_str), Some("UDP_CSUM"));
+    assert_eq!(sym.len(), 4);
+    assert!(parse_reason_symbols("print fmt: \"no reasons\"").is_empty());
+    assert_eq!(
+        count_trace_reasons(TRACE),
+        vec![("UDP_CSUM".into(), 2), ("NO_SOCKET".into(), 1)]
+    );
+    let f = drops_finding(&DropSample::Counts(count_trace_reasons(TRACE)), Duration::from_secs(2));
+    assert_eq!(f.severity, Severity::Warning);
+    assert!(
+        f.summary.contains("dropped 2 packets for a bad UDP checksum"),
+        "{}",
+        f.summary
+    );
+    assert_eq!(f.evidence[1], "UDP_CSUM: 2 (UDP receive path)");
+}

@@ -1,0 +1,9 @@
+//! The host and kernel as natfix finds them: privileges and kernel features,
+//! network namespaces, interfaces, ethtool settings, and the `nft` tool.
+//! Thin wrappers: no policy lives here.
+
+pub mod ethtool;
+pub mod features;
+pub mod iface;
+pub mod netns;
+pub mod nft;

@@ -1,0 +1,113 @@
+//! natfix as its users run it: the binary, a foreground `natfix attach`,
+//! and what `natfix stats` reports.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+
+/// The natfix binary under test: $NATFIX_BIN, else the workspace's debug build.
+#[must_use]
+pub fn natfix_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATFIX_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/natfix");
+    assert!(p.exists(), "{} missing: run `cargo build -p natfix` first (cargo xtask test does)", p.display());
+    p
+}
+
+pub fn natfix(args: &[&str]) -> Output {
+    Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn").output().expect("run natfix")
+}
+
+/// Detaches a pinned attachment when dropped, so a failed assertion does not
+/// leave its pin for a later namespace that gets the same inode.
+pub struct DetachOnDrop<'a> {
+    pub iface: &'a str,
+    pub netns: &'a str,
+}
+
+impl Drop for DetachOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = natfix(&["detach", "--iface", self.iface, "--netns", self.netns]);
+    }
+}
+
+/// A running `natfix attach`, killed on drop if still alive.
+pub struct Daemon {
+    pub child: Child,
+}
+
+impl Daemon {
+    /// Starts `natfix attach <args>` and waits until its record shows up in `natfix status`.
+    pub fn start(args: &[&str]) -> Result<Self> {
+        let child = Command::new(natfix_bin())
+            .arg("attach")
+            .args(args)
+            .env("NATFIX_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let pid = child.id();
+        let mut d = Self { child };
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Some(status) = d.child.try_wait()? {
+                let mut err = String::new();
+                use std::io::Read as _;
+                d.child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+                bail!("natfix attach exited early ({status}): {err}");
+            }
+            let st = natfix(&["status", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+            if v["attachments"].as_array().is_some_and(|a| a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid)))) {
+                return Ok(d);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("natfix attach did not come up within 20 s")
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus> {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > end {
+                bail!("natfix attach ignored SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Counter value from `natfix stats --json` for (namespace, iface, reason) of program `prog`.
+pub fn stat(netns: &str, iface: &str, prog: &str, reason: &str) -> u64 {
+    let out = natfix(&["stats", "--json", "--netns", netns, "--iface", iface]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["iface"] == iface)
+        .flat_map(|a| a["counters"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["program"] == prog && c["reason"] == reason)
+        .and_then(|c| c["packets"].as_u64())
+        .unwrap_or(0)
+}
