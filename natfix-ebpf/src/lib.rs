@@ -18,18 +18,19 @@ pub mod objects {
     pub static OVERLAY: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/overlay.bpf.o"));
 }
 
-/// The test rig's programs (feature `rig`): never part of the product.
+/// The test rig's programs (feature `rig`): never part of the product, and
+/// named `rig_*` so that nothing takes them for natfix's.
 #[cfg(feature = "rig")]
 pub mod rig {
-    /// Empty `natfix_empty_xdp`/`natfix_empty_tc` (benchmark baselines), the
-    /// flood generator `natfix_gen_xdp`, and the counting sinks
-    /// `natfix_drop_xdp`/`natfix_count_pass_xdp`.
+    /// Empty `rig_empty_xdp`/`rig_empty_tc` (benchmark baselines), the
+    /// flood generator `rig_gen_xdp`, and the counting sinks
+    /// `rig_drop_xdp`/`rig_count_pass_xdp`.
     pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rig.bpf.o"));
-    pub const EMPTY_XDP: &str = "natfix_empty_xdp";
-    pub const EMPTY_TC: &str = "natfix_empty_tc";
-    pub const GEN_XDP: &str = "natfix_gen_xdp";
-    pub const DROP_XDP: &str = "natfix_drop_xdp";
-    pub const COUNT_PASS_XDP: &str = "natfix_count_pass_xdp";
+    pub const EMPTY_XDP: &str = "rig_empty_xdp";
+    pub const EMPTY_TC: &str = "rig_empty_tc";
+    pub const GEN_XDP: &str = "rig_gen_xdp";
+    pub const DROP_XDP: &str = "rig_drop_xdp";
+    pub const COUNT_PASS_XDP: &str = "rig_count_pass_xdp";
 }
 
 /// Program names (C function names) as aya looks them up.
@@ -40,11 +41,6 @@ pub mod programs {
     pub const OVERLAY_TC: &str = "natfix_overlay_tc";
     pub const OVERLAY_WRITE: &str = "natfix_overlay_write";
     pub const OVERLAY_WRITE_V4_ZERO: &str = "natfix_overlay_write_v4z";
-    pub const EMPTY_XDP: &str = "natfix_empty_xdp";
-    pub const EMPTY_TC: &str = "natfix_empty_tc";
-    pub const GEN_XDP: &str = "natfix_gen_xdp";
-    pub const DROP_XDP: &str = "natfix_drop_xdp";
-    pub const COUNT_PASS_XDP: &str = "natfix_count_pass_xdp";
 }
 
 /// Map and global names as they appear in the objects.

@@ -7,13 +7,13 @@
 #include "natfix_common.h"
 
 SEC("xdp")
-int natfix_empty_xdp(struct xdp_md *ctx)
+int rig_empty_xdp(struct xdp_md *ctx)
 {
 	return XDP_PASS;
 }
 
 SEC("classifier")
-int natfix_empty_tc(struct __sk_buff *skb)
+int rig_empty_tc(struct __sk_buff *skb)
 {
 	return NATFIX_TC_NEXT;
 }

@@ -9,7 +9,7 @@
 #include "natfix_common.h"
 
 SEC("xdp")
-int natfix_gen_xdp(struct xdp_md *ctx)
+int rig_gen_xdp(struct xdp_md *ctx)
 {
 	return XDP_TX;
 }
@@ -35,14 +35,14 @@ static __always_inline void bench_count(void *map)
 }
 
 SEC("xdp")
-int natfix_drop_xdp(struct xdp_md *ctx)
+int rig_drop_xdp(struct xdp_md *ctx)
 {
 	bench_count(&natfix_bench_drops);
 	return XDP_DROP;
 }
 
 SEC("xdp")
-int natfix_count_pass_xdp(struct xdp_md *ctx)
+int rig_count_pass_xdp(struct xdp_md *ctx)
 {
 	bench_count(&natfix_bench_passes);
 	return XDP_PASS;

@@ -41,6 +41,10 @@ pub struct AttachmentMeta {
     pub overlay: Option<OverlayMeta>,
     /// natfix added the clsact qdisc (kernels without tcx) and must remove it.
     pub created_clsact: bool,
+    /// Tells this attachment from earlier and later ones on the same
+    /// interface (random, set at attach); empty in records of natfix < 0.2.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
 }
 
 /// natfix's eBPF programs, by the C function names records carry.
@@ -134,6 +138,9 @@ pub struct ProgramMeta {
     pub hook: Hook,
     pub mode: AttachMode,
     pub prog_id: u32,
+    /// The bpf_link that attaches it (XDP and tcx); None for clsact filters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -216,13 +223,26 @@ impl AttachmentMeta {
     }
 }
 
-fn process_alive(pid: u32) -> bool {
+/// Whether process `pid` exists.
+#[must_use]
+pub fn process_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else { return false };
     // Signal 0 checks existence; EPERM still means it exists.
     match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
         Ok(()) | Err(nix::errno::Errno::EPERM) => true,
         Err(_) => false,
     }
+}
+
+/// A new attachment id: 64 random bits in hex.
+#[must_use]
+pub fn new_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness per instance.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    format!("{:016x}", h.finish())
 }
 
 #[must_use]

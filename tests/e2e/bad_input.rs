@@ -125,11 +125,12 @@ fn failed_attach_rolls_back_what_it_did() {
     let host = scratch_ns("rb");
     let peer = scratch_ns("rbp");
     veth(&host, "gr0", "10.64.0.1/24", &peer, "gs0", "10.64.0.2/24").unwrap();
-    // Another XDP program owns gr0 (native): natfix's tc egress attaches first, then XDP fails.
+    // Another XDP program owns gr0 (native): natfix's tc egress attaches
+    // first, then XDP fails: a conflict (exit 6), and the egress link goes.
     let blocker = host
         .run(|| {
             let mut ebpf = aya::Ebpf::load(natfix_ebpf::rig::OBJECT)?;
-            let prog: &mut Xdp = ebpf.program_mut("natfix_empty_xdp").unwrap().try_into()?;
+            let prog: &mut Xdp = ebpf.program_mut(natfix_ebpf::rig::EMPTY_XDP).unwrap().try_into()?;
             prog.load()?;
             prog.attach("gr0", XdpMode::Driver)?;
             Ok(ebpf)
@@ -137,8 +138,8 @@ fn failed_attach_rolls_back_what_it_did() {
         .unwrap();
     let c = case(
         &format!("attach --iface gr0 --netns {} --guard 20000-30000 --flow-source own --xdp-mode native", host.name),
-        1,
-        "cannot attach natfix_guard_xdp",
+        6,
+        "another XDP program holds gr0",
     );
     check(&mut std::process::Command::new(natfix_bin()), &c);
     assert!(tcx_prog_ids(&host, "gr0", TcAttachType::Egress).unwrap().is_empty(), "egress link rolled back");

@@ -64,7 +64,7 @@ impl Daemon {
             }
             let st = natfix(&["status", "--json"]);
             let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
-            if v["attachments"].as_array().is_some_and(|a| a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid)))) {
+            if v["attachments"].as_array().is_some_and(|a| a.iter().any(|x| x["pid"].as_u64() == Some(u64::from(pid)) && x["state"] == "running")) {
                 return Ok(d);
             }
             std::thread::sleep(Duration::from_millis(100));

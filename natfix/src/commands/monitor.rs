@@ -14,13 +14,10 @@ pub fn run(iface: Option<&IfaceName>, netns: Option<&str>, json: bool, count: Op
     features::require_privileges(false)?;
     pins::require_bpffs()?;
     let netns_inode = netns.map(|spec| Netns::resolve(Some(spec)).map(|ns| ns.inode)).transpose()?;
-    let dirs: Vec<PinDir> = PinDir::list_all()
+    let dirs: Vec<PinDir> = pins::attachments()?
         .into_iter()
-        .filter(|d| {
-            d.read_meta().is_ok_and(|m| {
-                iface.is_none_or(|i| i.as_str() == m.iface) && netns_inode.is_none_or(|n| n == m.netns_inode)
-            })
-        })
+        .filter(|(_, m)| iface.is_none_or(|i| i.as_str() == m.iface) && netns_inode.is_none_or(|n| n == m.netns_inode))
+        .map(|(d, _)| d)
         .collect();
     if dirs.is_empty() {
         bail!(UserError::NotFound("no natfix attachment matches (see `natfix status`)".into()));

@@ -1,15 +1,16 @@
-//! Attaching: loads the planned objects, pins their maps, attaches each
-//! program where the plan says, installs the overlay's host changes, and
-//! writes the record. A failure at any step undoes what this attach made.
+//! Attaching: under the namespace's lock, settles what an earlier
+//! attachment on the interface left, refuses hooks another natfix holds,
+//! then builds the attachment in a staging directory (its record kept as a
+//! journal of every change made so far), and publishes it by one rename.
+//! A failure at any step undoes what this attach made, and only that.
 
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
         links::FdLink,
-        tc::{SchedClassifierLinkId, qdisc_add_clsact},
-        xdp::XdpLinkId,
+        tc::{NlOptions, SchedClassifierLink, TcAttachOptions, qdisc_add_clsact},
     },
 };
 use natfix_ebpf::maps as map_names;
@@ -23,18 +24,26 @@ use super::{
 use crate::{
     config::{CsumBackend, GuardHook, IfaceName, IfaceSel, ResolvedFlowSource, XdpMode},
     error::UserError,
+    observe::state,
     overlay,
-    pins::{self, PinDir},
+    pins::{self, ChangeLock, PinDir},
     record::{self, AttachMode, AttachmentMeta, Hook, OverlayChanges, Program, ProgramMeta},
-    sys::{features, iface, netns::Netns},
+    sys::{features, hooks, iface, netns::Netns},
 };
 
-pub(super) enum LinkRef {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
+/// The cls_bpf priority of natfix's filters on clsact (kernels < 6.6): 1 runs first.
+const CLSACT_PRIORITY: u16 = 1;
+
+/// A link this process owns: closing (dropping) it detaches the program,
+/// unless the link was pinned.
+pub(super) enum OwnedLink {
+    /// XDP and tcx bpf_links.
+    Fd(FdLink),
+    /// A cls_bpf filter on clsact (kernels < 6.6).
+    Clsact(SchedClassifierLink),
 }
 
-/// A live attachment: the loaded objects own the links; dropping them detaches.
+/// A live attachment: dropping it detaches what it owns.
 pub struct Attachment {
     pub netns: Netns,
     pub iface: IfaceName,
@@ -42,7 +51,7 @@ pub struct Attachment {
     pub meta: AttachmentMeta,
     pub(super) guard: Option<Ebpf>,
     pub(super) overlay: Option<Ebpf>,
-    pub(super) links: Vec<(Program, LinkRef)>,
+    pub(super) links: Vec<(Program, OwnedLink)>,
     /// Conntrack events subscribed before the own flow table was seeded; the
     /// foreground command follows them (`FlowSync::follow`).
     pub ct_events: Option<crate::conntrack::CtEventStream>,
@@ -75,51 +84,29 @@ fn resolve_iface(sel: &IfaceSel, netns: &Netns) -> Result<IfaceName> {
 fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
     let iface = resolve_iface(&plan.iface, &plan.netns)?;
     let ifindex = iface::index(&iface, &plan.netns.spec)?;
-    let pin_dir = PinDir::new(plan.netns.inode, &iface);
+    let lock = ChangeLock::acquire()?;
+    teardown::sweep_staging_here(plan.netns.inode);
+    let final_dir = PinDir::new(plan.netns.inode, &iface);
     let cookie = crate::sys::netns::current_cookie();
-    if pin_dir.meta_path().exists() {
-        match pin_dir.read_meta() {
-            Ok(gone) if !gone.written_in(cookie) => teardown::forget_gone_namespace(&pin_dir, &gone)?,
-            Ok(old) if old.pinned && plan.replace => {
-                if let Some(o) = plan.overlay.as_mut() {
-                    o.resolve_backend_as(old.has_program(Program::OverlayTc));
-                }
-                if let Some(g) = plan.guard.as_mut() {
-                    g.resolve_hook_as(old.has_program(Program::GuardTc));
-                }
-                return super::upgrade::upgrade_here(&plan, iface, pin_dir, &old, ifindex);
-            }
-            Ok(old) if old.is_live() => bail!(UserError::Conflict(format!(
-                "natfix is already attached to {iface} in namespace `{}` ({}); run `natfix detach --iface {iface}{}` first",
-                plan.netns.spec,
-                old.pid.map_or_else(|| "pinned".to_owned(), |p| format!("owned by pid {p}")),
-                old.netns_flag(),
-            ))),
-            Ok(stale) => {
-                info!("cleaning up after an attachment whose process is gone: {}", pin_dir.path.display());
-                teardown::remove_recorded_here(&pin_dir, &stale)?;
-            }
-            Err(_) => pin_dir.remove()?,
+    if let Some(old) = settle_existing(&plan, &iface, &final_dir, cookie)? {
+        if let Some(o) = plan.overlay.as_mut() {
+            o.resolve_backend_as(old.has_program(Program::OverlayTc));
         }
+        if let Some(g) = plan.guard.as_mut() {
+            g.resolve_hook_as(old.has_program(Program::GuardTc));
+        }
+        return super::upgrade::upgrade_here(&plan, iface, final_dir, &old, ifindex);
     }
+    refuse_foreign_programs(&iface, ifindex)?;
     if let Some(o) = plan.overlay.as_mut() {
         o.resolve_backend(overlay::has_global_ipv6(iface.as_str()));
     }
+    let staging = PinDir::staging(plan.netns.inode, &iface);
     let meta = new_record(&plan, &iface, ifindex, cookie, None);
-    let mut att = Attachment::load(&plan, iface, pin_dir, meta, None)?;
-    let result = (|| {
-        // Maps first: the own flow table is seeded through its pin before the guard attaches.
-        att.pin_maps()?;
-        if let Some(guard) = &plan.guard {
-            att.attach_guard(guard, plan.events_per_sec)?;
-        }
-        if let Some(overlay) = &plan.overlay {
-            att.attach_overlay(overlay)?;
-        }
-        att.publish(plan.pin)
-    })();
-    match result {
+    let mut att = Attachment::load(&plan, iface, staging, meta, None)?;
+    match att.build(&plan, &final_dir) {
         Ok(()) => {
+            drop(lock);
             att.log_attached(plan.guard.as_ref());
             Ok(att)
         }
@@ -128,6 +115,60 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
             Err(e)
         }
     }
+}
+
+/// Decides what an existing record on the interface means for this attach:
+/// `Some(old)` to upgrade it in place (`--replace`); None to attach anew
+/// (after releasing what the record held, where nothing of it works any
+/// more); a conflict while it still protects the interface.
+fn settle_existing(plan: &AttachPlan, iface: &IfaceName, dir: &PinDir, cookie: Option<u64>) -> Result<Option<AttachmentMeta>> {
+    if !dir.path.exists() {
+        return Ok(None);
+    }
+    let old = match dir.read_meta() {
+        Ok(old) => old,
+        Err(e) => {
+            warn!("{e:#}: removing what the unreadable record's directory holds");
+            teardown::remove_unrecorded_here(dir);
+            return Ok(None);
+        }
+    };
+    if !old.written_in(cookie) {
+        teardown::forget_gone_namespace(dir, &old)?;
+        return Ok(None);
+    }
+    let kernel = state::check_here(&old);
+    let effective = kernel.state.is_effective();
+    if effective && old.pinned && plan.replace {
+        return Ok(Some(old));
+    }
+    if effective && old.is_live() {
+        bail!(UserError::Conflict(format!(
+            "natfix is already attached to {iface} in namespace `{}` ({}); run `natfix detach --iface {iface}{}` first",
+            plan.netns.spec,
+            old.pid.map_or_else(|| "pinned".to_owned(), |p| format!("owned by pid {p}")),
+            old.netns_flag(),
+        )));
+    }
+    let why = if old.is_live() { kernel.problems.join("; ") } else { "its process is gone".to_owned() };
+    info!("releasing the earlier attachment on {iface} ({why})");
+    teardown::remove_recorded_here(dir, &old)?;
+    Ok(None)
+}
+
+/// natfix programs on the interface that no record here has belong to
+/// another natfix (one with its own bpffs, e.g. a container started without
+/// `-v /sys/fs/bpf:/sys/fs/bpf`): attaching beside them would run two guards.
+fn refuse_foreign_programs(iface: &IfaceName, ifindex: u32) -> Result<()> {
+    let view = hooks::view(ifindex)?;
+    let foreign: Vec<String> = view.natfix_progs().map(|p| format!("{} (prog id {})", p.name, p.prog_id)).collect();
+    if !foreign.is_empty() {
+        bail!(UserError::Conflict(format!(
+            "natfix programs are already on {iface}'s hooks but no record in this bpffs has them: {}; another natfix (with its own bpffs?) holds {iface}: detach it there",
+            foreign.join(", ")
+        )));
+    }
+    Ok(())
 }
 
 /// The record of an attachment made from `plan`; an upgrade (`old`) keeps
@@ -155,6 +196,7 @@ pub(super) fn new_record(
         guard: plan.guard.as_ref().map(GuardPlan::meta),
         overlay: plan.overlay.as_ref().map(|o| o.meta(changes)),
         created_clsact: old.is_some_and(|m| m.created_clsact),
+        id: old.map_or_else(record::new_id, |m| m.id.clone()),
     }
 }
 
@@ -170,6 +212,27 @@ impl Attachment {
             .map(|o| object::load_overlay_object_for(o, iface.as_str(), plan.events_per_sec, reuse))
             .transpose()?;
         Ok(Self { netns: plan.netns.clone(), iface, pin_dir, meta, guard, overlay, links: Vec::new(), ct_events: None })
+    }
+
+    /// Everything an attach does after loading, in the staging directory,
+    /// ending with the rename to `final_dir`.
+    fn build(&mut self, plan: &AttachPlan, final_dir: &PinDir) -> Result<()> {
+        // Maps first: the own flow table is seeded through its pin before the guard attaches.
+        self.pin_maps()?;
+        self.journal()?;
+        if let Some(guard) = &plan.guard {
+            self.attach_guard(guard, plan.events_per_sec)?;
+        }
+        if let Some(overlay) = &plan.overlay {
+            self.attach_overlay(overlay)?;
+        }
+        self.publish(plan.pin, final_dir)
+    }
+
+    /// Writes the record as it stands (in the staging directory: the journal
+    /// a sweep undoes after a crash).
+    fn journal(&self) -> Result<()> {
+        self.pin_dir.write_meta(&self.meta)
     }
 
     fn log_attached(&self, guard: Option<&GuardPlan>) {
@@ -192,7 +255,7 @@ impl Attachment {
         match qdisc_add_clsact(self.iface.as_str()) {
             Ok(()) => {
                 self.meta.created_clsact = true;
-                Ok(())
+                self.journal()
             }
             Err(e) if matches!(&e, aya::programs::tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST)) => Ok(()),
             Err(e) => Err(e).context("cannot add the clsact qdisc"),
@@ -203,33 +266,65 @@ impl Attachment {
         if program.is_overlay() { self.overlay.as_mut() } else { self.guard.as_mut() }.context("object not loaded")
     }
 
+    /// Takes ownership of a new link, records it, and journals.
+    fn keep_link(&mut self, program: Program, hook: Hook, mode: AttachMode, prog_id: u32, link: OwnedLink) -> Result<()> {
+        let link_id = match &link {
+            OwnedLink::Fd(fd) => Some(fd.info().context("cannot read the new link's info")?.id()),
+            OwnedLink::Clsact(_) => None,
+        };
+        self.links.push((program, link));
+        self.meta.programs.push(ProgramMeta { name: program, hook, mode, prog_id, link_id });
+        self.journal()
+    }
+
+    /// Attaches a tc program first in its hook's chain (tcx) or at natfix's
+    /// cls_bpf priority (clsact): programs added earlier cannot decide a
+    /// packet before natfix sees it.
     fn attach_tc(&mut self, program: Program, hook: Hook) -> Result<()> {
         self.ensure_clsact()?;
         let iface = self.iface.clone();
         let attach_type = if hook == Hook::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+        let tcx = features::has_tcx();
+        let options = if tcx {
+            TcAttachOptions::TcxOrder(LinkOrder::first())
+        } else {
+            TcAttachOptions::Netlink(NlOptions { priority: CLSACT_PRIORITY, ..NlOptions::default() })
+        };
         let prog = load_program::<SchedClassifier>(self.object(program)?, program.c_name())?;
         let id = prog
-            .attach(iface.as_str(), attach_type)
+            .attach_with_options(iface.as_str(), attach_type, options)
             .with_context(|| format!("cannot attach {program} to tc {attach_type:?} of {iface}"))?;
         let prog_id = prog.info()?.id();
-        self.links.push((program, LinkRef::Tc(id)));
-        let mode = if features::has_tcx() { AttachMode::Tcx } else { AttachMode::Clsact };
-        self.meta.programs.push(ProgramMeta { name: program, hook, mode, prog_id });
-        Ok(())
+        let link = prog.take_link(id)?;
+        let (mode, link) = if tcx {
+            (AttachMode::Tcx, OwnedLink::Fd(link.try_into().context("tcx link")?))
+        } else {
+            (AttachMode::Clsact, OwnedLink::Clsact(link))
+        };
+        self.keep_link(program, hook, mode, prog_id, link)
     }
 
-    /// Attaches the XDP guard in `mode` (native or generic).
+    /// Attaches the XDP guard in `mode` (native or generic); another XDP
+    /// program on the device is a conflict (exit 6).
     fn attach_xdp(&mut self, mode: AttachMode) -> Result<()> {
         let iface = self.iface.clone();
         let flags = if mode == AttachMode::Native { AyaXdpMode::Driver } else { AyaXdpMode::Skb };
         let prog = load_program::<Xdp>(self.object(Program::GuardXdp)?, Program::GuardXdp.c_name())?;
-        let id = prog
-            .attach(iface.as_str(), flags)
-            .with_context(|| format!("cannot attach {} to {} XDP of {iface}", Program::GuardXdp, mode.name()))?;
+        let id = match prog.attach(iface.as_str(), flags) {
+            Ok(id) => id,
+            Err(ProgramError::SyscallError(e)) if matches!(e.io_error.raw_os_error(), Some(libc::EBUSY | libc::EEXIST)) => {
+                bail!(UserError::Conflict(format!(
+                    "another XDP program holds {iface} (`ip link show {iface}`); natfix's guard cannot attach there: detach it, or use --guard-hook tc"
+                )))
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot attach {} to {} XDP of {iface}", Program::GuardXdp, mode.name())),
+        };
         let prog_id = prog.info()?.id();
-        self.links.push((Program::GuardXdp, LinkRef::Xdp(id)));
-        self.meta.programs.push(ProgramMeta { name: Program::GuardXdp, hook: Hook::Xdp, mode, prog_id });
-        Ok(())
+        let link: Result<FdLink, _> = prog.take_link(id)?.try_into();
+        let link = link.map_err(|e| {
+            anyhow::Error::from(UserError::Unsupported(format!("natfix needs XDP bpf_links (Linux >= 5.9); this kernel attached XDP without one ({e})")))
+        })?;
+        self.keep_link(Program::GuardXdp, Hook::Xdp, mode, prog_id, OwnedLink::Fd(link))
     }
 
     /// The guard's ingress program where `plan` says. `--xdp-mode auto`
@@ -245,6 +340,9 @@ impl Attachment {
         match (plan.hook, plan.xdp_mode) {
             (GuardHook::Tc, _) => self.attach_tc(Program::GuardTc, Hook::TcIngress),
             (GuardHook::Xdp, XdpMode::Native) => self.attach_xdp(AttachMode::Native).map_err(|e| {
+                if crate::error::exit_code(&e) == 6 {
+                    return e;
+                }
                 e.context(format!(
                     "native XDP is not available on {iface} ({why_not_native}); use --xdp-mode auto (tc ingress where native XDP is missing) or --guard-hook tc"
                 ))
@@ -254,7 +352,6 @@ impl Attachment {
                     "generic XDP on {iface} turns GRO off on it (every TCP segment climbs the stack alone, and the overlay fix's tc program loses the ESP GRO path it needs); --guard-hook tc costs less"
                 );
                 self.attach_xdp(AttachMode::Generic)
-                    .map_err(|e| e.context(format!("another XDP program may hold {iface} (`ip link show {iface}`)")))
             }
             (GuardHook::Xdp, XdpMode::Auto) => match self.attach_xdp(AttachMode::Native) {
                 Ok(()) => Ok(()),
@@ -287,20 +384,11 @@ impl Attachment {
     }
 
     /// The tc program (with the ESP GRO path it needs) and/or the nft table.
+    /// Each host change is journaled before it is made, so a crash leaves a
+    /// record that undoes it.
     fn attach_overlay(&mut self, plan: &OverlayPlan) -> Result<()> {
-        let mut changes = OverlayChanges::default();
-        let result = self.install_overlay(plan, &mut changes);
-        // Recorded even on failure, so the rollback undoes what was done.
-        if let Some(meta) = self.meta.overlay.as_mut() {
-            meta.changes = changes;
-        }
-        result
-    }
-
-    fn install_overlay(&mut self, plan: &OverlayPlan, changes: &mut OverlayChanges) -> Result<()> {
         if plan.backend.uses_tc() {
-            let gro_path =
-                overlay::esp::load_offload_modules(changes).and_then(|()| overlay::esp::enable_gro(self.iface.as_str(), changes));
+            let gro_path = self.prepare_gro_path();
             match (gro_path, plan.backend) {
                 (Ok(()), _) => {}
                 (Err(e), CsumBackend::Tc) => return Err(e.context(UserError::Unsupported("the tc backend needs the ESP GRO path".into()))),
@@ -310,9 +398,39 @@ impl Attachment {
             self.attach_tc(Program::OverlayTc, Hook::TcIngress)?;
         }
         if plan.backend.uses_nft() {
-            overlay::nft::install(self.meta.ifindex, self.iface.as_str(), &plan.ports, plan.reqid, changes)?;
+            let table = overlay::nft::table_name(self.meta.ifindex);
+            self.change_overlay(|c| c.nft_table = Some(table))?;
+            let mut changes = self.overlay_changes();
+            overlay::nft::install(self.meta.ifindex, self.iface.as_str(), &plan.ports, plan.reqid, &mut changes)?;
         }
         Ok(())
+    }
+
+    /// `esp4_offload`/`esp6_offload` loaded and GRO on: the path on which
+    /// decrypted packets reach tc.
+    fn prepare_gro_path(&mut self) -> Result<()> {
+        let missing = overlay::esp::missing_offload_modules();
+        self.change_overlay(|c| c.loaded_modules.clone_from(&missing))?;
+        let loaded = overlay::esp::load_offload_modules(&missing);
+        self.change_overlay(|c| c.loaded_modules = loaded.as_ref().map_or_else(|(l, _)| l.clone(), Clone::clone))?;
+        loaded.map_err(|(_, e)| e)?;
+        if !overlay::esp::gro_on(self.iface.as_str())? {
+            self.change_overlay(|c| c.enabled_gro = true)?;
+            overlay::esp::enable_gro(self.iface.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn overlay_changes(&self) -> OverlayChanges {
+        self.meta.overlay.as_ref().map(|o| o.changes.clone()).unwrap_or_default()
+    }
+
+    /// Records (and journals) a host change before it is made.
+    fn change_overlay(&mut self, change: impl FnOnce(&mut OverlayChanges)) -> Result<()> {
+        if let Some(o) = self.meta.overlay.as_mut() {
+            change(&mut o.changes);
+        }
+        self.journal()
     }
 
     /// Pins the maps, so that other natfix commands (and an upgrade) find them.
@@ -338,60 +456,51 @@ impl Attachment {
         Ok(())
     }
 
-    /// Pins the links (with --pin) and writes the record.
-    fn publish(&mut self, pin_links: bool) -> Result<()> {
+    /// Pins the links (with --pin), writes the final record, and moves the
+    /// staging directory into place.
+    fn publish(&mut self, pin_links: bool, final_dir: &PinDir) -> Result<()> {
         if pin_links {
             for (program, link) in std::mem::take(&mut self.links) {
-                // None: a clsact filter (kernel < 6.6) stays attached by itself.
-                if let Some(fd_link) = self.take_fd_link(program, link)? {
-                    let path = self.pin_dir.link(program);
-                    fd_link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+                match link {
+                    OwnedLink::Fd(fd_link) => {
+                        let path = self.pin_dir.link(program);
+                        fd_link.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+                    }
+                    // Dropping a netlink link would delete the filter: a clsact
+                    // filter outlives natfix by itself (detach removes it by name).
+                    OwnedLink::Clsact(link) => std::mem::forget(link),
                 }
             }
         }
-        self.pin_dir.write_meta(&self.meta)
+        self.journal()?;
+        self.pin_dir.publish(final_dir)?;
+        self.pin_dir = final_dir.clone();
+        Ok(())
     }
 
-    /// The link as a pinnable fd; None for a clsact filter, which outlives
-    /// natfix without a pin (detach removes it by name).
-    fn take_fd_link(&mut self, program: Program, link: LinkRef) -> Result<Option<FdLink>> {
-        let prog = self.object(program)?.program_mut(program.c_name()).context("program vanished")?;
-        match link {
-            LinkRef::Xdp(id) => {
-                let prog: &mut Xdp = prog.try_into()?;
-                let fd_link: Result<FdLink, _> = prog.take_link(id)?.try_into();
-                fd_link.map(Some).map_err(|e| {
-                    anyhow::Error::from(UserError::Unsupported(format!(
-                        "--pin needs XDP bpf_links (Linux >= 5.9); this kernel attached {program} without one ({e})"
-                    )))
-                })
-            }
-            LinkRef::Tc(id) => {
-                let prog: &mut SchedClassifier = prog.try_into()?;
-                let link = prog.take_link(id)?;
-                if features::has_tcx() {
-                    let fd_link: FdLink = link.try_into().context("tcx link")?;
-                    return Ok(Some(fd_link));
-                }
-                // Dropping a netlink link would delete the filter: keep it in the kernel.
-                std::mem::forget(link);
-                Ok(None)
-            }
-        }
-    }
-
-    /// Detaches, unpins, and removes what natfix created. Runs in the namespace.
+    /// Detaches, unpins, and removes what this attachment made; runs in its
+    /// namespace, under its lock. Pins published since by another attachment
+    /// on the interface (another id) are left alone.
     pub fn detach(self) -> Result<()> {
         let netns = self.netns.clone();
         netns.run(move || {
-            self.teardown_here();
+            let _lock = ChangeLock::acquire()?;
+            match self.pin_dir.read_meta() {
+                Ok(now) if now.id != self.meta.id => {
+                    warn!("{} now holds another attachment's record: leaving it", self.pin_dir.path.display());
+                    let Self { guard, overlay, links, .. } = self;
+                    drop((links, guard, overlay));
+                }
+                _ => self.teardown_here(),
+            }
             Ok(())
         })
     }
 
     pub(super) fn teardown_here(self) {
-        let Self { guard, overlay, pin_dir, meta, .. } = self;
+        let Self { guard, overlay, pin_dir, meta, links, .. } = self;
         // Closing the link fds makes the kernel detach tcx and XDP links.
+        drop(links);
         drop(guard);
         drop(overlay);
         if let Err(e) = pin_dir.remove() {

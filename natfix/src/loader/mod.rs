@@ -13,4 +13,4 @@ mod upgrade;
 
 pub use attach::{Attachment, attach};
 pub use plan::{AttachPlan, GuardPlan, OverlayPlan};
-pub use teardown::detach_recorded;
+pub use teardown::{detach_recorded, detach_unrecorded};

@@ -1,5 +1,7 @@
 //! Removing attachments: what a record says natfix made (links, clsact
-//! filters, pins, host changes) is undone in the attachment's namespace.
+//! filters, pins, host changes) is undone in the attachment's namespace;
+//! staging left by dead processes, and directories whose record cannot be
+//! read, are cleared of what can be found.
 
 use anyhow::{Context, Result};
 use aya::programs::{TcAttachType, links::PinnedLink};
@@ -7,16 +9,32 @@ use tracing::{info, warn};
 
 use crate::{
     overlay,
-    pins::PinDir,
+    pins::{self, Entry, ChangeLock, PinDir},
     record::{AttachMode, AttachmentMeta, Hook},
-    sys::netns::Netns,
+    sys::{iface, netns::Netns},
 };
 
-/// Removes a pinned attachment (or one whose foreground owner died).
+/// Removes a pinned attachment (or one whose foreground owner died), under
+/// the namespace's lock.
 pub fn detach_recorded(pin_dir: &PinDir, meta: &AttachmentMeta, netns: &Netns) -> Result<()> {
     let dir = pin_dir.clone();
     let meta = meta.clone();
-    netns.run(move || remove_recorded_here(&dir, &meta))
+    let inode = netns.inode;
+    netns.run(move || {
+        let _lock = ChangeLock::acquire()?;
+        sweep_staging_here(inode);
+        remove_recorded_here(&dir, &meta)
+    })
+}
+
+/// Removes a directory whose record cannot be read, in namespace `netns`.
+pub fn detach_unrecorded(pin_dir: &PinDir, netns: &Netns) -> Result<()> {
+    let dir = pin_dir.clone();
+    netns.run(move || {
+        let _lock = ChangeLock::acquire()?;
+        remove_unrecorded_here(&dir);
+        Ok(())
+    })
 }
 
 /// Drops the record of an attachment whose namespace is gone (this one got
@@ -52,6 +70,54 @@ pub(super) fn remove_recorded_here(dir: &PinDir, meta: &AttachmentMeta) -> Resul
     dir.remove()?;
     undo_host_changes(meta);
     Ok(())
+}
+
+/// Clears a directory without a readable record: unpins every link in it
+/// (detaching them), removes its pins, and the overlay fix's nftables table
+/// of its interface if there is one. GRO and modules it may have changed
+/// cannot be known, and are said so.
+pub(super) fn remove_unrecorded_here(dir: &PinDir) {
+    for entry in std::fs::read_dir(&dir.path).into_iter().flatten().flatten() {
+        let is_link = entry.file_name().to_str().is_some_and(|n| n.starts_with("link_"));
+        if is_link && let Ok(link) = PinnedLink::from_pin(entry.path()) {
+            drop(link.unpin());
+        }
+    }
+    if let Err(e) = dir.remove() {
+        warn!("cannot remove {}: {e:#}", dir.path.display());
+    }
+    if let Some(ifindex) = dir.iface_name().and_then(|n| n.parse().ok()).and_then(|n| iface::index(&n, "").ok()) {
+        let table = overlay::nft::table_name(ifindex);
+        if crate::sys::nft::delete_table("ip", &table).is_ok() {
+            info!("removed nftables table ip {table}");
+        }
+    }
+    warn!(
+        "{}: without its record, natfix cannot tell whether it changed GRO, loaded modules or added a clsact qdisc there; check `ethtool -k`, `lsmod`, `tc qdisc`",
+        dir.path.display()
+    );
+}
+
+/// Undoes the staging directories of this namespace whose process is gone
+/// (a crash or kill mid-attach): their journal says what was done. Runs in
+/// the namespace, under its lock.
+pub(super) fn sweep_staging_here(netns_inode: u64) {
+    let Ok(entries) = pins::entries() else { return };
+    for entry in entries {
+        let Entry::Staging(dir, pid) = entry else { continue };
+        if dir.netns_inode() != Some(netns_inode) || crate::record::process_alive(pid) {
+            continue;
+        }
+        info!("undoing what a natfix attach (pid {pid}, gone) left half made: {}", dir.path.display());
+        match dir.read_meta() {
+            Ok(journal) => {
+                if let Err(e) = remove_recorded_here(&dir, &journal) {
+                    warn!("{e:#}");
+                }
+            }
+            Err(_) => remove_unrecorded_here(&dir),
+        }
+    }
 }
 
 /// Restores what natfix changed outside BPF; runs in the attachment's namespace.

@@ -43,7 +43,8 @@ pub(super) fn upgrade_here(plan: &AttachPlan, iface: IfaceName, pin_dir: PinDir,
         object::install_overlay_writer(object)?;
     }
     for (program, hook) in planned {
-        let mode = old.programs.iter().find(|p| p.name == program).map_or(AttachMode::Tcx, |p| p.mode);
+        let was = old.programs.iter().find(|p| p.name == program);
+        let (mode, link_id) = was.map_or((AttachMode::Tcx, None), |p| (p.mode, p.link_id));
         let path = att.pin_dir.link(program);
         let link = FdLink::from(PinnedLink::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?);
         let object = att.object(program)?;
@@ -59,7 +60,8 @@ pub(super) fn upgrade_here(plan: &AttachPlan, iface: IfaceName, pin_dir: PinDir,
             drop(prog.take_link(id)?);
             prog.info()?.id()
         };
-        att.meta.programs.push(ProgramMeta { name: program, hook, mode, prog_id });
+        // bpf_link_update keeps the link: its id stays.
+        att.meta.programs.push(ProgramMeta { name: program, hook, mode, prog_id, link_id });
     }
     if let Some(map) = att.overlay.as_ref().and_then(|o| o.map(map_names::OVERLAY_WRITER)) {
         // The old array went with the old program; pin the new one in its place.

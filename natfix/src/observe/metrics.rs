@@ -216,8 +216,8 @@ mod tests {
             pinned: false,
             created_unix: 0,
             programs: vec![
-                ProgramMeta { name: Program::GuardXdp, hook: Hook::Xdp, mode: AttachMode::Native, prog_id: 41 },
-                ProgramMeta { name: Program::FlowEgress, hook: Hook::TcEgress, mode: AttachMode::Tcx, prog_id: 42 },
+                ProgramMeta { name: Program::GuardXdp, hook: Hook::Xdp, mode: AttachMode::Native, prog_id: 41, link_id: Some(7) },
+                ProgramMeta { name: Program::FlowEgress, hook: Hook::TcEgress, mode: AttachMode::Tcx, prog_id: 42, link_id: Some(8) },
             ],
             guard: Some(GuardMeta {
                 ranges: vec!["20000-30000".into()],
@@ -230,6 +230,7 @@ mod tests {
             }),
             overlay: None,
             created_clsact: false,
+            id: "0123456789abcdef".into(),
         }
     }
 

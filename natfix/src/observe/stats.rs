@@ -9,7 +9,7 @@ use crate::{
     abi::{Counter, CounterValue, Family},
     config::IfaceName,
     overlay,
-    pins::{self, PinDir},
+    pins::{self, Entry, PinDir},
     record::{AttachmentMeta, Hook, Program},
     sys::netns,
 };
@@ -91,11 +91,19 @@ fn nft_rule_counter(meta: &AttachmentMeta, table: String) -> Result<(u64, u64)> 
     meta.find_netns()?.run(move || overlay::nft::rule_counter(&table))
 }
 
-/// Stats of every recorded attachment matching the filters.
+/// Stats of every recorded attachment matching the filters. A directory
+/// whose record cannot be read is named in a warning, not fatal.
 pub fn collect(iface: Option<&IfaceName>, netns_inode: Option<u64>) -> Result<Vec<AttachmentStats>> {
     let mut out = Vec::new();
-    for dir in PinDir::list_all() {
-        let meta = dir.read_meta()?;
+    for entry in pins::entries()? {
+        let (dir, meta) = match entry {
+            Entry::Attachment(dir, meta) => (dir, meta),
+            Entry::Corrupt(dir, why) => {
+                warn!("{}: no counters: {why}", dir.path.display());
+                continue;
+            }
+            Entry::Staging(..) => continue,
+        };
         if iface.is_some_and(|i| i.as_str() != meta.iface) || netns_inode.is_some_and(|n| n != meta.netns_inode) {
             continue;
         }

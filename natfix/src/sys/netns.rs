@@ -1,10 +1,13 @@
 //! Network namespaces: resolve the user's `--netns` spelling to a file, and run
-//! work inside a namespace on a dedicated OS thread.
+//! work inside a namespace on a dedicated OS thread. A resolved namespace
+//! holds an open fd of it, so it stays reachable (and the same namespace)
+//! after its name is removed or reused.
 
 use std::{
     fs::File,
     os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use anyhow::{Context, Result, bail};
@@ -17,14 +20,24 @@ pub const DOCKER_NETNS_DIR: &str = "/var/run/docker/netns";
 /// Where `ip netns` keeps named namespaces.
 pub const IP_NETNS_DIR: &str = "/run/netns";
 
-/// A resolved namespace: the file that names it, and its inode (identity).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A resolved namespace: the file that named it, its inode (identity), and
+/// an open fd that keeps it reachable.
+#[derive(Debug, Clone)]
 pub struct Netns {
     /// What the user wrote, or `self` for natfix's own namespace.
     pub spec: String,
     pub path: PathBuf,
     pub inode: u64,
+    fd: Arc<File>,
 }
+
+impl PartialEq for Netns {
+    fn eq(&self, other: &Self) -> bool {
+        self.inode == other.inode && self.spec == other.spec && self.path == other.path
+    }
+}
+
+impl Eq for Netns {}
 
 impl Netns {
     /// natfix's own namespace (the calling thread's).
@@ -33,12 +46,9 @@ impl Netns {
     }
 
     fn from_path(spec: String, path: PathBuf) -> Result<Self> {
-        let meta = std::fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
-        Ok(Self {
-            spec,
-            path,
-            inode: meta.ino(),
-        })
+        let fd = open_ns(&path)?;
+        let inode = fd.metadata().with_context(|| format!("cannot stat {}", path.display()))?.ino();
+        Ok(Self { spec, path, inode, fd: Arc::new(fd) })
     }
 
     /// Resolves `--netns`, or the current namespace for `None`.
@@ -77,7 +87,7 @@ impl Netns {
         T: Send + 'static,
         F: FnOnce() -> Result<T> + Send + 'static,
     {
-        let target = open_ns(&self.path)?;
+        let target = Arc::clone(&self.fd);
         let name = self.spec.clone();
         std::thread::Builder::new()
             .name("natfix-netns".into())
@@ -186,8 +196,11 @@ impl Netns {
             .chain(listed(DOCKER_NETNS_DIR))
             .chain(listed("/proc").map(|p| p.join("ns/net")));
         for path in candidates {
-            if std::fs::metadata(&path).is_ok_and(|m| m.ino() == inode) {
-                return Ok(Self { spec: spec.to_owned(), path, inode });
+            if std::fs::metadata(&path).is_ok_and(|m| m.ino() == inode)
+                && let Ok(found) = Self::from_path(spec.to_owned(), path)
+                && found.inode == inode
+            {
+                return Ok(found);
             }
         }
         bail!("no file names namespace `{spec}` (inode {inode}) any more (not in {IP_NETNS_DIR}, {DOCKER_NETNS_DIR} or any process)")
