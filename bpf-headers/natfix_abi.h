@@ -27,7 +27,11 @@ enum natfix_counter {
 	NATFIX_CNT_FLOW_REFRESHED          = 9,  /* existing entry's timestamp moved */
 	NATFIX_CNT_FLOW_LEARN_FAILED       = 10, /* map update failed */
 	NATFIX_CNT_FLOW_OUT_OF_SCOPE       = 11, /* egress packet not UDP from a guarded port */
-	/* 12..15 reserved for the guard */
+	/* guard, continued */
+	NATFIX_CNT_GUARD_DROP_TOO_DEEP     = 12, /* more VLAN tags or IPv6 extension headers than the parser
+						    walks (or, at tc, headers past what it pulls): dropped
+						    (would_drop under --dry-run) */
+	/* 13..15 reserved for the guard */
 	/* overlay checksum fixer (tc ingress on the underlay) */
 	NATFIX_CNT_OVERLAY_ZEROED          = 16, /* decrypted VXLAN: UDP checksum set to 0 */
 	NATFIX_CNT_OVERLAY_RECOMPUTED      = 17, /* decrypted VXLAN: UDP checksum recomputed by summing the datagram */

@@ -5,9 +5,10 @@
  * caller's: guard_lookup() says whether it must be asked, guard_answer()
  * turns its answer into the verdict.
  *
- * Order of checks (the Rust model in natfix/src/model/guard.rs follows it):
- *   parse result -> destination port in a guarded range -> --allow-port ->
- *   --allow-src -> flow (cache, then source) -> drop (or would-drop under --dry-run).
+ * Order of checks (the Rust model in tests/src/model/guard.rs follows it):
+ *   parse result (too deep: drop) -> destination port in a guarded range ->
+ *   --allow-port -> --allow-src -> flow (cache, then source) -> drop (or
+ *   would-drop under --dry-run).
  */
 #ifndef NATFIX_GUARD_H
 #define NATFIX_GUARD_H
@@ -74,6 +75,20 @@ static __always_inline int guard_src_allowed(const struct natfix_pkt *pkt)
 	}
 }
 
+/* Headers the parser cannot reach may hide UDP to a guarded port that the
+ * kernel will hand to conntrack: dropped, as no legitimate traffic is so deep. */
+static __always_inline int guard_too_deep(void)
+{
+	return (natfix_guard_cfg.flags & NATFIX_GUARD_F_DRY_RUN) ? NATFIX_CNT_GUARD_WOULD_DROP
+								   : NATFIX_CNT_GUARD_DROP_TOO_DEEP;
+}
+
+/* Whether the verdict `why` drops the packet. */
+static __always_inline int guard_drops(int why)
+{
+	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED || why == NATFIX_CNT_GUARD_DROP_TOO_DEEP;
+}
+
 /* A counter id for packets decided without a flow lookup, else GUARD_NEED_FLOW. */
 static __always_inline int guard_classify(int parse_rc, const struct natfix_pkt *pkt)
 {
@@ -84,6 +99,8 @@ static __always_inline int guard_classify(int parse_rc, const struct natfix_pkt 
 		return NATFIX_CNT_GUARD_FRAGMENT;
 	case NATFIX_PARSE_MALFORMED:
 		return NATFIX_CNT_GUARD_MALFORMED;
+	case NATFIX_PARSE_TOO_DEEP:
+		return guard_too_deep();
 	default:
 		return NATFIX_CNT_GUARD_OUT_OF_SCOPE;
 	}

@@ -7,15 +7,23 @@
  * returns an enum natfix_parse_result. On NATFIX_PARSE_UDP the struct
  * natfix_pkt is filled; otherwise its contents are unspecified.
  *
- * Decisions (mirrored by the Rust model in natfix/src/model/parse.rs):
- *  - Only untagged Ethernet frames are parsed. VLAN-tagged frames are OTHER:
- *    natfix belongs on the VLAN device that owns the addresses.
+ * Decisions (mirrored by the Rust model in tests/src/model/parse.rs). The
+ * rule: a datagram the kernel would hand to UDP and conntrack is judged,
+ * whatever its encapsulation; what the walk cannot reach is TOO_DEEP, which
+ * the guard drops (legitimate traffic is never that deep):
+ *  - 802.1Q/802.1ad tags with VLAN id 0 (priority tags) are walked, up to
+ *    NATFIX_MAX_VLAN_TAGS: the kernel strips them and delivers the frame as
+ *    untagged. A tag with another id is OTHER: the frame belongs to a VLAN
+ *    device (natfix belongs there) or the kernel drops it (no such device).
+ *    More priority tags than walked: TOO_DEEP.
  *  - IPv4: version must be 4, IHL >= 5, total length >= header length, and the
  *    header must fit. Options are skipped. A non-first fragment of UDP is
  *    FRAGMENT (its ports are unknowable); a first fragment is parsed as UDP,
  *    so dropping it makes reassembly fail and conntrack never sees the datagram.
  *  - IPv6: up to NATFIX_MAX_EXTHDRS extension headers (hop-by-hop, routing,
- *    destination options, fragment, AH) are walked; a longer chain is MALFORMED.
+ *    destination options, fragment, AH) are walked, and the header after the
+ *    last of them is still looked at; a longer chain is TOO_DEEP (the kernel
+ *    accepts chains of any length).
  *  - UDP: the 8-byte header must fit and its length field must be >= 8.
  */
 #ifndef NATFIX_PARSE_H
@@ -23,13 +31,21 @@
 
 #include "natfix_common.h"
 
-#define NATFIX_MAX_EXTHDRS 8
+#define NATFIX_MAX_EXTHDRS 16
+#define NATFIX_MAX_VLAN_TAGS 4
 
 enum natfix_parse_result {
 	NATFIX_PARSE_UDP = 0,   /* UDP over IPv4/IPv6: natfix_pkt filled */
-	NATFIX_PARSE_OTHER,     /* not IP, not UDP, or VLAN-tagged */
+	NATFIX_PARSE_OTHER,     /* not IP, not UDP, or tagged for a VLAN device */
 	NATFIX_PARSE_FRAGMENT,  /* UDP fragment other than the first */
 	NATFIX_PARSE_MALFORMED, /* truncated or invalid headers */
+	NATFIX_PARSE_TOO_DEEP,  /* more VLAN tags or IPv6 extension headers than walked */
+};
+
+/* An 802.1Q/802.1ad tag (the kernel's struct vlan_hdr is not uapi). */
+struct natfix_vlan_hdr {
+	__be16 tci;
+	__be16 encapsulated_proto;
 };
 
 struct natfix_pkt {
@@ -170,21 +186,58 @@ static __always_inline int natfix_parse_ipv6(void *data, void *data_end, __u32 o
 			return NATFIX_PARSE_OTHER;
 		}
 	}
-	return NATFIX_PARSE_MALFORMED;
+	/* The header after the last one walked. */
+	switch (nexthdr) {
+	case IPPROTO_UDP:
+		return natfix_parse_udp_hdr(data, data_end, off, pkt);
+	case IPPROTO_HOPOPTS:
+	case IPPROTO_ROUTING:
+	case IPPROTO_DSTOPTS:
+	case IPPROTO_AH:
+	case IPPROTO_FRAGMENT:
+		return NATFIX_PARSE_TOO_DEEP;
+	default:
+		return NATFIX_PARSE_OTHER;
+	}
+}
+
+static __always_inline int natfix_is_vlan_proto(__be16 proto)
+{
+	return proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD);
 }
 
 /* Parse an Ethernet frame down to its UDP header. */
 static __always_inline int natfix_parse_udp(void *data, void *data_end, struct natfix_pkt *pkt)
 {
 	struct ethhdr *eth = data;
+	__u32 off = sizeof(*eth);
+	__be16 proto;
+	int i;
 
 	if ((void *)(eth + 1) > data_end)
 		return NATFIX_PARSE_MALFORMED;
-	switch (eth->h_proto) {
+	proto = eth->h_proto;
+#pragma unroll
+	for (i = 0; i < NATFIX_MAX_VLAN_TAGS; i++) {
+		struct natfix_vlan_hdr *vh = data + off;
+
+		if (!natfix_is_vlan_proto(proto))
+			break;
+		if ((void *)(vh + 1) > data_end)
+			return NATFIX_PARSE_MALFORMED;
+		if (vh->tci & bpf_htons(0x0fff))
+			return NATFIX_PARSE_OTHER;
+		proto = vh->encapsulated_proto;
+		off += sizeof(*vh);
+	}
+	switch (proto) {
 	case bpf_htons(ETH_P_IP):
-		return natfix_parse_ipv4(data, data_end, sizeof(*eth), pkt);
+		return natfix_parse_ipv4(data, data_end, off, pkt);
 	case bpf_htons(ETH_P_IPV6):
-		return natfix_parse_ipv6(data, data_end, sizeof(*eth), pkt);
+		return natfix_parse_ipv6(data, data_end, off, pkt);
+	case bpf_htons(ETH_P_8021Q):
+	case bpf_htons(ETH_P_8021AD):
+		return NATFIX_PARSE_TOO_DEEP;
 	default:
 		return NATFIX_PARSE_OTHER;
 	}
@@ -215,6 +268,13 @@ static __always_inline struct udphdr *natfix_udp4_plain(void *data, void *data_e
 	if (bpf_ntohs(iph->tot_len) < sizeof(*iph) || bpf_ntohs(udp->len) < sizeof(*udp))
 		return NULL;
 	return udp;
+}
+
+/* tc only. Whether the packet goes on past the linear data: a parse that
+ * still ran out of data then did not see the headers the kernel will. */
+static __always_inline int natfix_tc_has_more(struct __sk_buff *skb)
+{
+	return skb->len > (__u32)((long)skb->data_end - (long)skb->data);
 }
 
 /*

@@ -19,6 +19,7 @@ pub enum Counter {
     FlowRefreshed = 9,
     FlowLearnFailed = 10,
     FlowOutOfScope = 11,
+    GuardDropTooDeep = 12,
     OverlayZeroed = 16,
     OverlayRecomputed = 17,
     OverlayCleartext = 18,
@@ -33,7 +34,7 @@ pub enum Counter {
 pub const COUNTER_SLOTS: u32 = 32;
 
 impl Counter {
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 21] = [
         Self::GuardOutOfScope,
         Self::GuardPassSolicited,
         Self::GuardDropUnsolicited,
@@ -46,6 +47,7 @@ impl Counter {
         Self::FlowRefreshed,
         Self::FlowLearnFailed,
         Self::FlowOutOfScope,
+        Self::GuardDropTooDeep,
         Self::OverlayZeroed,
         Self::OverlayRecomputed,
         Self::OverlayCleartext,
@@ -100,6 +102,7 @@ impl Counter {
             Self::GuardExemptSrc => "exempt_src",
             Self::GuardMalformed => "malformed",
             Self::GuardFragment => "fragment",
+            Self::GuardDropTooDeep => "dropped_too_deep",
             Self::FlowLearned => "learned",
             Self::FlowRefreshed => "refreshed",
             Self::FlowLearnFailed => "learn_failed",

@@ -15,8 +15,9 @@
 #include "natfix_flow.h"
 #endif
 
-/* Enough linear data for Ethernet + IPv6 + a few extension headers + UDP. */
-#define GUARD_TC_PULL_LEN 256
+/* Linear data pulled when headers run into paged data: Ethernet, VLAN
+ * tags, IPv6 and its extension headers, UDP. Headers past it are TOO_DEEP. */
+#define GUARD_TC_PULL_LEN 1024
 
 SEC("classifier")
 int natfix_guard_tc(struct __sk_buff *skb)
@@ -26,11 +27,20 @@ int natfix_guard_tc(struct __sk_buff *skb)
 	struct natfix_pkt pkt;
 	int why;
 
+	/* The kernel moved the outer tag into the skb: a VLAN id other than
+	 * 0 is a VLAN device's (or dropped), priority tags are stripped. */
+	if (skb->vlan_present && (skb->vlan_tci & 0x0fff)) {
+		natfix_count(NATFIX_CNT_GUARD_OUT_OF_SCOPE, skb->len);
+		return NATFIX_TC_NEXT;
+	}
 	why = guard_lookup(data, data_end, &pkt);
 	if (why == NATFIX_CNT_GUARD_MALFORMED && natfix_tc_pull_headers(skb, GUARD_TC_PULL_LEN)) {
 		data = (void *)(long)skb->data;
 		data_end = (void *)(long)skb->data_end;
 		why = guard_lookup(data, data_end, &pkt);
+		/* Still out of data, with more to come: headers past the pull. */
+		if (why == NATFIX_CNT_GUARD_MALFORMED && natfix_tc_has_more(skb))
+			why = guard_too_deep();
 	}
 	if (why == GUARD_NEED_FLOW) {
 #ifdef NATFIX_FLOW_CONNTRACK
@@ -42,7 +52,7 @@ int natfix_guard_tc(struct __sk_buff *skb)
 			natfix_emit(why, &pkt, skb->ifindex, skb->len);
 	}
 	natfix_count(why, skb->len);
-	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED ? TC_ACT_SHOT : NATFIX_TC_NEXT;
+	return guard_drops(why) ? TC_ACT_SHOT : NATFIX_TC_NEXT;
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -35,7 +35,7 @@ int natfix_guard_xdp(struct xdp_md *ctx)
 			natfix_emit(why, &pkt, ctx->ingress_ifindex, len);
 	}
 	natfix_count(why, len);
-	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED ? XDP_DROP : XDP_PASS;
+	return guard_drops(why) ? XDP_DROP : XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";

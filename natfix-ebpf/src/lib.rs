@@ -31,6 +31,7 @@ pub mod rig {
     pub const GEN_XDP: &str = "rig_gen_xdp";
     pub const DROP_XDP: &str = "rig_drop_xdp";
     pub const COUNT_PASS_XDP: &str = "rig_count_pass_xdp";
+    pub const ACCEPT_TC: &str = "rig_accept_tc";
 }
 
 /// Program names (C function names) as aya looks them up.

@@ -4,7 +4,9 @@
  * flood generator, an XDP program that transmits every frame
  * BPF_PROG_TEST_RUN (live frames) feeds it; a counting drop-all XDP program
  * (the most a flood rig can measure); and a counting pass-all XDP program
- * (the baseline of the legitimate-traffic rows).
+ * (the baseline of the legitimate-traffic rows); and a tc program that
+ * accepts every packet (TC_ACT_OK ends the tc chain): another owner's
+ * program ahead of natfix's on a shared hook.
  */
 #include "natfix_common.h"
 
@@ -46,6 +48,12 @@ int rig_count_pass_xdp(struct xdp_md *ctx)
 {
 	bench_count(&natfix_bench_passes);
 	return XDP_PASS;
+}
+
+SEC("classifier")
+int rig_accept_tc(struct __sk_buff *skb)
+{
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

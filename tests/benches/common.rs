@@ -1,5 +1,5 @@
 //! Shared by the benchmarks: statistics and the JSON line each one prints.
-#![allow(dead_code, reason = "each bench binary uses a subset")]
+#![expect(dead_code, reason = "each bench binary uses a subset")]
 
 use rand::{RngExt as _, SeedableRng as _, rngs::SmallRng};
 use serde_json::json;

@@ -41,9 +41,14 @@ fn cases() -> Vec<Case> {
     bad_ihl[14] = 0x44;
     let mut short_udp_len = v4(PEER, 7001, 25000);
     short_udp_len[14 + 20 + 5] = 7;
-    let mut vlan = v4(PEER, 7001, 25000);
-    vlan.splice(12..12, [0x81, 0x00, 0x00, 0x64]);
-    let nine_ext: Vec<(u8, Vec<u8>)> = (0..9).map(|_| (60, opts_body())).collect();
+    // 802.1Q (0x8100) and 802.1ad (0x88a8) tags: (TPID, TCI).
+    let tagged = |frame: Vec<u8>, tags: &[(u16, u16)]| {
+        let mut f = frame;
+        let stack: Vec<u8> = tags.iter().flat_map(|(tpid, tci)| [tpid.to_be_bytes(), tci.to_be_bytes()].concat()).collect();
+        f.splice(12..12, stack);
+        f
+    };
+    let dstopts = |n: usize| -> Vec<(u8, Vec<u8>)> { (0..n).map(|_| (60, opts_body())).collect() };
     vec![
         Case { what: "reply to a learned flow", frame: v4(PEER, 7000, 25000), want: Counter::GuardPassSolicited },
         Case { what: "same port, other peer port", frame: v4(PEER, 7001, 25000), want: Counter::GuardDropUnsolicited },
@@ -84,7 +89,42 @@ fn cases() -> Vec<Case> {
         Case { what: "UDP header cut short", frame: truncated, want: Counter::GuardMalformed },
         Case { what: "IHL below 5", frame: bad_ihl, want: Counter::GuardMalformed },
         Case { what: "UDP length below 8", frame: short_udp_len, want: Counter::GuardMalformed },
-        Case { what: "VLAN-tagged frame", frame: vlan, want: Counter::GuardOutOfScope },
+        Case { what: "VLAN 100 (a VLAN device's)", frame: tagged(v4(PEER, 7001, 25000), &[(0x8100, 100)]), want: Counter::GuardOutOfScope },
+        Case {
+            what: "802.1Q priority tag (VLAN 0), unknown",
+            frame: tagged(v4(PEER, 7001, 25000), &[(0x8100, 0xa000)]),
+            want: Counter::GuardDropUnsolicited,
+        },
+        Case {
+            what: "802.1Q priority tag, learned flow",
+            frame: tagged(v4(PEER, 7000, 25000), &[(0x8100, 0)]),
+            want: Counter::GuardPassSolicited,
+        },
+        Case {
+            what: "802.1ad VLAN 0 over 802.1Q VLAN 0, unknown",
+            frame: tagged(v4(PEER, 7001, 25000), &[(0x88a8, 0), (0x8100, 0)]),
+            want: Counter::GuardDropUnsolicited,
+        },
+        Case {
+            what: "IPv6 under a priority tag, unknown",
+            frame: tagged(udp6(PEER6, 7009, HOST6, 25000, b"x"), &[(0x8100, 0)]),
+            want: Counter::GuardDropUnsolicited,
+        },
+        Case {
+            what: "priority tag over VLAN 7",
+            frame: tagged(v4(PEER, 7001, 25000), &[(0x8100, 0), (0x8100, 7)]),
+            want: Counter::GuardOutOfScope,
+        },
+        Case {
+            what: "four priority tags, unknown",
+            frame: tagged(v4(PEER, 7001, 25000), &[(0x8100, 0); 4]),
+            want: Counter::GuardDropUnsolicited,
+        },
+        Case {
+            what: "five priority tags (deeper than walked)",
+            frame: tagged(v4(PEER, 7001, 25000), &[(0x8100, 0); 5]),
+            want: Counter::GuardDropTooDeep,
+        },
         Case { what: "ARP", frame: eth(0x0806, &[0u8; 28]), want: Counter::GuardOutOfScope },
         Case { what: "IPv6 learned flow", frame: udp6(PEER6, 7000, HOST6, 25000, b"x"), want: Counter::GuardPassSolicited },
         Case { what: "IPv6 unknown", frame: udp6(PEER6, 7009, HOST6, 25000, b"x"), want: Counter::GuardDropUnsolicited },
@@ -104,9 +144,24 @@ fn cases() -> Vec<Case> {
             want: Counter::GuardFragment,
         },
         Case {
-            what: "IPv6 nine extension headers",
-            frame: udp6_with_ext(PEER6, 7009, HOST6, 25000, &nine_ext, b"x"),
-            want: Counter::GuardMalformed,
+            what: "IPv6 8 destination-options headers, unknown",
+            frame: udp6_with_ext(PEER6, 7009, HOST6, 25000, &dstopts(8), b"x"),
+            want: Counter::GuardDropUnsolicited,
+        },
+        Case {
+            what: "IPv6 12 destination-options headers, unknown",
+            frame: udp6_with_ext(PEER6, 7009, HOST6, 25000, &dstopts(12), b"x"),
+            want: Counter::GuardDropUnsolicited,
+        },
+        Case {
+            what: "IPv6 16 destination-options headers, learned flow",
+            frame: udp6_with_ext(PEER6, 7000, HOST6, 25000, &dstopts(16), b"x"),
+            want: Counter::GuardPassSolicited,
+        },
+        Case {
+            what: "IPv6 17 destination-options headers (deeper than walked)",
+            frame: udp6_with_ext(PEER6, 7000, HOST6, 25000, &dstopts(17), b"x"),
+            want: Counter::GuardDropTooDeep,
         },
         Case { what: "IPv6 allowed prefix", frame: udp6(ALLOWED6, 7009, HOST6, 25000, b"x"), want: Counter::GuardExemptSrc },
         // (BPF_PROG_TEST_RUN for tc refuses IPv4 frames with less than a full
@@ -121,7 +176,8 @@ fn run_table(hook: &str, extra: &[&str], adjust: impl Fn(Counter) -> Counter) {
         let want = adjust(case.want);
         let (verdict, moved) = h.classify(&case.frame).unwrap_or_else(|e| panic!("{hook}: {}: {e:#}", case.what));
         assert_eq!(moved, Some(want), "{hook}: {}: counter", case.what);
-        let want_verdict = if want == Counter::GuardDropUnsolicited { h.drop_verdict() } else { h.pass() };
+        let drops = matches!(want, Counter::GuardDropUnsolicited | Counter::GuardDropTooDeep);
+        let want_verdict = if drops { h.drop_verdict() } else { h.pass() };
         assert_eq!(verdict, want_verdict, "{hook}: {}: verdict", case.what);
         assert_eq!(model.verdict(&case.frame, now), want, "model disagrees on {}", case.what);
     }
@@ -146,7 +202,10 @@ fn tc_guard_table() {
 fn dry_run_drops_nothing_and_counts_would_drop() {
     root_setup();
     for hook in ["xdp", "tc"] {
-        run_table(hook, &["--dry-run"], |c| if c == Counter::GuardDropUnsolicited { Counter::GuardWouldDrop } else { c });
+        run_table(hook, &["--dry-run"], |c| match c {
+            Counter::GuardDropUnsolicited | Counter::GuardDropTooDeep => Counter::GuardWouldDrop,
+            other => other,
+        });
     }
 }
 

@@ -82,6 +82,14 @@ fn bad_invocations_exit_with_clear_errors() {
         case("attach --iface lo --guard 1000 --allow-port 70000", 2, "--allow-port"),
         case("detach", 2, "--iface"),
         case("status --bogus", 2, "unexpected argument"),
+        // Combinations whose second option would be ignored are refused.
+        case("attach --iface lo --guard 1000 --guard-hook tc --xdp-mode native", 2, "--xdp-mode applies to --guard-hook xdp only"),
+        case("attach --iface lo --guard 1000 --flow-source conntrack --flow-table-size 1024", 2, "conntrack's own timeouts and size"),
+        case("attach --iface lo --guard 1000 --flow-source conntrack --flow-timeout 60", 2, "conntrack's own timeouts and size"),
+        // Interface names are checked as the kernel does: never a path.
+        case(&format!("detach --netns {n} --iface ../4026531840/lo"), 2, "is not an interface name"),
+        case("attach --iface eth0:1 --guard 1000", 2, "is not an interface name"),
+        case("attach --iface abcdefghijklmnop --guard 1000", 2, "longer than 15 bytes"),
         case("monitor --iface nope0", 3, "no natfix attachment matches"),
         case("diagnose --netns nowhere", 3, "not found"),
         case("stats --netns nowhere", 3, "not found"),
@@ -99,10 +107,45 @@ fn bad_invocations_exit_with_clear_errors() {
 #[ignore = "needs root: cargo xtask test"]
 fn missing_privileges_are_named() {
     root_setup();
+    ensure_bpffs();
+    // A record exists: an unprivileged reader must be told it cannot read it, not "none".
+    let host = scratch_ns("priv");
+    let peer = scratch_ns("privp");
+    veth(&host, "pv0", "10.71.0.1/24", &peer, "pv1", "10.71.0.2/24").unwrap();
+    let attach = std::process::Command::new(natfix_bin())
+        .args(["attach", "--netns", &host.name, "--iface", "pv0", "--guard", "20000", "--flow-source", "own", "--pin"])
+        .output()
+        .unwrap();
+    assert!(attach.status.success(), "{}", String::from_utf8_lossy(&attach.stderr));
     // setpriv drops to nobody with no capabilities.
-    let mut cmd = std::process::Command::new("setpriv");
-    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]).arg(natfix_bin());
-    check(&mut cmd, &case("attach --iface lo --guard 20000", 4, "missing CAP_NET_ADMIN"));
+    let nobody = || {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]).arg(natfix_bin());
+        cmd
+    };
+    check(&mut nobody(), &case("attach --iface lo --guard 20000", 4, "missing CAP_NET_ADMIN"));
+    check(&mut nobody(), &case("status", 4, "CAP_BPF"));
+    check(&mut nobody(), &case("status --json", 4, "CAP_BPF"));
+    check(&mut nobody(), &case("stats", 4, "CAP_BPF"));
+    let detach = std::process::Command::new(natfix_bin()).args(["detach", "--netns", &host.name, "--iface", "pv0"]).output().unwrap();
+    assert!(detach.status.success(), "{}", String::from_utf8_lossy(&detach.stderr));
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn a_fifo_as_namespace_fails_at_once() {
+    root_setup();
+    let dir = std::env::temp_dir().join(format!("natfix-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("ns");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let f = fifo.display().to_string();
+    for args in [format!("attach --iface lo --netns {f} --guard 20000"), format!("detach --iface lo --netns {f}")] {
+        let start = std::time::Instant::now();
+        check(&mut std::process::Command::new("timeout").args(["10", &natfix_bin().display().to_string()]), &case(&args, 3, "is not a network namespace"));
+        assert!(start.elapsed() < std::time::Duration::from_secs(5), "{args}: took {:?}", start.elapsed());
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]

@@ -57,9 +57,37 @@ fn ext_header() -> impl Strategy<Value = (u8, Vec<u8>)> {
     ]
 }
 
+/// IPv6 with extension chains of 0 to 17 headers: each side of the depth
+/// the parser walks (16), and the one after it.
 fn ipv6_frame() -> impl Strategy<Value = Vec<u8>> {
-    (v6_addr(), sport(), dport(), prop::collection::vec(ext_header(), 0..10), prop::collection::vec(any::<u8>(), 0..32))
+    let chain = prop_oneof![
+        3 => prop::collection::vec(ext_header(), 0..4),
+        2 => prop::collection::vec(ext_header(), 4..=17),
+        2 => (14usize..=17).prop_map(|n| vec![(60u8, packet::opts_body()); n]),
+    ];
+    (v6_addr(), sport(), dport(), chain, prop::collection::vec(any::<u8>(), 0..32))
         .prop_map(|(src, sp, dp, exts, payload)| packet::udp6_with_ext(src, sp, HOST6, dp, &exts, &payload))
+}
+
+/// A VLAN tag's TCI: mostly VLAN id 0 (a priority tag, which the kernel
+/// strips and delivers as untagged) with any priority bits, sometimes an id.
+fn vlan_tci() -> impl Strategy<Value = u16> {
+    prop_oneof![3 => (0u16..16).prop_map(|pcp_dei| pcp_dei << 12), 1 => 1u16..4096, 1 => any::<u16>()]
+}
+
+/// `base` behind a stack of 1 to 6 802.1Q/802.1ad tags.
+fn vlan_stacked(base: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    (base, prop::collection::vec((any::<bool>(), vlan_tci()), 1..=6)).prop_map(|(mut frame, tags)| {
+        let stack: Vec<u8> = tags
+            .into_iter()
+            .flat_map(|(ad, tci)| {
+                let tpid: u16 = if ad { 0x88a8 } else { 0x8100 };
+                [tpid.to_be_bytes(), tci.to_be_bytes()].concat()
+            })
+            .collect();
+        frame.splice(12..12, stack);
+        frame
+    })
 }
 
 pub fn guard_frame() -> impl Strategy<Value = Vec<u8>> {
@@ -67,7 +95,7 @@ pub fn guard_frame() -> impl Strategy<Value = Vec<u8>> {
         4 => ipv4_frame(),
         3 => ipv6_frame(),
         1 => (any::<u16>(), prop::collection::vec(any::<u8>(), 0..80)).prop_map(|(t, b)| packet::eth(t, &b)),
-        1 => ipv4_frame().prop_map(|mut f| { f.splice(12..12, [0x81, 0x00, 0x00, 0x07]); f }),
+        2 => vlan_stacked(prop_oneof![ipv4_frame(), ipv6_frame()]),
     ];
     (base, prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4), any::<Option<prop::sample::Index>>())
         .prop_map(|(mut frame, flips, cut)| {

@@ -102,3 +102,50 @@ pub fn frag_body(offset_units: u16, more: bool) -> Vec<u8> {
     b.extend_from_slice(&[0, 0, 0, 1]);
     b
 }
+
+/// Sends whole Ethernet frames out of `iface` (in the calling thread's
+/// namespace) through an `AF_PACKET` socket: how the tests put frames on a
+/// veth that no socket API would build (VLAN stacks, extension chains).
+pub fn send_frames(iface: &str, frames: &[Vec<u8>]) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let ifindex = nix::net::if_::if_nametoindex(iface)?;
+    // SAFETY: plain socket(2); the fd is owned below.
+    let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_ll is plain data; zeroes are valid, the fields set below.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = u16::try_from(libc::AF_PACKET).unwrap_or_default();
+    addr.sll_ifindex = i32::try_from(ifindex).unwrap_or_default();
+    addr.sll_halen = 6;
+    for frame in frames {
+        addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+        // SAFETY: the frame and the address outlive the call; sendto only reads them.
+        let n = unsafe {
+            libc::sendto(
+                sock.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                u32::try_from(size_of::<libc::sockaddr_ll>()).unwrap_or_default(),
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Fills in the UDP checksum of an IPv6 frame (`udp6_with_ext`'s shape):
+/// the kernel drops IPv6 UDP with checksum 0 before conntrack sees it.
+pub fn fix_udp6_checksum(frame: &mut [u8], udp_at: usize) {
+    let src: [u8; 16] = frame[22..38].try_into().expect("IPv6 frame");
+    let dst: [u8; 16] = frame[38..54].try_into().expect("IPv6 frame");
+    let csum = crate::model::overlay::udp_checksum(Ipv6Addr::from(src).into(), Ipv6Addr::from(dst).into(), &frame[udp_at..]);
+    frame[udp_at + 6..udp_at + 8].copy_from_slice(&csum.to_be_bytes());
+}

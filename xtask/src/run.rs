@@ -114,6 +114,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
     // Tests that could not check what they are for (a kernel or engine
     // without the feature) say so here, and count as skipped, not passed.
     let skip_log = std::env::temp_dir().join(format!("natfix-skipped-{}", std::process::id()));
+    let before = HostState::read()?;
     let _ = std::fs::remove_file(&skip_log);
     let unit_ok = run_counting(
         Command::new(env!("CARGO"))
@@ -136,6 +137,10 @@ pub fn test(args: &TestArgs) -> Result<()> {
             Command::new(std::env::current_exe()?).args(["vm", "--scenario", "guard", "--mode", GUARD_VM_MODES]),
             &mut totals,
         )?);
+    let leftovers = leftovers(&before)?;
+    for l in &leftovers {
+        println!("left on the host after the tests: {l}");
+    }
     let skipped: Vec<String> = std::fs::read_to_string(&skip_log).unwrap_or_default().lines().map(str::to_owned).collect();
     let _ = std::fs::remove_file(&skip_log);
     for line in &skipped {
@@ -146,5 +151,55 @@ pub fn test(args: &TestArgs) -> Result<()> {
     if !unit_ok || !vm_ok {
         bail!("tests failed");
     }
+    if !leftovers.is_empty() {
+        bail!("the tests left natfix state on the host (see above)");
+    }
     Ok(())
+}
+
+/// What natfix (or its tests) could leave on the host, read before the tests
+/// so that only what they added counts.
+struct HostState {
+    clsact: Vec<String>,
+}
+
+impl HostState {
+    fn read() -> Result<Self> {
+        Ok(Self { clsact: clsact_qdiscs()? })
+    }
+}
+
+fn clsact_qdiscs() -> Result<Vec<String>> {
+    let out = Command::new("tc").args(["qdisc", "show"]).output().context("tc qdisc show")?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("clsact")).map(str::to_owned).collect())
+}
+
+/// natfix state left after the tests: pins, loaded programs, nftables
+/// tables, clsact qdiscs, and the tests' scratch namespaces.
+fn leftovers(before: &HostState) -> Result<Vec<String>> {
+    let mut left = Vec::new();
+    let root = std::path::Path::new("/sys/fs/bpf/natfix");
+    for ns in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            left.push(format!("pin {}", entry.path().display()));
+        }
+    }
+    let progs = Command::new("bpftool").args(["-j", "prog", "show"]).output().context("bpftool prog show")?;
+    let progs: serde_json::Value = serde_json::from_slice(&progs.stdout).unwrap_or_default();
+    for p in progs.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default();
+        if name.starts_with("natfix_") || name.starts_with("rig_") {
+            left.push(format!("program {name} (id {})", p["id"]));
+        }
+    }
+    let tables = Command::new("nft").args(["list", "tables"]).output().context("nft list tables")?;
+    left.extend(String::from_utf8_lossy(&tables.stdout).lines().filter(|l| l.contains("natfix")).map(|l| format!("nftables {l}")));
+    left.extend(clsact_qdiscs()?.into_iter().filter(|q| !before.clsact.contains(q)).map(|q| format!("qdisc {q}")));
+    for ns in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = ns.file_name().to_string_lossy().into_owned();
+        if name.starts_with("nft-") || name.starts_with("natfix-lab") || name.starts_with("nfb") {
+            left.push(format!("namespace {name}"));
+        }
+    }
+    Ok(left)
 }

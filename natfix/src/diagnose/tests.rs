@@ -410,7 +410,7 @@ fn a_clean_namespace_has_only_info() {
 }
 
 #[test]
-#[allow(clippy::many_single_char_names)]
+#[expect(clippy::many_single_char_names, reason = "a, b, c, d name the four SAs as the scenario does")]
 fn rising_csum_errors_with_docker_sas_are_a_problem_with_the_overlay_fix() {
     let mut t = ns("/run/netns/h");
     t.addrs.push(ip("192.0.2.10"));

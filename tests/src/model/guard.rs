@@ -58,6 +58,7 @@ impl GuardModel {
             Parsed::Udp(p) => p,
             Parsed::Fragment => return Counter::GuardFragment,
             Parsed::Malformed => return Counter::GuardMalformed,
+            Parsed::TooDeep => return if self.dry_run { Counter::GuardWouldDrop } else { Counter::GuardDropTooDeep },
             Parsed::Other => return Counter::GuardOutOfScope,
         };
         if !self.guarded(pkt.dport) {
@@ -89,7 +90,7 @@ impl GuardModel {
     /// Whether the packet is dropped (XDP_DROP / TC_ACT_SHOT).
     #[must_use]
     pub fn drops(&self, frame: &[u8], now: u64) -> bool {
-        self.verdict(frame, now) == Counter::GuardDropUnsolicited
+        matches!(self.verdict(frame, now), Counter::GuardDropUnsolicited | Counter::GuardDropTooDeep)
     }
 }
 

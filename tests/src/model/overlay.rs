@@ -125,7 +125,7 @@ pub fn fix_with(cfg: &OverlayConfig, secpath: Secpath, frame: &[u8], cache: &mut
     let pkt = match parse_udp(frame) {
         Parsed::Malformed => return untouched(Counter::OverlayMalformed),
         Parsed::Udp(p) => p,
-        Parsed::Other | Parsed::Fragment => return untouched(Counter::OverlayNotVxlan),
+        Parsed::Other | Parsed::Fragment | Parsed::TooDeep => return untouched(Counter::OverlayNotVxlan),
     };
     let ports = &cfg.vxlan_ports[..(cfg.nr_ports as usize).min(cfg.vxlan_ports.len())];
     if !ports.contains(&pkt.dport) {

@@ -1,4 +1,6 @@
 //! Model of `bpf-headers/natfix_parse.h`: the same decisions, byte for byte.
+//! Written from the header's contract (VLAN priority tags walked, other
+//! tags out of scope; IPv6 chains walked to a depth, deeper is too deep).
 
 use std::net::IpAddr;
 
@@ -9,6 +11,8 @@ pub enum Parsed {
     Other,
     Fragment,
     Malformed,
+    /// More VLAN tags or IPv6 extension headers than the parser walks.
+    TooDeep,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,7 +26,10 @@ pub struct UdpPacket {
 }
 
 const ETH_HLEN: usize = 14;
-const MAX_EXTHDRS: usize = 8;
+const MAX_EXTHDRS: usize = 16;
+const MAX_VLAN_TAGS: usize = 4;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
 
 fn be16(b: &[u8], off: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(off)?, *b.get(off + 1)?]))
@@ -31,10 +38,23 @@ fn be16(b: &[u8], off: usize) -> Option<u16> {
 /// Parses an Ethernet frame down to UDP.
 #[must_use]
 pub fn parse_udp(frame: &[u8]) -> Parsed {
-    let Some(proto) = be16(frame, 12) else { return Parsed::Malformed };
+    let Some(mut proto) = be16(frame, 12) else { return Parsed::Malformed };
+    let mut off = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if proto != ETH_P_8021Q && proto != ETH_P_8021AD {
+            break;
+        }
+        let (Some(tci), Some(inner)) = (be16(frame, off), be16(frame, off + 2)) else { return Parsed::Malformed };
+        if tci & 0x0fff != 0 {
+            return Parsed::Other;
+        }
+        proto = inner;
+        off += 4;
+    }
     match proto {
-        0x0800 => parse_ipv4(frame, ETH_HLEN),
-        0x86dd => parse_ipv6(frame, ETH_HLEN),
+        0x0800 => parse_ipv4(frame, off),
+        0x86dd => parse_ipv6(frame, off),
+        ETH_P_8021Q | ETH_P_8021AD => Parsed::TooDeep,
         _ => Parsed::Other,
     }
 }
@@ -115,5 +135,9 @@ fn parse_ipv6(b: &[u8], l3_off: usize) -> Parsed {
             _ => return Parsed::Other,
         }
     }
-    Parsed::Malformed
+    match nexthdr {
+        17 => parse_udp_hdr(b, off, src, dst, l3_off),
+        0 | 43 | 44 | 51 | 60 => Parsed::TooDeep,
+        _ => Parsed::Other,
+    }
 }
