@@ -212,6 +212,12 @@ fn the_tc_guard_runs_first_and_status_says_when_it_does_not() {
     let guard = e["programs"].as_array().unwrap().iter().find(|p| p["name"] == "natfix_guard_tc").unwrap();
     assert_eq!(guard["runs_after"][0]["name"], "rig_accept_tc", "{e}");
     assert!(e["problems"][0].as_str().unwrap().contains("runs before natfix_guard_tc"), "{e}");
+    // diagnose warns of it too.
+    let out = natfix(&["diagnose", "--netns", &host.name, "--json", "--sample", "1"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let finding = report["findings"].as_array().unwrap().iter().find(|f| f["check"] == "natfix.attachments").unwrap().clone();
+    assert_eq!(finding["severity"], "warning", "{finding}");
+    assert!(finding["evidence"].to_string().contains("rig_accept_tc"), "{finding}");
     drop((first, ahead));
     assert!(detach(&host, "rl0").status.success());
 }

@@ -10,7 +10,7 @@ use std::{
 };
 
 use super::{
-    facts::{DropSample, Facts, KernelFacts, ModuleState, NsFacts},
+    facts::{AttachmentFacts, DropSample, Facts, KernelFacts, ModuleState, NsFacts},
     parse::{NatRules, Span, VxlanDev, XfrmState},
     report::{Finding, MAX_EVIDENCE, Report, Severity, counted},
 };
@@ -195,7 +195,34 @@ pub fn analyze(facts: &Facts) -> Report {
     findings.extend(csum_findings(facts, has_sas, &underlay, ns));
     findings.push(drops_finding(&facts.drops, facts.target.window));
     findings.extend(guard_findings(t, ns));
+    findings.push(attachments_finding(&facts.attachments));
     Report { findings }
+}
+
+/// natfix's own attachments: do they still protect what they were made for?
+fn attachments_finding(attachments: &Result<Vec<AttachmentFacts>, String>) -> Finding {
+    let list = match attachments {
+        Ok(list) => list,
+        Err(why) => return Finding::new("natfix.collect", Severity::Warning, format!("cannot read natfix's attachments: {why}")),
+    };
+    let lines = list.iter().flat_map(|a| {
+        std::iter::once(format!("{} ({}): {}", a.iface, a.netns, a.state)).chain(a.problems.iter().map(|p| format!("  {p}")))
+    });
+    let troubled: Vec<&AttachmentFacts> = list.iter().filter(|a| !a.effective || a.state == "shadowed").collect();
+    if troubled.is_empty() {
+        let summary = format!("{} of natfix's attachments here, all attached as recorded", list.len());
+        return Finding::new("natfix.attachments", Severity::Info, summary).evidence(lines);
+    }
+    let fix = troubled.iter().find(|a| !a.effective).map(|a| {
+        let ns = if a.netns == "self" { String::new() } else { format!(" --netns {}", a.netns) };
+        format!("natfix detach --iface {}{ns} (then attach again)", a.iface)
+    });
+    let summary = format!(
+        "{} of natfix's {} attachments here do not protect as recorded (another program runs first, or something recorded is gone)",
+        troubled.len(),
+        list.len()
+    );
+    Finding::new("natfix.attachments", Severity::Warning, summary).evidence(lines).fix(fix)
 }
 
 fn kernel_findings(k: &KernelFacts) -> Vec<Finding> {

@@ -19,6 +19,21 @@ pub struct Facts {
     /// Docker's namespaces other than the target: VXLAN devices and counters only.
     pub docker: Vec<NsFacts>,
     pub drops: DropSample,
+    /// natfix's own attachments in the target namespace, checked against the kernel.
+    pub attachments: Result<Vec<AttachmentFacts>, String>,
+}
+
+/// One of natfix's attachments as `observe::state` found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentFacts {
+    pub iface: String,
+    /// `state::State` by name (`pinned`, `shadowed`, ...).
+    pub state: String,
+    /// Whether it still protects what it was made for.
+    pub effective: bool,
+    pub problems: Vec<String>,
+    /// `--netns` as its record names it (`self`: none).
+    pub netns: String,
 }
 
 #[derive(Debug, Clone)]

@@ -13,7 +13,7 @@ use std::{
 use anyhow::Result;
 
 use super::{
-    facts::{DropSample, Facts, KernelFacts, ModuleState, NsFacts},
+    facts::{AttachmentFacts, DropSample, Facts, KernelFacts, ModuleState, NsFacts},
     parse::{NatRules, VxlanDev, parse_iptables_save, parse_nft_ruleset, parse_proc_udp, parse_route_dev, parse_snmp_udp, parse_vxlan_links, parse_xfrm_states},
     tracefs::DropTracer,
     analyze::analyze_conntrack,
@@ -196,6 +196,19 @@ fn docker_namespaces(skip: u64) -> Vec<Netns> {
     out
 }
 
+/// natfix's attachments in namespace `inode`, each checked against the kernel.
+fn natfix_attachments(inode: u64) -> Result<Vec<AttachmentFacts>, String> {
+    let all = crate::pins::attachments().map_err(|e| format!("{e:#}"))?;
+    Ok(all
+        .into_iter()
+        .filter(|(_, m)| m.netns_inode == inode)
+        .map(|(_, m)| {
+            let s = crate::observe::state::check(&m);
+            AttachmentFacts { iface: m.iface, state: s.state.name().to_owned(), effective: s.state.is_effective(), problems: s.problems, netns: m.netns }
+        })
+        .collect())
+}
+
 /// Reads the host into [`Facts`]; takes `--sample` seconds.
 pub fn gather(netns: Option<&str>, sample: Duration) -> Result<Facts> {
     let target_ns = match netns {
@@ -264,6 +277,7 @@ pub fn gather(netns: Option<&str>, sample: Duration) -> Result<Facts> {
         target,
         docker,
         drops,
+        attachments: natfix_attachments(target_inode),
     })
 }
 

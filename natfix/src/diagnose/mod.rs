@@ -26,6 +26,7 @@
 //! | `guard.port-moved`      | masqueraded flows whose source port NAT changed, and what held the port |
 //! | `guard.random-fully`    | masquerade/SNAT rules that always randomise ports |
 //! | `guard.published-ports` | DNAT'd (published) UDP ports, which a guard must exempt |
+//! | `natfix.attachments`    | natfix's own attachments in the namespace, checked against the kernel: programs detached, interface gone, another program running before natfix's |
 //! | `<group>.collect`       | a data source that could not be read (e.g. `guard.collect`) |
 //!
 //! # JSON (`--json`), schema version 1
@@ -59,7 +60,7 @@ mod tests;
 mod tracefs;
 
 pub use analyze::{CtAnalysis, MovedFlow, analyze, analyze_conntrack, guard_command, guard_range};
-pub use facts::{DropSample, Facts, KernelFacts, ModuleState, NsFacts};
+pub use facts::{AttachmentFacts, DropSample, Facts, KernelFacts, ModuleState, NsFacts};
 pub use gather::gather;
 pub use parse::{
     NatRules, Span, VxlanDev, XfrmState, parse_iptables_save, parse_nft_ruleset, parse_proc_udp, parse_route_dev, parse_snmp_udp,

@@ -360,7 +360,34 @@ fn facts(target: NsFacts) -> Facts {
         target,
         docker: Vec::new(),
         drops: DropSample::NotChecked("tracefs is not mounted".into()),
+        attachments: Ok(Vec::new()),
     }
+}
+
+#[test]
+fn attachments_that_no_longer_protect_are_a_warning_with_a_fix() {
+    let attachment = |iface: &str, state: &str, effective: bool, problems: &[&str]| AttachmentFacts {
+        iface: iface.into(),
+        state: state.into(),
+        effective,
+        problems: problems.iter().map(|p| (*p).to_owned()).collect(),
+        netns: "blue".into(),
+    };
+    let mut f = facts(ns("/run/netns/h"));
+    f.attachments = Ok(vec![attachment("eth0", "pinned", true, &[])]);
+    let ok = find(&analyze(&f), "natfix.attachments").clone();
+    assert_eq!(ok.severity, Severity::Info, "{ok:?}");
+    f.attachments = Ok(vec![
+        attachment("eth0", "shadowed", true, &["cilium_tc (prog id 9) runs before natfix_guard_tc on eth0 tc-ingress"]),
+        attachment("eth1", "interface-gone", false, &["no interface has index 7 any more"]),
+    ]);
+    let bad = find(&analyze(&f), "natfix.attachments").clone();
+    assert_eq!(bad.severity, Severity::Warning, "{bad:?}");
+    assert!(bad.summary.starts_with("2 of natfix's 2 attachments"), "{bad:?}");
+    assert!(bad.evidence.iter().any(|l| l.contains("cilium_tc (prog id 9) runs before")), "{bad:?}");
+    assert_eq!(bad.fix.as_deref(), Some("natfix detach --iface eth1 --netns blue (then attach again)"));
+    f.attachments = Err("cannot read /sys/fs/bpf/natfix".into());
+    assert_eq!(find(&analyze(&f), "natfix.collect").severity, Severity::Warning);
 }
 
 fn ns(label: &str) -> NsFacts {
@@ -403,6 +430,7 @@ fn a_clean_namespace_has_only_info() {
             "guard.port-moved",
             "guard.random-fully",
             "guard.published-ports",
+            "natfix.attachments",
         ],
         "documented order"
     );
@@ -598,7 +626,7 @@ fn table_lists_evidence_and_fix_under_each_finding() {
             .starts_with("fix: natfix attach --iface <external-iface> --netns /run/netns/h --guard 25000-25999"),
         "{text}"
     );
-    assert!(text.ends_with("1 problem, 1 warning, 12 info\n"), "{text}");
+    assert!(text.ends_with("1 problem, 1 warning, 13 info\n"), "{text}");
 }
 
 #[test]
