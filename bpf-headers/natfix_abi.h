@@ -50,43 +50,70 @@ struct natfix_counter_value {
 	__u64 bytes;
 };
 
-#define NATFIX_MAX_PORT_RANGES 16
+/*
+ * Configuration comes in two kinds. What the verifier may prune on is fixed
+ * at load: `const volatile` globals (natfix_guard_cfg, natfix_overlay_cfg).
+ * What an operator changes on a running attachment (`natfix set`) lives in
+ * maps the loader fills before attach and userspace rewrites live:
+ * guard_ports, guard_settings, the allow-src tries, overlay_settings and
+ * natfix_event_rate.
+ */
 
-struct natfix_port_range {
-	__u16 first; /* host byte order, inclusive */
-	__u16 last;  /* host byte order, inclusive */
+/* natfix_guard_config.flags (fixed at load) */
+#define NATFIX_GUARD_F_ENDPOINT_INDEP (1U << 1) /* RFC 4787 endpoint-independent filtering */
+
+struct natfix_guard_config {
+	__u32 flags;
+	__u32 pad;
 };
 
-/* natfix_guard_config.flags */
-#define NATFIX_GUARD_F_DRY_RUN        (1U << 0) /* count, never drop */
-#define NATFIX_GUARD_F_ENDPOINT_INDEP (1U << 1) /* RFC 4787 endpoint-independent filtering */
-#define NATFIX_GUARD_F_ALLOW_PORTS    (1U << 2) /* guard_allow_ports has entries */
-#define NATFIX_GUARD_F_ALLOW_SRC      (1U << 3) /* guard_allow_src{4,6} have entries */
+/* natfix_guard_settings.flags (live) */
+#define NATFIX_GUARD_S_DRY_RUN   (1U << 0) /* count, never drop */
+#define NATFIX_GUARD_S_ALLOW_SRC (1U << 1) /* guard_allow_src{4,6} have entries */
 
-/* Set by the loader as a `const volatile` global before load (verifier prunes what is off). */
-struct natfix_guard_config {
-	struct natfix_port_range ranges[NATFIX_MAX_PORT_RANGES];
-	__u32 nr_ranges;
+/* The one entry of the guard_settings map. */
+struct natfix_guard_settings {
 	__u32 flags;
+	__u32 pad;
 	__u64 flow_timeout_ns; /* idle time after which an own-table flow no longer admits replies */
 };
 
+/*
+ * guard_ports: three bit planes, each a bit per port (port p is bit p % 64
+ * of word p / 64), NATFIX_PORT_WORDS words a plane. A plane's words are
+ * written whole by userspace (under natfix's change lock); the programs only
+ * read them, so a reader sees a word before or after a change, never torn.
+ */
+#define NATFIX_PORT_WORDS 1024
+#define NATFIX_PORT_PLANE_GUARDED 0 /* ingress: UDP to the port is judged */
+#define NATFIX_PORT_PLANE_EXEMPT  1 /* ingress: new flows to the port are admitted (--allow-port) */
+#define NATFIX_PORT_PLANE_LEARN   2 /* egress: flows from the port are learned (own table) */
+#define NATFIX_PORT_PLANES 3
+
 #define NATFIX_MAX_VXLAN_PORTS 8
 
-/* natfix_overlay_config.flags */
+/* natfix_overlay_config.flags (fixed at load) */
 #define NATFIX_OVERLAY_F_RECOMPUTE      (1U << 0) /* recompute (else zero IPv4, recompute IPv6) */
-#define NATFIX_OVERLAY_F_MATCH_REQID    (1U << 1) /* only packets decrypted by SAs with `reqid` */
 #define NATFIX_OVERLAY_F_NO_SECPATH     (1U << 2) /* TEST BUILDS ONLY: skip the xfrm secpath gate */
 #define NATFIX_OVERLAY_F_CSUM_COMPLETE  (1U << 3) /* ESP hardware offload: decrypted packets may be CHECKSUM_COMPLETE */
 
 struct natfix_overlay_config {
+	__u32 flags;
+	/* Recompute: how long a checksum delta learned for an address pair is
+	 * trusted before the next datagram is summed in full (0 = always sum). */
+	__u32 delta_window_jiffies;
+};
+
+/* natfix_overlay_settings.flags (live) */
+#define NATFIX_OVERLAY_S_MATCH_REQID (1U << 0) /* only packets decrypted by SAs with `reqid` */
+
+/* The one entry of the overlay_settings map. */
+struct natfix_overlay_settings {
 	__u16 vxlan_ports[NATFIX_MAX_VXLAN_PORTS]; /* host byte order */
 	__u32 nr_ports;
 	__u32 flags;
 	__u32 reqid;
-	/* Recompute: how long a checksum delta learned for an address pair is
-	 * trusted before the next datagram is summed in full (0 = always sum). */
-	__u32 delta_window_jiffies;
+	__u32 pad;
 };
 
 /* A sampled event (ring buffer `natfix_events`): a drop or a rewrite. */

@@ -3,9 +3,10 @@
  * natfix_events.h - sampled events for `natfix monitor`: drops and rewrites,
  * rate-limited per CPU in the kernel so a flood cannot flood userspace.
  *
- * natfix_events_per_sec (set by the loader; 0 = off, and the verifier then
- * removes the code) is the budget of each CPU per second. Events over the
- * budget, or finding the ring full, are skipped: the counters stay exact.
+ * natfix_event_rate (a one-entry map; userspace sets it at attach and
+ * `natfix set --events-rate` changes it live; 0 = off) is the budget of each
+ * CPU per second. Events over the budget, or finding the ring full, are
+ * skipped: the counters stay exact.
  */
 #ifndef NATFIX_EVENTS_H
 #define NATFIX_EVENTS_H
@@ -14,7 +15,12 @@
 #include "natfix_parse.h"
 #include "natfix_clock.h"
 
-const volatile __u32 natfix_events_per_sec __weak = 0;
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32); /* events per CPU per second */
+} natfix_event_rate SEC(".maps") __weak;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -37,9 +43,13 @@ struct {
 static __always_inline int natfix_event_allowed(void)
 {
 	__u32 zero = 0;
-	struct natfix_event_budget *b = bpf_map_lookup_elem(&natfix_event_budget, &zero);
+	__u32 *rate = bpf_map_lookup_elem(&natfix_event_rate, &zero);
+	struct natfix_event_budget *b;
 	__u64 now;
 
+	if (!rate || !*rate)
+		return 0;
+	b = bpf_map_lookup_elem(&natfix_event_budget, &zero);
 	if (!b)
 		return 0;
 	/* Jiffies: an inline load, so a flood's drop path makes no clock call.
@@ -49,7 +59,7 @@ static __always_inline int natfix_event_allowed(void)
 		b->window_start_jiffies = now;
 		b->used = 0;
 	}
-	if (b->used >= natfix_events_per_sec)
+	if (b->used >= *rate)
 		return 0;
 	b->used++;
 	return 1;
@@ -70,7 +80,7 @@ static __always_inline void natfix_emit(__u32 counter, const struct natfix_pkt *
 {
 	struct natfix_event *e;
 
-	if (!natfix_events_per_sec || !natfix_event_allowed())
+	if (!natfix_event_allowed())
 		return;
 	e = bpf_ringbuf_reserve(&natfix_events, sizeof(*e), 0);
 	if (!e)

@@ -58,6 +58,14 @@ static __always_inline int flow_port_maybe(__u16 port_be)
 	return seen && *seen;
 }
 
+static __always_inline __u64 guard_flow_timeout_ns(void)
+{
+	__u32 zero = 0;
+	struct natfix_guard_settings *s = bpf_map_lookup_elem(&guard_settings, &zero);
+
+	return s ? s->flow_timeout_ns : 0;
+}
+
 static __always_inline void flow_key_wildcard(struct natfix_flow_key *key)
 {
 	__builtin_memset(key->remote_addr, 0, sizeof(key->remote_addr));
@@ -85,7 +93,7 @@ static __always_inline int flow_own_solicited(const struct natfix_pkt *pkt)
 		return 0;
 	now = bpf_ktime_get_coarse_ns();
 	/* Signed: an entry stamped by userspace may be a tick ahead of the coarse clock. */
-	if ((__s64)(now - v->last_seen_ns) > (__s64)natfix_guard_cfg.flow_timeout_ns)
+	if ((__s64)(now - v->last_seen_ns) > (__s64)guard_flow_timeout_ns())
 		return 0;
 	if ((__s64)(now - v->last_seen_ns) > (__s64)NATFIX_FLOW_REFRESH_NS)
 		v->last_seen_ns = now;

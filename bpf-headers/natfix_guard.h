@@ -5,6 +5,9 @@
  * caller's: guard_lookup() says whether it must be asked, guard_answer()
  * turns its answer into the verdict.
  *
+ * Which ports are guarded or exempt, dry-run and the allow-src switch are
+ * live settings in maps (natfix_abi.h); filtering is fixed at load.
+ *
  * Order of checks (the Rust model in tests/src/model/guard.rs follows it):
  *   parse result (too deep: drop) -> destination port in a guarded range ->
  *   --allow-port -> --allow-src -> flow (cache, then source) -> drop (or
@@ -20,12 +23,21 @@
 /* Set by the loader before load; the verifier prunes disabled branches. */
 const volatile struct natfix_guard_config natfix_guard_cfg __weak = {};
 
+/* Which ports are guarded, exempt, learned: bit planes (natfix_abi.h), live. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
-	__type(key, __u16); /* port, network byte order */
-	__type(value, __u8);
-} guard_allow_ports SEC(".maps") __weak;
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, NATFIX_PORT_PLANES * NATFIX_PORT_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} guard_ports SEC(".maps") __weak;
+
+/* The guard's live settings (one entry). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct natfix_guard_settings);
+} guard_settings SEC(".maps") __weak;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -46,19 +58,39 @@ struct {
 /* Returned by guard_classify() when only a flow lookup can decide. */
 #define GUARD_NEED_FLOW (-1)
 
-static __always_inline int guard_port_guarded(__u16 port_be)
+/* Whether `port_be` is in bit plane `plane` of guard_ports: one array
+ * lookup, which the verifier inlines. */
+static __always_inline int guard_port_in(__u32 plane, __u16 port_be)
 {
 	__u16 port = bpf_ntohs(port_be);
-	int i;
+	__u32 word = plane * NATFIX_PORT_WORDS + (port >> 6);
+	__u64 *bits = bpf_map_lookup_elem(&guard_ports, &word);
 
-#pragma unroll
-	for (i = 0; i < NATFIX_MAX_PORT_RANGES; i++) {
-		if (i >= natfix_guard_cfg.nr_ranges)
-			break;
-		if (port >= natfix_guard_cfg.ranges[i].first && port <= natfix_guard_cfg.ranges[i].last)
-			return 1;
-	}
-	return 0;
+	return bits && ((*bits >> (port & 63)) & 1);
+}
+
+static __always_inline int guard_port_guarded(__u16 port_be)
+{
+	return guard_port_in(NATFIX_PORT_PLANE_GUARDED, port_be);
+}
+
+static __always_inline int guard_port_exempt(__u16 port_be)
+{
+	return guard_port_in(NATFIX_PORT_PLANE_EXEMPT, port_be);
+}
+
+/* Egress: whether flows from this local port are learned (own table). */
+static __always_inline int guard_port_learned(__u16 port_be)
+{
+	return guard_port_in(NATFIX_PORT_PLANE_LEARN, port_be);
+}
+
+static __always_inline __u32 guard_settings_flags(void)
+{
+	__u32 zero = 0;
+	struct natfix_guard_settings *s = bpf_map_lookup_elem(&guard_settings, &zero);
+
+	return s ? s->flags : 0;
 }
 
 static __always_inline int guard_src_allowed(const struct natfix_pkt *pkt)
@@ -79,14 +111,24 @@ static __always_inline int guard_src_allowed(const struct natfix_pkt *pkt)
  * kernel will hand to conntrack: dropped, as no legitimate traffic is so deep. */
 static __always_inline int guard_too_deep(void)
 {
-	return (natfix_guard_cfg.flags & NATFIX_GUARD_F_DRY_RUN) ? NATFIX_CNT_GUARD_WOULD_DROP
-								   : NATFIX_CNT_GUARD_DROP_TOO_DEEP;
+	return (guard_settings_flags() & NATFIX_GUARD_S_DRY_RUN) ? NATFIX_CNT_GUARD_WOULD_DROP
+								 : NATFIX_CNT_GUARD_DROP_TOO_DEEP;
 }
 
 /* Whether the verdict `why` drops the packet. */
 static __always_inline int guard_drops(int why)
 {
 	return why == NATFIX_CNT_GUARD_DROP_UNSOLICITED || why == NATFIX_CNT_GUARD_DROP_TOO_DEEP;
+}
+
+/* For UDP to a guarded port: an exemption's counter, else GUARD_NEED_FLOW. */
+static __always_inline int guard_exemption(const struct natfix_pkt *pkt)
+{
+	if (guard_port_exempt(pkt->dport))
+		return NATFIX_CNT_GUARD_EXEMPT_PORT;
+	if ((guard_settings_flags() & NATFIX_GUARD_S_ALLOW_SRC) && guard_src_allowed(pkt))
+		return NATFIX_CNT_GUARD_EXEMPT_SRC;
+	return GUARD_NEED_FLOW;
 }
 
 /* A counter id for packets decided without a flow lookup, else GUARD_NEED_FLOW. */
@@ -106,18 +148,13 @@ static __always_inline int guard_classify(int parse_rc, const struct natfix_pkt 
 	}
 	if (!guard_port_guarded(pkt->dport))
 		return NATFIX_CNT_GUARD_OUT_OF_SCOPE;
-	if ((natfix_guard_cfg.flags & NATFIX_GUARD_F_ALLOW_PORTS) &&
-	    bpf_map_lookup_elem(&guard_allow_ports, &pkt->dport))
-		return NATFIX_CNT_GUARD_EXEMPT_PORT;
-	if ((natfix_guard_cfg.flags & NATFIX_GUARD_F_ALLOW_SRC) && guard_src_allowed(pkt))
-		return NATFIX_CNT_GUARD_EXEMPT_SRC;
-	return GUARD_NEED_FLOW;
+	return guard_exemption(pkt);
 }
 
 static __always_inline int guard_unsolicited(void)
 {
-	return (natfix_guard_cfg.flags & NATFIX_GUARD_F_DRY_RUN) ? NATFIX_CNT_GUARD_WOULD_DROP
-								   : NATFIX_CNT_GUARD_DROP_UNSOLICITED;
+	return (guard_settings_flags() & NATFIX_GUARD_S_DRY_RUN) ? NATFIX_CNT_GUARD_WOULD_DROP
+								 : NATFIX_CNT_GUARD_DROP_UNSOLICITED;
 }
 
 /* guard_v4_fast() leaves the packet to the general path. */
@@ -150,10 +187,12 @@ static __always_inline int guard_v4_fast(void *data, void *data_end, struct natf
 		return GUARD_NOT_FAST;
 	if (!guard_port_guarded(udp->dest))
 		return NATFIX_CNT_GUARD_OUT_OF_SCOPE;
-	if (natfix_guard_cfg.flags & (NATFIX_GUARD_F_ALLOW_PORTS | NATFIX_GUARD_F_ALLOW_SRC)) {
-		/* Exemptions come before flows. */
+	/* Exemptions come before flows. */
+	if (guard_port_exempt(udp->dest))
+		return NATFIX_CNT_GUARD_EXEMPT_PORT;
+	if (guard_settings_flags() & NATFIX_GUARD_S_ALLOW_SRC) {
 		guard_pkt_v4(pkt, iph->saddr, iph->daddr, udp->source, udp->dest);
-		why = guard_classify(NATFIX_PARSE_UDP, pkt);
+		why = guard_exemption(pkt);
 		if (why != GUARD_NEED_FLOW)
 			return why;
 	}

@@ -142,46 +142,65 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
-pub const MAX_PORT_RANGES: usize = 16;
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PortRange {
-    pub first: u16,
-    pub last: u16,
-}
-
-pub const GUARD_F_DRY_RUN: u32 = 1 << 0;
+/// natfix_guard_config.flags (fixed at load).
 pub const GUARD_F_ENDPOINT_INDEP: u32 = 1 << 1;
-pub const GUARD_F_ALLOW_PORTS: u32 = 1 << 2;
-pub const GUARD_F_ALLOW_SRC: u32 = 1 << 3;
 
+/// The guard's `const volatile` configuration: what the verifier prunes on.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GuardConfig {
-    pub ranges: [PortRange; MAX_PORT_RANGES],
-    pub nr_ranges: u32,
     pub flags: u32,
+    pub pad: u32,
+}
+
+/// natfix_guard_settings.flags (live).
+pub const GUARD_S_DRY_RUN: u32 = 1 << 0;
+pub const GUARD_S_ALLOW_SRC: u32 = 1 << 1;
+
+/// The one entry of the `guard_settings` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardSettings {
+    pub flags: u32,
+    pub pad: u32,
     pub flow_timeout_ns: u64,
 }
 
+/// The `guard_ports` bit planes: NATFIX_PORT_WORDS u64 words each.
+pub const PORT_WORDS: u32 = 1024;
+pub const PORT_PLANE_GUARDED: u32 = 0;
+pub const PORT_PLANE_EXEMPT: u32 = 1;
+pub const PORT_PLANE_LEARN: u32 = 2;
+pub const PORT_PLANES: u32 = 3;
+
 pub const MAX_VXLAN_PORTS: usize = 8;
 pub const OVERLAY_F_RECOMPUTE: u32 = 1 << 0;
-pub const OVERLAY_F_MATCH_REQID: u32 = 1 << 1;
 /// Test builds only: skip the xfrm secpath gate so BPF_PROG_TEST_RUN reaches the rewrite.
 pub const OVERLAY_F_NO_SECPATH: u32 = 1 << 2;
 /// Decrypted packets may arrive CHECKSUM_COMPLETE (ESP hardware offload): the writer keeps skb->csum in step.
 pub const OVERLAY_F_CSUM_COMPLETE: u32 = 1 << 3;
 
+/// The overlay program's `const volatile` configuration.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OverlayConfig {
+    pub flags: u32,
+    /// Recompute: jiffies a learned checksum delta is trusted (0 = always sum in full).
+    pub delta_window_jiffies: u32,
+}
+
+/// natfix_overlay_settings.flags (live).
+pub const OVERLAY_S_MATCH_REQID: u32 = 1 << 0;
+
+/// The one entry of the `overlay_settings` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlaySettings {
     pub vxlan_ports: [u16; MAX_VXLAN_PORTS],
     pub nr_ports: u32,
     pub flags: u32,
     pub reqid: u32,
-    /// Recompute: jiffies a learned checksum delta is trusted (0 = always sum in full).
-    pub delta_window_jiffies: u32,
+    pub pad: u32,
 }
 
 /// A sampled event from the `natfix_events` ring buffer (struct natfix_event).
@@ -296,7 +315,9 @@ pub struct LpmV6 {
 // kernel could leak or reject (FlowKey's pad is explicit).
 unsafe impl aya::Pod for CounterValue {}
 unsafe impl aya::Pod for GuardConfig {}
+unsafe impl aya::Pod for GuardSettings {}
 unsafe impl aya::Pod for OverlayConfig {}
+unsafe impl aya::Pod for OverlaySettings {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowValue {}
 unsafe impl aya::Pod for LpmV4 {}
@@ -304,10 +325,11 @@ unsafe impl aya::Pod for LpmV6 {}
 
 const _: () = {
     assert!(size_of::<CounterValue>() == 16);
-    assert!(size_of::<PortRange>() == 4);
-    assert!(size_of::<GuardConfig>() == 80);
+    assert!(size_of::<GuardConfig>() == 8);
+    assert!(size_of::<GuardSettings>() == 16);
     assert!(size_of::<FlowKey>() == 40);
-    assert!(size_of::<OverlayConfig>() == 32);
+    assert!(size_of::<OverlayConfig>() == 8);
+    assert!(size_of::<OverlaySettings>() == 32);
     assert!(size_of::<Event>() == 64);
     assert!(size_of::<FlowValue>() == 8);
     assert!(size_of::<LpmV4>() == 8);

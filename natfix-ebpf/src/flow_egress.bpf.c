@@ -28,7 +28,7 @@ int natfix_flow_egress(struct __sk_buff *skb)
 		data_end = (void *)(long)skb->data_end;
 		why = natfix_parse_udp(data, data_end, &pkt);
 	}
-	if (why != NATFIX_PARSE_UDP || !guard_port_guarded(pkt.sport)) {
+	if (why != NATFIX_PARSE_UDP || !guard_port_learned(pkt.sport)) {
 		natfix_count(NATFIX_CNT_FLOW_OUT_OF_SCOPE, skb->len);
 		return NATFIX_TC_NEXT;
 	}

@@ -49,13 +49,15 @@ pub mod maps {
     pub const COUNTERS: &str = "natfix_counters";
     pub const GUARD_FLOWS: &str = "guard_flows";
     pub const GUARD_FLOW_PORTS: &str = "guard_flow_ports";
-    pub const GUARD_ALLOW_PORTS: &str = "guard_allow_ports";
+    pub const GUARD_PORTS: &str = "guard_ports";
+    pub const GUARD_SETTINGS: &str = "guard_settings";
     pub const GUARD_ALLOW_SRC4: &str = "guard_allow_src4";
     pub const GUARD_ALLOW_SRC6: &str = "guard_allow_src6";
     pub const GUARD_CONFIG: &str = "natfix_guard_cfg";
     pub const OVERLAY_CONFIG: &str = "natfix_overlay_cfg";
     pub const EVENTS: &str = "natfix_events";
-    pub const EVENTS_PER_SEC: &str = "natfix_events_per_sec";
+    pub const EVENT_RATE: &str = "natfix_event_rate";
+    pub const OVERLAY_SETTINGS: &str = "overlay_settings";
     pub const HZ: &str = "natfix_hz";
     pub const OVERLAY_WRITER: &str = "overlay_writer";
 }

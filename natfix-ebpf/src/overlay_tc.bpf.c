@@ -29,6 +29,21 @@
 
 const volatile struct natfix_overlay_config natfix_overlay_cfg = {};
 
+/* The overlay fix's live settings (one entry): VXLAN ports, reqid. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct natfix_overlay_settings);
+} overlay_settings SEC(".maps");
+
+static __always_inline struct natfix_overlay_settings *overlay_settings_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&overlay_settings, &zero);
+}
+
 /* Slots of the writers' program array (the loader fills both). */
 #define OVERLAY_WRITER_ANY 0
 #define OVERLAY_WRITER_V4_ZERO 1
@@ -56,14 +71,17 @@ struct overlay_rewrite {
 
 static __always_inline int overlay_port(__u16 port_be)
 {
+	struct natfix_overlay_settings *s = overlay_settings_get();
 	__u16 port = bpf_ntohs(port_be);
 	int i;
 
+	if (!s)
+		return 0;
 #pragma unroll
 	for (i = 0; i < NATFIX_MAX_VXLAN_PORTS; i++) {
-		if (i >= natfix_overlay_cfg.nr_ports)
+		if (i >= s->nr_ports)
 			break;
-		if (port == natfix_overlay_cfg.vxlan_ports[i])
+		if (port == s->vxlan_ports[i])
 			return 1;
 	}
 	return 0;
@@ -74,13 +92,15 @@ static __always_inline int overlay_gate(struct __sk_buff *skb)
 {
 	/* Uninitialised: the helper fills it or fails (ARG_PTR_TO_UNINIT_MEM). */
 	struct bpf_xfrm_state st;
+	struct natfix_overlay_settings *s;
 
 	if (natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_NO_SECPATH)
 		return -1;
 	/* Fails unless the skb carries a secpath: cleartext VXLAN. */
 	if (bpf_skb_get_xfrm_state(skb, 0, &st, sizeof(st), 0))
 		return NATFIX_CNT_OVERLAY_CLEARTEXT;
-	if ((natfix_overlay_cfg.flags & NATFIX_OVERLAY_F_MATCH_REQID) && st.reqid != natfix_overlay_cfg.reqid)
+	s = overlay_settings_get();
+	if (s && (s->flags & NATFIX_OVERLAY_S_MATCH_REQID) && st.reqid != s->reqid)
 		return NATFIX_CNT_OVERLAY_OTHER_SA;
 	return -1;
 }

@@ -6,16 +6,22 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
 use crate::config::{
-    AttachSpec, Cidr, CsumBackend, CsumMode, DEFAULT_EVENTS_PER_SEC, Filtering, FlowSource, GuardHook, GuardSpec,
-    IfaceName, IfaceSel, OverlaySpec, PortRange, XdpMode, parse_port_range,
+    AttachSpec, Cidr, CsumBackend, CsumMode, DEFAULT_EVENTS_PER_SEC, Delta, Filtering, FlowSource, GuardHook, GuardSpec,
+    IfaceName, IfaceSel, OverlaySpec, Port, PortRange, SettingsChange, XdpMode, parse_port_range,
 };
 
 #[derive(Debug, Parser)]
 #[command(name = "natfix", version, about = "eBPF data-plane fixes for container hosts behind NAT")]
 pub struct Cli {
-    /// Log filter (also NATFIX_LOG), e.g. `debug` or `natfix=trace`.
-    #[arg(long, global = true, default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `debug` or `natfix=trace` [default: RUST_LOG, else info].
+    #[arg(long, global = true, env = "NATFIX_LOG")]
+    pub log: Option<String>,
+    /// More log: -v debug, -vv trace (over --log).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Less log: -q warnings and errors only, -qq errors only.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub quiet: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -40,6 +46,129 @@ pub enum Command {
     Diagnose(DiagnoseArgs),
     /// Stream sampled drop and rewrite events of attachments (like `cilium monitor`).
     Monitor(MonitorArgs),
+    /// Change a running or pinned attachment's settings in place (no reload: counters and flows stay).
+    Set(SetArgs),
+    /// Delete the conntrack entries unsolicited UDP already created to guarded ports (attach does it too).
+    Reap(ReapArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReapArgs {
+    /// Network namespace (same forms as for attach). Default: natfix's own.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Only this interface's guard; with --guard, the interface outsiders arrive by (default: the default route's).
+    #[arg(long, value_parser = parse_iface)]
+    pub iface: Option<IfaceName>,
+    /// Reap these port ranges instead of each attached guard's (repeatable).
+    #[arg(long = "guard", value_name = "RANGE", value_parser = parse_port_range)]
+    pub ranges: Vec<PortRange>,
+    /// With --guard: a published port whose entries stay (repeatable).
+    #[arg(long = "allow-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..), requires = "ranges")]
+    pub allow_ports: Vec<u16>,
+    /// With --guard: a trusted source prefix whose entries stay (repeatable).
+    #[arg(long = "allow-src", value_name = "CIDR", requires = "ranges")]
+    pub allow_src: Vec<Cidr>,
+    /// List what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SetArgs {
+    /// Interface, as named inside the namespace.
+    #[arg(long, value_parser = parse_iface)]
+    pub iface: IfaceName,
+    /// Network namespace (same forms as for attach). Default: natfix's own.
+    #[arg(long)]
+    pub netns: Option<String>,
+    /// Guard exactly these ranges (repeatable; replaces the ranges in force).
+    #[arg(long = "guard", value_name = "RANGE", value_parser = parse_port_range)]
+    pub ranges: Vec<PortRange>,
+    /// Exempt a published port (`+P` or `P`), or stop exempting it (`-P`). Repeatable.
+    #[arg(long = "allow-port", value_name = "[+|-]PORT", allow_hyphen_values = true)]
+    pub allow_ports: Vec<Delta<Port>>,
+    /// Let a source prefix's unsolicited UDP through (`+CIDR`), or stop (`-CIDR`). Repeatable.
+    #[arg(long = "allow-src", value_name = "[+|-]CIDR", allow_hyphen_values = true)]
+    pub allow_src: Vec<Delta<Cidr>>,
+    /// Count what would be dropped and drop nothing (on), or drop (off).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub dry_run: Option<bool>,
+    /// Own flow table: idle time after which a flow stops admitting replies (seconds).
+    #[arg(long, value_name = "SECS", value_parser = parse_positive_secs)]
+    pub flow_timeout: Option<Duration>,
+    /// Sampled events per CPU per second (0: none).
+    #[arg(long, value_name = "N")]
+    pub events_rate: Option<u32>,
+    /// The overlay fix's VXLAN ports (repeatable; replaces the ports in force), or `auto`.
+    #[arg(long = "vxlan-port", value_name = "PORT|auto", value_parser = parse_vxlan_port)]
+    pub vxlan_ports: Vec<VxlanPort>,
+    /// Only packets decrypted by SAs with this reqid; `any` to match every SA again.
+    #[arg(long, value_name = "REQID|any", value_parser = parse_reqid_or_any)]
+    pub reqid: Option<Option<u32>>,
+    /// Keep conntrack entries unsolicited UDP made to ports this change guards (default: delete them).
+    #[arg(long)]
+    pub no_reap: bool,
+    /// Print the record in force afterwards as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One `--vxlan-port` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VxlanPort {
+    Auto,
+    Port(u16),
+}
+
+fn parse_vxlan_port(s: &str) -> Result<VxlanPort, String> {
+    if s == "auto" {
+        return Ok(VxlanPort::Auto);
+    }
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("`{s}` is neither a port (1-65535) nor `auto`")),
+        Ok(p) => Ok(VxlanPort::Port(p)),
+    }
+}
+
+/// The ports named; empty for `auto` (which stands alone).
+fn vxlan_ports(args: &[VxlanPort]) -> Result<Vec<u16>, String> {
+    let ports: Vec<u16> = args.iter().filter_map(|a| if let VxlanPort::Port(p) = a { Some(*p) } else { None }).collect();
+    if args.contains(&VxlanPort::Auto) && !ports.is_empty() {
+        return Err("--vxlan-port auto cannot be combined with port numbers".into());
+    }
+    Ok(ports)
+}
+
+impl SetArgs {
+    pub fn change(&self) -> Result<SettingsChange, String> {
+        Ok(SettingsChange {
+            ranges: (!self.ranges.is_empty()).then(|| self.ranges.clone()),
+            allow_ports: self.allow_ports.clone(),
+            allow_src: self.allow_src.clone(),
+            dry_run: self.dry_run,
+            flow_timeout: self.flow_timeout,
+            events_per_sec: self.events_rate,
+            vxlan_ports: if self.vxlan_ports.is_empty() { None } else { Some(vxlan_ports(&self.vxlan_ports)?) },
+            reqid: self.reqid,
+            no_reap: self.no_reap,
+        })
+    }
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("`{s}` is not on or off")),
+    }
+}
+
+fn parse_reqid_or_any(s: &str) -> Result<Option<u32>, String> {
+    if s == "any" { Ok(None) } else { parse_u32_any_base(s).map(Some) }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -155,7 +284,7 @@ pub struct AttachArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Unsolicited-UDP guard")]
 pub struct GuardArgs {
-    /// Guard these destination ports: `20000-30000` or `5000` (repeatable, up to 16).
+    /// Guard these destination ports: `20000-30000` or `5000` (repeatable, up to 64).
     #[arg(long = "guard", value_name = "RANGE", value_parser = parse_port_range)]
     pub ranges: Vec<PortRange>,
     /// Where the guard runs.
@@ -185,6 +314,9 @@ pub struct GuardArgs {
     /// Count what would be dropped; drop nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Keep the conntrack entries unsolicited UDP created before attach (by default they are deleted).
+    #[arg(long)]
+    pub no_reap: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -193,9 +325,10 @@ pub struct OverlayArgs {
     /// Repair the UDP checksum of decrypted VXLAN (encrypted overlay behind 1:1 NAT).
     #[arg(long)]
     pub overlay_fix: bool,
-    /// VXLAN UDP port (repeatable, up to 8; default 4789).
-    #[arg(long = "vxlan-port", value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    pub vxlan_ports: Vec<u16>,
+    /// VXLAN UDP port (repeatable, up to 8), or `auto` (default): the ports of
+    /// the VXLAN devices on the host and in Docker's namespaces, else 4789.
+    #[arg(long = "vxlan-port", value_name = "PORT|auto", value_parser = parse_vxlan_port)]
+    pub vxlan_ports: Vec<VxlanPort>,
     /// Only packets decrypted by SAs with this reqid (Docker uses 0xD0C4E3).
     #[arg(long, value_name = "REQID", value_parser = parse_u32_any_base)]
     pub reqid: Option<u32>,
@@ -205,6 +338,20 @@ pub struct OverlayArgs {
     /// Which mechanism repairs it.
     #[arg(long, value_enum, default_value_t = CsumBackend::Auto)]
     pub csum_backend: CsumBackend,
+}
+
+impl Cli {
+    /// The log filter: -v/-q, else --log (or NATFIX_LOG), else RUST_LOG, else info.
+    #[must_use]
+    pub fn log_filter(&self) -> String {
+        match (self.verbose, self.quiet) {
+            (0, 0) => self.log.clone().or_else(|| std::env::var("RUST_LOG").ok()).unwrap_or_else(|| "info".into()),
+            (1, _) => "debug".into(),
+            (v, _) if v >= 2 => "trace".into(),
+            (_, 1) => "warn".into(),
+            _ => "error".into(),
+        }
+    }
 }
 
 impl GuardArgs {
@@ -222,6 +369,7 @@ impl GuardArgs {
             allow_ports: self.allow_ports.clone(),
             allow_src: self.allow_src.clone(),
             dry_run: self.dry_run,
+            no_reap: self.no_reap,
         })
     }
 }
@@ -238,7 +386,7 @@ impl OverlayArgs {
             return if touched { Err("--vxlan-port, --reqid, --csum and --csum-backend need --overlay-fix".into()) } else { Ok(None) };
         }
         Ok(Some(OverlaySpec {
-            vxlan_ports: self.vxlan_ports.clone(),
+            vxlan_ports: vxlan_ports(&self.vxlan_ports)?,
             reqid: self.reqid,
             csum: self.csum,
             backend: self.csum_backend,
@@ -383,9 +531,9 @@ mod tests {
         assert!(spec_err(&["--iface", "e", "--guard", "1", "--reqid", "5"]).contains("need --overlay-fix"));
         assert!(spec_err(&["--iface", "e", "--guard", "1", "--guard-hook", "tc", "--xdp-mode", "native"]).contains("--xdp-mode"));
         assert!(spec_err(&["--iface", "e", "--guard", "1", "--flow-source", "conntrack", "--flow-timeout", "5"]).contains("conntrack"));
-        let many: Vec<String> = (1..=17).map(|p| format!("--guard={p}")).collect();
+        let many: Vec<String> = (1..=65).map(|p| format!("--guard={p}")).collect();
         let many: Vec<&str> = ["--iface", "e"].into_iter().chain(many.iter().map(String::as_str)).collect();
-        assert!(spec_err(&many).contains("at most 16"));
+        assert!(spec_err(&many).contains("at most 64"));
     }
 
     #[test]

@@ -2,36 +2,30 @@
 //! attaches and follows conntrack events, so flows that began before natfix
 //! started, or that leave by another interface, still count as solicited.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use tracing::{debug, warn};
 
 use crate::{
-    abi::{FlowKey, FlowValue, PortRange},
+    abi::{self, FlowKey, FlowValue},
     conntrack::{self, CtEntry, CtEventKind, CtEventStream, IPS_SEEN_REPLY},
+    pins::{self, PinDir},
     sys::netns::Netns,
 };
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of bpf_ktime_get_coarse_ns(),
 /// which stamps the own flow table.
-#[must_use]
-pub fn flow_clock_ns() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
-        .unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
-}
+pub use crate::sys::clock::monotonic_coarse_ns as flow_clock_ns;
 
 /// Which own-table keys a conntrack entry stands for.
 ///
 /// Replies to flows this host started arrive as the entry's reply tuple
 /// (remote -> our post-SNAT address). A flow the remote started is
 /// solicited once it has seen a reply (the seed's ESTABLISHED); its packets
-/// arrive as the original tuple. Only guarded local ports matter.
+/// arrive as the original tuple. Only local ports whose flows are learned
+/// (`guarded`) matter.
 #[must_use]
-pub fn keys_for(entry: &CtEntry, ranges: &[PortRange], endpoint_independent: bool) -> Vec<FlowKey> {
-    let guarded = |port: u16| ranges.iter().any(|r| (r.first..=r.last).contains(&port));
+pub fn keys_for(entry: &CtEntry, guarded: impl Fn(u16) -> bool, endpoint_independent: bool) -> Vec<FlowKey> {
     let mut keys = Vec::new();
     let r = &entry.reply;
     if guarded(r.dport) {
@@ -58,19 +52,30 @@ pub fn mark_port<T: std::borrow::BorrowMut<MapData>>(ports: &mut Array<T, u8>, k
 pub struct FlowSync {
     flows: BpfHashMap<MapData, FlowKey, FlowValue>,
     ports: Array<MapData, u8>,
-    ranges: Vec<PortRange>,
+    /// The guard's port planes: which local ports' flows are learned, read
+    /// live so that `natfix set` changing the ranges is followed.
+    planes: Array<MapData, u64>,
     endpoint_independent: bool,
 }
 
+fn open_pin(dir: &PinDir, name: &str) -> Result<MapData> {
+    let path = dir.map(name);
+    MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))
+}
+
 impl FlowSync {
-    /// `flows_pin`: the pinned flow table; its port map is pinned beside it.
-    pub fn open(flows_pin: &Path, ranges: Vec<PortRange>, endpoint_independent: bool) -> Result<Self> {
-        let data = MapData::from_pin(flows_pin).with_context(|| format!("cannot open {}", flows_pin.display()))?;
-        let flows = BpfHashMap::try_from(aya::maps::Map::LruHashMap(data))?;
-        let ports_pin = flows_pin.with_file_name(crate::pins::GUARD_FLOW_PORTS);
-        let data = MapData::from_pin(&ports_pin).with_context(|| format!("cannot open {}", ports_pin.display()))?;
-        let ports = Array::try_from(aya::maps::Map::Array(data))?;
-        Ok(Self { flows, ports, ranges, endpoint_independent })
+    /// Opens the own flow table of the attachment in `dir` and the maps beside it.
+    pub fn open(dir: &PinDir, endpoint_independent: bool) -> Result<Self> {
+        let flows = BpfHashMap::try_from(aya::maps::Map::LruHashMap(open_pin(dir, pins::GUARD_FLOWS)?))?;
+        let ports = Array::try_from(aya::maps::Map::Array(open_pin(dir, pins::GUARD_FLOW_PORTS)?))?;
+        let planes = Array::try_from(aya::maps::Map::Array(open_pin(dir, pins::GUARD_PORTS)?))?;
+        Ok(Self { flows, ports, planes, endpoint_independent })
+    }
+
+    /// Whether flows from local `port` are learned (the LEARN plane).
+    fn learned(&self, port: u16) -> bool {
+        let word = abi::PORT_PLANE_LEARN * abi::PORT_WORDS + u32::from(port >> 6);
+        self.planes.get(&word, 0).is_ok_and(|bits| bits >> (port & 63) & 1 == 1)
     }
 
     /// Inserts the keys of `entries`; returns how many keys were written.
@@ -78,7 +83,7 @@ impl FlowSync {
         let now = FlowValue { last_seen_ns: flow_clock_ns() };
         let mut written = 0;
         for entry in entries {
-            for key in keys_for(entry, &self.ranges, self.endpoint_independent) {
+            for key in keys_for(entry, |p| self.learned(p), self.endpoint_independent) {
                 if let Err(e) = mark_port(&mut self.ports, &key) {
                     warn!("{e:#}; not adding the flow");
                     continue;
@@ -151,16 +156,18 @@ mod tests {
         CtEntry { orig: t(orig), reply: t(reply), status, timeout_secs: None }
     }
 
-    const RANGES: &[PortRange] = &[PortRange { first: 20000, last: 30000 }];
+    fn guarded(port: u16) -> bool {
+        (20000..=30000).contains(&port)
+    }
 
     #[test]
     fn masqueraded_flow_admits_its_reply() {
         // container 10.77.0.2:25000 -> remote:7000, SNAT to 198.51.100.10:25000
         let e = entry(("10.77.0.2", 25000, "198.51.100.20", 7000), ("198.51.100.20", 7000, "198.51.100.10", 25000), 0);
-        let keys = keys_for(&e, RANGES, false);
+        let keys = keys_for(&e, guarded, false);
         let want = FlowKey::new("198.51.100.10".parse().unwrap(), 25000, Some(("198.51.100.20".parse().unwrap(), 7000)));
         assert_eq!(keys, vec![want]);
-        let eif = keys_for(&e, RANGES, true);
+        let eif = keys_for(&e, guarded, true);
         assert_eq!(eif.len(), 2);
         assert!(eif.contains(&FlowKey::new("198.51.100.10".parse().unwrap(), 25000, None)));
     }
@@ -169,8 +176,8 @@ mod tests {
     fn remote_started_flow_counts_only_once_answered() {
         let orig = ("198.51.100.20", 7000, "198.51.100.10", 25000);
         let reply = ("198.51.100.10", 25000, "198.51.100.20", 7000);
-        assert!(keys_for(&entry(orig, reply, 0), RANGES, false).is_empty(), "unanswered probe stays unsolicited");
-        let answered = keys_for(&entry(orig, reply, IPS_SEEN_REPLY), RANGES, false);
+        assert!(keys_for(&entry(orig, reply, 0), guarded, false).is_empty(), "unanswered probe stays unsolicited");
+        let answered = keys_for(&entry(orig, reply, IPS_SEEN_REPLY), guarded, false);
         assert_eq!(
             answered,
             vec![FlowKey::new("198.51.100.10".parse().unwrap(), 25000, Some(("198.51.100.20".parse().unwrap(), 7000)))]
@@ -180,6 +187,6 @@ mod tests {
     #[test]
     fn unguarded_ports_are_ignored() {
         let e = entry(("10.0.0.2", 5000, "192.0.2.1", 53), ("192.0.2.1", 53, "198.51.100.10", 5000), IPS_SEEN_REPLY);
-        assert!(keys_for(&e, RANGES, true).is_empty());
+        assert!(keys_for(&e, guarded, true).is_empty());
     }
 }

@@ -17,6 +17,7 @@ pub mod loader;
 pub mod observe;
 pub mod overlay;
 pub mod pins;
+pub mod reap;
 pub mod record;
 pub mod sys;
 

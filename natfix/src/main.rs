@@ -8,7 +8,7 @@ use natfix::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log_filter());
     match run(&cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -18,12 +18,11 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr, coloured only on a terminal; NATFIX_LOG, then
-/// RUST_LOG, then `--log` choose the filter.
-fn init_logging(flag: &str) {
-    let filter = std::env::var("NATFIX_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| flag.to_owned());
+/// Logs go to stderr, coloured only on a terminal (`Cli::log_filter` picks
+/// the filter; a malformed one falls back to info).
+fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
@@ -52,6 +51,17 @@ fn run(command: &Command) -> anyhow::Result<u8> {
             }
         }
         Command::Monitor(m) => commands::monitor::run(m.iface.as_ref(), m.netns.as_deref(), m.json, m.count)?,
+        Command::Set(s) => commands::set::run(&s.iface, s.netns.as_deref(), s.change().map_err(usage)?, s.json)?,
+        Command::Reap(r) => {
+            let req = commands::reap::ReapRequest {
+                iface: r.iface.clone(),
+                ranges: r.ranges.clone(),
+                allow_ports: r.allow_ports.clone(),
+                allow_src: r.allow_src.clone(),
+                dry_run: r.dry_run,
+            };
+            commands::reap::run(r.netns.as_deref(), &req, r.json)?;
+        }
     }
     Ok(0)
 }

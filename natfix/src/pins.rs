@@ -43,6 +43,14 @@ pub const OVERLAY_COUNTERS: &str = "overlay_counters";
 pub const GUARD_EVENTS: &str = "events";
 pub const OVERLAY_EVENTS: &str = "overlay_events";
 pub const OVERLAY_WRITER: &str = "overlay_writer";
+/// Pin names of the maps `natfix set` rewrites (loader::settings).
+pub const GUARD_PORTS: &str = "ports";
+pub const GUARD_SETTINGS: &str = "settings";
+pub const GUARD_ALLOW_SRC4: &str = "allow_src4";
+pub const GUARD_ALLOW_SRC6: &str = "allow_src6";
+pub const GUARD_EVENT_RATE: &str = "event_rate";
+pub const OVERLAY_SETTINGS: &str = "overlay_settings";
+pub const OVERLAY_EVENT_RATE: &str = "overlay_event_rate";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const META_SIZE: usize = 4096;
 const STAGING_PREFIX: &str = "staging:";
@@ -62,13 +70,48 @@ pub fn require_bpffs() -> Result<()> {
     match stat {
         Ok(s) if i64::from(s.filesystem_type().0) == BPF_FS_MAGIC => {}
         Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => bail!(privilege(BPFFS)),
-        _ => bail!(UserError::Unsupported(format!(
-            "no bpffs mounted at {BPFFS}: run `mount -t bpf bpf {BPFFS}` (in a container: -v {BPFFS}:{BPFFS})"
-        ))),
+        _ => bail!(UserError::Unsupported(missing_bpffs_advice())),
     }
     match std::fs::read_dir(root()) {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(privilege(&root().display().to_string())),
         _ => Ok(()),
+    }
+}
+
+/// A foreground attach run by `ip netns exec` (a private mount namespace
+/// whose /sys has no bpffs) mounts its own bpffs there, as bpftool does:
+/// nothing outside sees it, and it goes with the process, which is what a
+/// foreground attachment does anyway. Elsewhere, as `require_bpffs`.
+pub fn require_bpffs_or_mount_private() -> Result<()> {
+    let missing = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| i64::from(s.filesystem_type().0) != BPF_FS_MAGIC);
+    let private = std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
+    if missing && private {
+        use nix::mount::{MsFlags, mount};
+        mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
+            .map_err(|e| anyhow::anyhow!("{}; mounting a private one failed: {e}", missing_bpffs_advice()))?;
+        tracing::warn!(
+            "mounted a private bpffs at {BPFFS} (this mount namespace had none): `natfix status` from the host will not list this attachment; `natfix attach --netns NS` from the host is the usual way"
+        );
+    }
+    require_bpffs()
+}
+
+/// Why there is no bpffs, and what to do. `ip netns exec` remounts /sys
+/// (without bpffs) for the command it runs: the usual cause inside one.
+fn missing_bpffs_advice() -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let here = crate::sys::netns::current_inode().ok();
+    let named = std::fs::read_dir(crate::sys::netns::IP_NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .find(|e| std::fs::metadata(e.path()).is_ok_and(|m| Some(m.ino()) == here))
+        .map(|e| e.file_name().to_string_lossy().into_owned());
+    match named {
+        Some(ns) => format!(
+            "no bpffs mounted at {BPFFS}: `ip netns exec` remounts /sys without it; run `natfix ... --netns {ns}` from the host instead"
+        ),
+        None => format!("no bpffs mounted at {BPFFS}: run `mount -t bpf bpf {BPFFS}` (in a container: -v {BPFFS}:{BPFFS})"),
     }
 }
 

@@ -45,6 +45,9 @@ pub struct AttachmentMeta {
     /// interface (random, set at attach); empty in records of natfix < 0.2.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
+    /// Sampled events per CPU per second (`--events-rate`); None in records of natfix < 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_per_sec: Option<u32>,
 }
 
 /// natfix's eBPF programs, by the C function names records carry.
@@ -153,11 +156,21 @@ pub struct GuardMeta {
     pub dry_run: bool,
     pub allow_ports: Vec<u16>,
     pub allow_src: Vec<Cidr>,
+    /// Conntrack entries of unsolicited UDP this attachment deleted (`reap`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reaped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OverlayMeta {
     pub vxlan_ports: Vec<u16>,
+    /// The ports were discovered (`--vxlan-port auto`): the agent follows them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vxlan_auto: bool,
     pub csum: CsumMode,
     pub backend: CsumBackend,
     pub reqid: Option<u32>,

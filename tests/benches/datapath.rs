@@ -11,7 +11,7 @@ use std::{net::Ipv4Addr, process::Command};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
 use natfix::{
-    abi::{OVERLAY_F_CSUM_COMPLETE, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig},
+    abi::{OVERLAY_F_CSUM_COMPLETE, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE},
     loader::{GuardPlan, object::load_program},
 };
 use natfix_ebpf::rig;
@@ -130,8 +130,8 @@ fn bench(runs: usize, repeat: u32) {
         }
     }
     let overlay_cfg = |flags, delta_window_jiffies| {
-        let mut c = OverlayConfig { nr_ports: 1, flags, delta_window_jiffies, ..OverlayConfig::default() };
-        c.vxlan_ports[0] = 4789;
+        let mut c = natfix_testkit::harness::OverlaySetup::new(flags, &[4789], None);
+        c.config.delta_window_jiffies = delta_window_jiffies;
         c
     };
     let hz = natfix::sys::features::kernel_hz().expect("HZ");

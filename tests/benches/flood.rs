@@ -32,7 +32,7 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId, xdp::XdpLink, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use natfix::{
-    abi::{Counter, OverlayConfig},
+    abi::Counter,
     config::{AttachSpec, IfaceSel},
     lab::scratch::{ScratchNs, bind_udp, run, sock, veth},
     loader::{self, AttachPlan, object::load_program},
@@ -491,9 +491,7 @@ struct Attached {
 /// The overlay tc program as `natfix attach --overlay-fix --csum-backend both` configures it: zero mode,
 /// VXLAN port 4789, secpath gate on.
 fn overlay_as_attached() -> OverlayHarness {
-    let mut config = OverlayConfig { nr_ports: 1, ..OverlayConfig::default() };
-    config.vxlan_ports[0] = 4789;
-    OverlayHarness::load(&config).unwrap()
+    OverlayHarness::load(&natfix_testkit::harness::OverlaySetup::new(0, &[4789], None)).unwrap()
 }
 
 /// The receiver's netfilter during the legitimate-traffic windows.

@@ -6,8 +6,11 @@ use natfix_testkit::root_setup;
 use std::collections::BTreeMap;
 
 use natfix_testkit::frames;
-use natfix::abi::{Counter, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig};
-use natfix_testkit::{harness::OverlayHarness, model::overlay};
+use natfix::abi::{Counter, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE};
+use natfix_testkit::{
+    harness::{OverlayHarness, OverlaySetup},
+    model::overlay,
+};
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
 fn refused(frame: &[u8]) -> bool {
@@ -17,8 +20,8 @@ fn refused(frame: &[u8]) -> bool {
 fn run(flags: u32, cpu: usize) {
     // Learned deltas never expire within the run, and are per CPU: stay on one
     // (each test its own, so the two run side by side).
-    let mut cfg = OverlayConfig { nr_ports: 2, flags, delta_window_jiffies: u32::MAX, ..OverlayConfig::default() };
-    cfg.vxlan_ports[..2].copy_from_slice(&[4789, 7789]);
+    let mut cfg = OverlaySetup::new(flags, &[4789, 7789], None);
+    cfg.config.delta_window_jiffies = u32::MAX;
     natfix_testkit::harness::pin_to_cpu(cpu).unwrap();
     let h = OverlayHarness::load(&cfg).unwrap();
     let cache = std::cell::RefCell::new(overlay::DeltaCache::default());

@@ -5,9 +5,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::UdpHeader;
-use natfix::abi::{Counter, OVERLAY_F_CSUM_COMPLETE, OVERLAY_F_MATCH_REQID, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig};
+use natfix::abi::{Counter, OVERLAY_F_CSUM_COMPLETE, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE};
 use natfix_testkit::{
-    harness::{OverlayHarness, TC_NEXT},
+    harness::{OverlayHarness, OverlaySetup, TC_NEXT},
     model::overlay,
     packet, root_setup,
 };
@@ -17,11 +17,12 @@ const B: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const A6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 10);
 const B6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
 
-fn config(flags: u32) -> OverlayConfig {
-    let mut c = OverlayConfig { nr_ports: 2, flags, reqid: 0x00D0_C4E3, ..OverlayConfig::default() };
-    c.vxlan_ports[0] = 4789;
-    c.vxlan_ports[1] = 7789;
-    c
+/// Test-only flag of `config`: match Docker's reqid (a live setting, not a flag of the program's).
+const MATCH_REQID: u32 = 1 << 31;
+
+fn config(flags: u32) -> OverlaySetup {
+    let reqid = (flags & MATCH_REQID != 0).then_some(0x00D0_C4E3);
+    OverlaySetup::new(flags & !MATCH_REQID, &[4789, 7789], reqid)
 }
 
 /// A VXLAN-in-UDP frame whose checksum was computed over pre-NAT addresses (wrong here).
@@ -57,7 +58,7 @@ fn reference_checksum(frame: &[u8], l4: usize) -> u16 {
     }
 }
 
-fn run(h: &OverlayHarness, cfg: &OverlayConfig, frame: &[u8], what: &str) -> (Counter, Vec<u8>) {
+fn run(h: &OverlayHarness, cfg: &OverlaySetup, frame: &[u8], what: &str) -> (Counter, Vec<u8>) {
     let (verdict, moved, out) = h.classify(frame).unwrap_or_else(|e| panic!("{what}: {e:#}"));
     assert_eq!(verdict, TC_NEXT, "{what}: the fixer never drops");
     let counter = moved.unwrap_or_else(|| panic!("{what}: no counter moved"));
@@ -144,7 +145,7 @@ fn without_a_secpath_nothing_is_touched() {
     root_setup();
     // The production configuration: the secpath gate is on. BPF_PROG_TEST_RUN
     // packets never carry one, exactly like cleartext VXLAN.
-    for flags in [0, OVERLAY_F_RECOMPUTE, OVERLAY_F_MATCH_REQID] {
+    for flags in [0, OVERLAY_F_RECOMPUTE, MATCH_REQID] {
         let cfg = config(flags);
         let h = OverlayHarness::load(&cfg).unwrap();
         for f in [vxlan4(4789, 100), vxlan6(4789, 100)] {
@@ -184,7 +185,7 @@ fn recompute_learns_the_nat_delta_and_stays_exact() {
     root_setup();
     natfix_testkit::harness::pin_to_cpu(0).unwrap(); // learned deltas are per CPU
     let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
-    cfg.delta_window_jiffies = u32::MAX;
+    cfg.config.delta_window_jiffies = u32::MAX;
     let h = OverlayHarness::load(&cfg).unwrap();
     let mut cache = overlay::DeltaCache::default();
     let private = Ipv4Addr::new(10, 0, 0, 5);
@@ -221,7 +222,7 @@ fn a_learned_delta_is_relearned_after_its_window() {
     natfix_testkit::harness::pin_to_cpu(0).unwrap(); // learned deltas are per CPU
     let hz = natfix::sys::features::kernel_hz().expect("HZ");
     let mut cfg = config(OVERLAY_F_NO_SECPATH | OVERLAY_F_RECOMPUTE);
-    cfg.delta_window_jiffies = hz / 10; // 100 ms
+    cfg.config.delta_window_jiffies = hz / 10; // 100 ms
     let h = OverlayHarness::load(&cfg).unwrap();
     let (first, _) = natted((Ipv4Addr::new(10, 0, 0, 5).into(), B.into()), A.into(), B.into(), b"one");
     assert_eq!(h.classify(&first).unwrap().1, Some(Counter::OverlayRecomputed));

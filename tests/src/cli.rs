@@ -21,7 +21,46 @@ pub fn natfix_bin() -> PathBuf {
 }
 
 pub fn natfix(args: &[&str]) -> Output {
-    Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn").output().expect("run natfix")
+    output_within(Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn"), Duration::from_secs(120))
+}
+
+/// Runs `cmd` to completion like `Command::output`, but kills it and panics if
+/// it is still running after `limit`: a command that should have refused its
+/// input and instead attached in the foreground fails the test, not hangs it.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    // Readers on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() >= end {
+            // SIGTERM first: a foreground attach detaches on it.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid")),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            std::thread::sleep(Duration::from_secs(2));
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output { status, stdout: out_t.join().expect("reader"), stderr: err_t.join().expect("reader") }
 }
 
 /// Detaches a pinned attachment when dropped, so a failed assertion does not

@@ -17,6 +17,8 @@ use natfix::{
 };
 use natfix_ebpf::{maps as map_names, programs as prog_names};
 
+pub use crate::model::overlay::OverlaySetup;
+
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_SHOT: u32 = 2;
@@ -196,16 +198,16 @@ pub struct OverlayHarness {
 
 impl OverlayHarness {
     /// As attached: the in-place writer installed.
-    pub fn load(config: &natfix::abi::OverlayConfig) -> Result<Self> {
-        let mut ebpf = object::load_overlay_object(config, DEFAULT_EVENTS_PER_SEC, None)?;
+    pub fn load(setup: &OverlaySetup) -> Result<Self> {
+        let mut ebpf = object::load_overlay_object(&setup.config, &setup.settings, DEFAULT_EVENTS_PER_SEC, None)?;
         object::install_overlay_writer(&mut ebpf)?;
         object::load_program::<SchedClassifier>(&mut ebpf, prog_names::OVERLAY_TC)?;
         Ok(Self { ebpf })
     }
 
     /// Without the writer: the program's bpf_skb_store_bytes() fallback.
-    pub fn load_without_writer(config: &natfix::abi::OverlayConfig) -> Result<Self> {
-        let mut ebpf = object::load_overlay_object(config, DEFAULT_EVENTS_PER_SEC, None)?;
+    pub fn load_without_writer(setup: &OverlaySetup) -> Result<Self> {
+        let mut ebpf = object::load_overlay_object(&setup.config, &setup.settings, DEFAULT_EVENTS_PER_SEC, None)?;
         object::load_program::<SchedClassifier>(&mut ebpf, prog_names::OVERLAY_TC)?;
         Ok(Self { ebpf })
     }

@@ -55,7 +55,7 @@ pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     ns.run(move || Ok(f())).expect("run in a scratch namespace")
 }
 
-pub use cli::{Daemon, DetachOnDrop, natfix, natfix_bin, stat};
+pub use cli::{Daemon, DetachOnDrop, natfix, natfix_bin, output_within, stat};
 pub use kernel_view::{tcx_prog_ids, xdp_prog_id};
 
 /// Sends `count` datagrams from `bind` to `to`, inside `ns`.

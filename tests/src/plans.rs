@@ -53,14 +53,14 @@ pub fn guard_fixture_with(base: &[&str], hook: &str, extra: &[&str]) -> (GuardHa
     let plan = plan(&words);
     let mut h = GuardHarness::load(&plan).expect("guard loads and verifies");
     let now = monotonic_ns();
-    let stale = now - plan.config.flow_timeout_ns - 10_000_000_000;
+    let stale = now - plan.live.flow_timeout_ns - 10_000_000_000;
     let mut model = GuardModel {
-        ranges: plan.config.ranges[..plan.config.nr_ranges as usize].to_vec(),
+        ranges: plan.live.ranges.clone(),
         dry_run: extra.contains(&"--dry-run"),
         endpoint_independent: extra.contains(&"endpoint-independent"),
-        allow_ports: plan.allow_ports.iter().copied().collect(),
-        allow_src: plan.allow_src.clone(),
-        timeout_ns: plan.config.flow_timeout_ns,
+        allow_ports: plan.live.allow_ports.iter().copied().collect(),
+        allow_src: plan.live.allow_src.clone(),
+        timeout_ns: plan.live.flow_timeout_ns,
         ..GuardModel::default()
     };
     // The last two are also exempt (port, source): exemptions must win.

@@ -10,7 +10,6 @@ use crate::{
     flowsync::FlowSync,
     loader::{self, AttachPlan},
     observe,
-    pins,
     sys::{features, netns::Netns},
 };
 
@@ -28,14 +27,14 @@ pub fn run(spec: &AttachSpec, opts: &AttachOptions) -> Result<()> {
     let netns = Netns::resolve(spec.netns.as_deref())?;
     let plan = AttachPlan::new(spec, netns.clone(), opts.pin, opts.replace)?;
     let metrics_listener = opts.metrics.map(observe::metrics::bind).transpose()?;
-    let own_flows = plan.guard.as_ref().filter(|g| g.source == ResolvedFlowSource::Own).map(|g| (g.ranges.clone(), g.endpoint_independent()));
+    let own_flows = plan.guard.as_ref().filter(|g| g.source == ResolvedFlowSource::Own).map(loader::GuardPlan::endpoint_independent);
     let mut att = loader::attach(plan)?;
     // The own flow table also learns from conntrack (flows older than natfix,
     // or leaving by another interface): seeded by the loader before the guard
     // attached; followed from here.
-    let sync = match &own_flows {
-        Some((ranges, eif)) => {
-            let sync = FlowSync::open(&att.pin_dir.map(pins::GUARD_FLOWS), ranges.clone(), *eif)?;
+    let sync = match own_flows {
+        Some(eif) => {
+            let sync = FlowSync::open(&att.pin_dir, eif)?;
             att.ct_events.take().map(|stream| (sync, stream))
         }
         None => None,

@@ -6,6 +6,8 @@ pub mod detach;
 pub mod diagnose;
 pub mod lab;
 pub mod monitor;
+pub mod reap;
+pub mod set;
 pub mod status;
 pub mod stats;
 

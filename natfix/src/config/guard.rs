@@ -5,7 +5,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::net::{Cidr, PortRange, port_range_text, ranges_contain};
-use crate::abi::MAX_PORT_RANGES;
+
+/// Ranges an attachment may guard: the data plane keeps ports as bitmaps,
+/// so this only bounds what a record and a command line carry.
+pub const MAX_PORT_RANGES: usize = 64;
 
 /// Where the guard runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -109,6 +112,9 @@ pub struct GuardSpec {
     pub allow_src: Vec<Cidr>,
     /// Count what would be dropped; drop nothing.
     pub dry_run: bool,
+    /// Keep the conntrack entries unsolicited UDP created before attach
+    /// (else they are deleted: `reap`).
+    pub no_reap: bool,
 }
 
 impl GuardSpec {
@@ -195,7 +201,7 @@ mod tests {
                 "needs --flow-source own",
             ),
             (GuardSpec { flow_table_size: Some(1), ..spec() }, "outside 64..="),
-            (GuardSpec { ranges: vec![PortRange { first: 1, last: 1 }; 17], ..spec() }, "at most 16"),
+            (GuardSpec { ranges: vec![PortRange { first: 1, last: 1 }; 65], ..spec() }, "at most 64"),
         ];
         for (bad, want) in cases {
             let err = bad.validate().unwrap_err();

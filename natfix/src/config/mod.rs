@@ -2,10 +2,12 @@
 //! command line and the agent's config file both turn into, and that the
 //! loader takes. Nothing here knows clap, aya or the kernel.
 
+mod change;
 mod guard;
 mod net;
 mod overlay;
 
+pub use change::*;
 pub use guard::*;
 pub use net::*;
 pub use overlay::*;

@@ -6,7 +6,19 @@ use std::{fmt, net::IpAddr, str::FromStr};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::abi::PortRange;
+/// Ports `first..=last`, 1 <= first <= last.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    #[must_use]
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
 
 /// IFNAMSIZ - 1: the longest name the kernel gives an interface.
 const IFNAME_MAX: usize = 15;

@@ -88,7 +88,8 @@ impl CsumBackend {
 /// The overlay fix's settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverlaySpec {
-    /// VXLAN UDP ports; empty means the default (4789).
+    /// VXLAN UDP ports; empty means auto: the ports of the VXLAN devices
+    /// found at attach (`sys::vxlan::discover`), else 4789.
     pub vxlan_ports: Vec<u16>,
     /// Only packets decrypted by SAs with this reqid.
     pub reqid: Option<u32>,
@@ -97,10 +98,10 @@ pub struct OverlaySpec {
 }
 
 impl OverlaySpec {
-    /// The ports the fix repairs.
+    /// Whether the ports are found on the host rather than named.
     #[must_use]
-    pub fn ports(&self) -> Vec<u16> {
-        if self.vxlan_ports.is_empty() { vec![VXLAN_PORT] } else { self.vxlan_ports.clone() }
+    pub fn vxlan_auto(&self) -> bool {
+        self.vxlan_ports.is_empty()
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -131,7 +132,7 @@ mod tests {
     #[test]
     fn validation() {
         OverlaySpec::default().validate().unwrap();
-        assert_eq!(OverlaySpec::default().ports(), vec![4789]);
+        assert!(OverlaySpec::default().vxlan_auto(), "no port named: auto");
         let nft_recompute = OverlaySpec { backend: CsumBackend::Nft, csum: CsumMode::Recompute, ..OverlaySpec::default() };
         assert!(nft_recompute.validate().unwrap_err().contains("only zero"));
         let many = OverlaySpec { vxlan_ports: (1..=9).collect(), ..OverlaySpec::default() };

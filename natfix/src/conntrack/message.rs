@@ -296,3 +296,56 @@ pub(super) fn next_seq() -> u32 {
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
+
+/// Flag of a netlink attribute holding attributes.
+pub(super) const NLA_F_NESTED: u16 = 0x8000;
+pub(super) const NLM_F_ACK: u16 = 0x4;
+
+/// One attribute: header, payload, padding to 4 bytes.
+pub(super) fn nla(ty: u16, payload: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(NLA_HDRLEN + payload.len()).unwrap_or(u16::MAX);
+    let mut v = Vec::with_capacity(align4(usize::from(len)));
+    v.extend_from_slice(&len.to_ne_bytes());
+    v.extend_from_slice(&ty.to_ne_bytes());
+    v.extend_from_slice(payload);
+    v.resize(align4(v.len()), 0);
+    v
+}
+
+/// CTA_TUPLE_* of one direction, nested.
+fn tuple_attr(ty: u16, t: &CtTuple) -> Vec<u8> {
+    let ip = match (t.src, t.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => [nla(CTA_IP_V4_SRC, &s.octets()), nla(CTA_IP_V4_DST, &d.octets())].concat(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => [nla(CTA_IP_V6_SRC, &s.octets()), nla(CTA_IP_V6_DST, &d.octets())].concat(),
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            [nla(CTA_IP_V6_SRC, &v6(s).octets()), nla(CTA_IP_V6_DST, &v6(d).octets())].concat()
+        }
+    };
+    let proto = [
+        nla(CTA_PROTO_NUM, &[IPPROTO_UDP]),
+        nla(CTA_PROTO_SRC_PORT, &t.sport.to_be_bytes()),
+        nla(CTA_PROTO_DST_PORT, &t.dport.to_be_bytes()),
+    ]
+    .concat();
+    nla(ty | NLA_F_NESTED, &[nla(CTA_TUPLE_IP | NLA_F_NESTED, &ip), nla(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto)].concat())
+}
+
+/// IPCTNL_MSG_CT_DELETE of the UDP entry whose original tuple is `orig`, asking for an ACK.
+pub(super) fn delete_request(seq: u32, orig: &CtTuple) -> Vec<u8> {
+    let family = if orig.src.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
+    let attrs = tuple_attr(CTA_TUPLE_ORIG, orig);
+    let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
+    let mut req = Vec::with_capacity(len);
+    req.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
+    req.extend_from_slice(&CT_MSG_DELETE.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    req.extend_from_slice(&seq.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[family, NFNETLINK_V0, 0, 0]);
+    req.extend(attrs);
+    req
+}

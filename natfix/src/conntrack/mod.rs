@@ -18,7 +18,7 @@ mod tests;
 
 use std::net::IpAddr;
 
-pub use socket::{CtEventStream, EVENT_RCVBUF, dump_udp, parse_events};
+pub use socket::{CtEventStream, EVENT_RCVBUF, delete_udp, dump_udp, parse_events};
 pub use message::parse_messages;
 
 // A few `ip_conntrack_status` bits (linux/netfilter/nf_conntrack_common.h)

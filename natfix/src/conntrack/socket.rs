@@ -260,3 +260,34 @@ impl AsRawFd for CtEventStream {
     }
 }
 
+
+/// Deletes the UDP entries with these original tuples from the calling
+/// thread's namespace; returns how many the kernel deleted (one gone
+/// meanwhile, ENOENT, is not counted).
+pub fn delete_udp(origs: &[super::CtTuple]) -> Result<usize> {
+    let mut sock = Socket::new(NETLINK_NETFILTER).context("cannot open a NETLINK_NETFILTER socket")?;
+    sock.bind_auto().context("cannot bind the netlink socket")?;
+    let mut buf = vec![0u8; RECV_BUF_LEN];
+    let mut deleted = 0;
+    for orig in origs {
+        let seq = next_seq();
+        sock.send_to(&delete_request(seq, orig), &SocketAddr::new(0, 0), 0).context("cannot send a conntrack delete")?;
+        loop {
+            let (n, from) = recv_datagram(&sock, &mut buf).context("cannot read the conntrack delete's answer")?;
+            if from.port_number() != 0 {
+                continue;
+            }
+            let answer = super::parse_messages(&buf[..n.min(buf.len())])?.into_iter().find(|m| m.seq == seq);
+            match answer.map(|m| m.body) {
+                Some(Body::Error(0)) => {
+                    deleted += 1;
+                    break;
+                }
+                Some(Body::Error(libc::ENOENT)) => break,
+                Some(Body::Error(e)) => return Err(anyhow::Error::new(io::Error::from_raw_os_error(e)).context("the kernel refused a conntrack delete")),
+                _ => {}
+            }
+        }
+    }
+    Ok(deleted)
+}

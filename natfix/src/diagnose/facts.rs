@@ -34,6 +34,8 @@ pub struct AttachmentFacts {
     pub problems: Vec<String>,
     /// `--netns` as its record names it (`self`: none).
     pub netns: String,
+    /// It has a guard (so `natfix reap` knows its ports).
+    pub guard: bool,
 }
 
 #[derive(Debug, Clone)]

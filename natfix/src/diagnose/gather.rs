@@ -16,7 +16,7 @@ use super::{
     facts::{AttachmentFacts, DropSample, Facts, KernelFacts, ModuleState, NsFacts},
     parse::{NatRules, VxlanDev, parse_iptables_save, parse_nft_ruleset, parse_proc_udp, parse_route_dev, parse_snmp_udp, parse_vxlan_links, parse_xfrm_states},
     tracefs::DropTracer,
-    analyze::analyze_conntrack,
+    guard::analyze_conntrack,
 };
 use crate::{
     config::DOCKER_REQID,
@@ -204,7 +204,14 @@ fn natfix_attachments(inode: u64) -> Result<Vec<AttachmentFacts>, String> {
         .filter(|(_, m)| m.netns_inode == inode)
         .map(|(_, m)| {
             let s = crate::observe::state::check(&m);
-            AttachmentFacts { iface: m.iface, state: s.state.name().to_owned(), effective: s.state.is_effective(), problems: s.problems, netns: m.netns }
+            AttachmentFacts {
+                iface: m.iface,
+                state: s.state.name().to_owned(),
+                effective: s.state.is_effective(),
+                problems: s.problems,
+                netns: m.netns,
+                guard: m.guard.is_some(),
+            }
         })
         .collect())
 }

@@ -53,13 +53,15 @@
 mod analyze;
 mod facts;
 mod gather;
+mod guard;
 mod parse;
 mod report;
 #[cfg(test)]
 mod tests;
 mod tracefs;
 
-pub use analyze::{CtAnalysis, MovedFlow, analyze, analyze_conntrack, guard_command, guard_range};
+pub use analyze::analyze;
+pub use guard::{CtAnalysis, MovedFlow, analyze_conntrack, guard_command, guard_range};
 pub use facts::{AttachmentFacts, DropSample, Facts, KernelFacts, ModuleState, NsFacts};
 pub use gather::gather;
 pub use parse::{

@@ -6,7 +6,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-use crate::config::VXLAN_PORT;
 
 /// The `Udp:` counters of `/proc/net/snmp` by name.
 #[must_use]
@@ -24,42 +23,7 @@ pub fn parse_snmp_udp(text: &str) -> BTreeMap<String, u64> {
     out
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanDev {
-    pub name: String,
-    pub vni: Option<u64>,
-    pub port: u16,
-    /// `IFLA_VXLAN_UDP_CSUM`; None if iproute2 did not say.
-    pub udp_csum: Option<bool>,
-    pub up: bool,
-}
-
-/// Devices in `ip -d -j link show type vxlan` output (empty output: none).
-pub fn parse_vxlan_links(json: &str) -> Result<Vec<VxlanDev>> {
-    if json.trim().is_empty() {
-        return Ok(Vec::new());
-    }
-    let v: Value = serde_json::from_str(json).context("`ip -d -j link` printed invalid JSON")?;
-    let mut out = Vec::new();
-    for link in v.as_array().into_iter().flatten() {
-        let info = &link["linkinfo"];
-        if info["info_kind"] != "vxlan" {
-            continue;
-        }
-        let data = &info["info_data"];
-        out.push(VxlanDev {
-            name: link["ifname"].as_str().unwrap_or("?").to_owned(),
-            vni: data["id"].as_u64(),
-            port: data["port"]
-                .as_u64()
-                .and_then(|p| u16::try_from(p).ok())
-                .unwrap_or(VXLAN_PORT),
-            udp_csum: data["udp_csum"].as_bool(),
-            up: link["flags"].as_array().is_some_and(|f| f.iter().any(|x| x == "UP")),
-        });
-    }
-    Ok(out)
-}
+pub use crate::sys::vxlan::{VxlanDev, parse_vxlan_links};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XfrmState {

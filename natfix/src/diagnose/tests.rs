@@ -372,6 +372,7 @@ fn attachments_that_no_longer_protect_are_a_warning_with_a_fix() {
         effective,
         problems: problems.iter().map(|p| (*p).to_owned()).collect(),
         netns: "blue".into(),
+        guard: true,
     };
     let mut f = facts(ns("/run/netns/h"));
     f.attachments = Ok(vec![attachment("eth0", "pinned", true, &[])]);
@@ -452,7 +453,8 @@ fn rising_csum_errors_with_docker_sas_are_a_problem_with_the_overlay_fix() {
     assert_eq!(f.severity, Severity::Problem);
     assert_eq!(
         f.fix.as_deref(),
-        Some("natfix attach --iface eth0 --netns /run/netns/h --overlay-fix")
+        Some("natfix attach --iface eth0 --netns /run/netns/h --overlay-fix --vxlan-port 4789 --vxlan-port 4790"),
+        "the ports found are named when one is not 4789"
     );
     assert!(
         f.evidence[0].contains("UdpInCsumErrors 100 -> 160 (+60) in 2.0 s"),
@@ -529,7 +531,9 @@ fn seed_000_is_a_problem_with_a_guard_command() {
     let want =
         "natfix attach --iface ext --netns /run/netns/h --guard 25000-25999 --allow-port 25010 --allow-port 25500";
     assert_eq!(m.fix.as_deref(), Some(want));
-    assert_eq!(find(&r, "guard.unsolicited").severity, Severity::Warning);
+    let u = find(&r, "guard.unsolicited");
+    assert_eq!((u.severity, u.fix.as_deref()), (Severity::Warning, Some(want)), "attaching the guard reaps: {u:?}");
+    assert!(u.evidence.iter().any(|l| l.contains("`natfix reap --netns /run/netns/h --guard RANGE`")), "{u:?}");
     assert_eq!(find(&r, "guard.random-fully").severity, Severity::Warning);
     let p = find(&r, "guard.published-ports");
     assert!(
@@ -538,6 +542,32 @@ fn seed_000_is_a_problem_with_a_guard_command() {
         p.summary
     );
     assert_eq!(r.count(Severity::Problem), 1);
+}
+
+#[test]
+fn entries_left_under_a_guard_get_the_reap_command() {
+    let (probe, flow) = seed_000();
+    let mut t = ns("/run/netns/h");
+    t.conntrack = Ok(vec![probe, flow]);
+    t.routes.insert(ip(REMOTE), "ext".into());
+    let mut f = facts(t);
+    let guard = |guard: bool, effective: bool| AttachmentFacts {
+        iface: "ext".into(),
+        state: "running".into(),
+        effective,
+        problems: Vec::new(),
+        netns: "/run/netns/h".into(),
+        guard,
+    };
+    f.attachments = Ok(vec![guard(true, true)]);
+    let u = find(&analyze(&f), "guard.unsolicited").clone();
+    assert_eq!(u.fix.as_deref(), Some("natfix reap --netns /run/netns/h"), "{u:?}");
+    // An overlay-only or detached attachment is no guard: attach is the fix.
+    for (g, e) in [(false, true), (true, false)] {
+        f.attachments = Ok(vec![guard(g, e)]);
+        let u = find(&analyze(&f), "guard.unsolicited").clone();
+        assert!(u.fix.as_deref().is_some_and(|c| c.starts_with("natfix attach")), "{g} {e}: {u:?}");
+    }
 }
 
 #[test]

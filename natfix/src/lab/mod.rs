@@ -57,8 +57,10 @@ pub fn run_guard_lab() -> Result<bool> {
         if before.seen_port == Some(25000) { "kept: the problem did not reproduce" } else { "port stolen, hole punching breaks" }
     );
 
-    // Fresh conntrack state, then the same sequence with natfix on the host's external interface.
-    t.host.exec(&["conntrack", "-F"]).ok();
+    // The host now suffers: the probe's entry holds :25000. Only the
+    // container's remapped flow goes (a live one keeps its port until it
+    // idles out); natfix's attach must delete the probe's entry itself.
+    t.host.exec(&["conntrack", "-D", "-p", "udp", "-s", CONTAINER_IP]).ok();
     let spec = AttachSpec {
         iface: IfaceSel::Name(HOST_EXT_IF.parse().map_err(anyhow::Error::msg)?),
         netns: None,
@@ -71,11 +73,13 @@ pub fn run_guard_lab() -> Result<bool> {
         println!("   attaching natfix: guard 20000-30000 on {HOST_EXT_IF}, flow source {} ({})", g.source.name(), g.source_reason);
     }
     let att = loader::attach(plan)?;
+    let reaped = att.meta.guard.as_ref().map_or(0, |g| g.reaped);
+    println!("   natfix deleted {reaped} conntrack entries that unsolicited UDP left on guarded ports (they held the port)");
     let after = guard_sequence(&t);
     let counters = stats::read_counters(&att.pin_dir, &att.meta);
     att.detach()?;
     let after = after?;
-    let fixed = after.seen_port == Some(25000) && after.reply_delivered;
+    let fixed = after.seen_port == Some(25000) && after.reply_delivered && reaped > 0;
     println!(
         "   with natfix: the container's flow left as :{}, the remote's reply {} the container ({})",
         after.seen_port.map_or_else(|| "nothing".into(), |p| p.to_string()),

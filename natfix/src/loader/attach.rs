@@ -13,7 +13,6 @@ use aya::{
         tc::{NlOptions, SchedClassifierLink, TcAttachOptions, qdisc_add_clsact},
     },
 };
-use natfix_ebpf::maps as map_names;
 use tracing::{info, warn};
 
 use super::{
@@ -66,7 +65,12 @@ impl std::fmt::Debug for Attachment {
 /// Attaches inside the plan's namespace. On failure, everything done so
 /// far is undone before the error is returned.
 pub fn attach(plan: AttachPlan) -> Result<Attachment> {
-    pins::require_bpffs()?;
+    if plan.pin {
+        // Pins in a private bpffs would vanish with this process.
+        pins::require_bpffs()?;
+    } else {
+        pins::require_bpffs_or_mount_private()?;
+    }
     let netns = plan.netns.clone();
     netns.run(move || attach_here(plan))
 }
@@ -88,6 +92,9 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
     teardown::sweep_staging_here(plan.netns.inode);
     let final_dir = PinDir::new(plan.netns.inode, &iface);
     let cookie = crate::sys::netns::current_cookie();
+    if let Some(o) = plan.overlay.as_mut() {
+        o.resolve_ports(&plan.netns);
+    }
     if let Some(old) = settle_existing(&plan, &iface, &final_dir, cookie)? {
         if let Some(o) = plan.overlay.as_mut() {
             o.resolve_backend_as(old.has_program(Program::OverlayTc));
@@ -95,7 +102,9 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
         if let Some(g) = plan.guard.as_mut() {
             g.resolve_hook_as(old.has_program(Program::GuardTc));
         }
-        return super::upgrade::upgrade_here(&plan, iface, final_dir, &old, ifindex);
+        let mut att = super::upgrade::upgrade_here(&plan, iface, final_dir, &old, ifindex)?;
+        att.reap(plan.guard.as_ref());
+        return Ok(att);
     }
     refuse_foreign_programs(&iface, ifindex)?;
     if let Some(o) = plan.overlay.as_mut() {
@@ -106,6 +115,7 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
     let mut att = Attachment::load(&plan, iface, staging, meta, None)?;
     match att.build(&plan, &final_dir) {
         Ok(()) => {
+            att.reap(plan.guard.as_ref());
             drop(lock);
             att.log_attached(plan.guard.as_ref());
             Ok(att)
@@ -171,6 +181,22 @@ fn refuse_foreign_programs(iface: &IfaceName, ifindex: u32) -> Result<()> {
     Ok(())
 }
 
+/// Pins `maps` of `object` in `dir`; with `missing_only`, those not pinned
+/// yet (an upgrade keeps the others).
+pub(super) fn pin_object_maps(object: Option<&Ebpf>, maps: &[(&str, &str)], dir: &PinDir, missing_only: bool) -> Result<()> {
+    let Some(object) = object else { return Ok(()) };
+    for (name, file) in maps {
+        let path = dir.map(file);
+        if missing_only && path.exists() {
+            continue;
+        }
+        if let Some(map) = object.map(name) {
+            map.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// The record of an attachment made from `plan`; an upgrade (`old`) keeps
 /// the identity and host changes of the attachment it replaces.
 pub(super) fn new_record(
@@ -197,6 +223,7 @@ pub(super) fn new_record(
         overlay: plan.overlay.as_ref().map(|o| o.meta(changes)),
         created_clsact: old.is_some_and(|m| m.created_clsact),
         id: old.map_or_else(record::new_id, |m| m.id.clone()),
+        events_per_sec: Some(plan.events_per_sec),
     }
 }
 
@@ -227,6 +254,36 @@ impl Attachment {
             self.attach_overlay(overlay)?;
         }
         self.publish(plan.pin, final_dir)
+    }
+
+    /// With the guard in place (so no new ones appear), deletes the conntrack
+    /// entries unsolicited UDP made before: they hold ports until they
+    /// expire. A failure is logged; the attachment stands.
+    /// Under dry-run only counts them (and says so).
+    pub(super) fn reap(&mut self, guard: Option<&GuardPlan>) {
+        let Some(g) = guard.filter(|g| g.reap) else { return };
+        let scope = crate::reap::ReapScope {
+            iface: self.iface.to_string(),
+            ranges: g.live.ranges.clone(),
+            exempt: g.live.allow_ports.clone(),
+            trusted: g.live.allow_src.clone(),
+        };
+        match crate::reap::reap_here(&[scope], g.live.dry_run) {
+            Ok(reaped) if reaped.is_empty() => {}
+            Ok(reaped) if g.live.dry_run => {
+                info!("dry-run: {} conntrack entries of unsolicited UDP hold guarded ports; `natfix reap` would delete them", reaped.len());
+            }
+            Ok(reaped) => {
+                info!("deleted {} conntrack entries that unsolicited UDP created before natfix (they held ports)", reaped.len());
+                if let Some(m) = self.meta.guard.as_mut() {
+                    m.reaped += reaped.len() as u64;
+                }
+                if let Err(e) = self.journal() {
+                    warn!("{e:#}");
+                }
+            }
+            Err(e) => warn!("could not reap conntrack entries of unsolicited UDP: {e:#}"),
+        }
     }
 
     /// Writes the record as it stands (in the staging directory: the journal
@@ -376,8 +433,7 @@ impl Attachment {
             self.attach_tc(Program::FlowEgress, Hook::TcEgress)?;
             // Flows that exist already (or leave by another interface) enter the
             // table before the guard sees a single reply.
-            let mut sync =
-                crate::flowsync::FlowSync::open(&self.pin_dir.map(pins::GUARD_FLOWS), plan.ranges.clone(), plan.endpoint_independent())?;
+            let mut sync = crate::flowsync::FlowSync::open(&self.pin_dir, plan.endpoint_independent())?;
             self.ct_events = Some(sync.subscribe_and_seed(&self.netns)?);
         }
         self.attach_guard_ingress(plan, events_per_sec)
@@ -436,24 +492,8 @@ impl Attachment {
     /// Pins the maps, so that other natfix commands (and an upgrade) find them.
     fn pin_maps(&mut self) -> Result<()> {
         self.pin_dir.create()?;
-        let maps = [
-            (self.guard.as_ref(), map_names::COUNTERS, pins::GUARD_COUNTERS),
-            (self.guard.as_ref(), map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
-            (self.guard.as_ref(), map_names::GUARD_FLOW_PORTS, pins::GUARD_FLOW_PORTS),
-            (self.guard.as_ref(), map_names::EVENTS, pins::GUARD_EVENTS),
-            (self.overlay.as_ref(), map_names::COUNTERS, pins::OVERLAY_COUNTERS),
-            (self.overlay.as_ref(), map_names::EVENTS, pins::OVERLAY_EVENTS),
-            // A pin keeps the tail-call array filled after natfix exits (the
-            // kernel clears a program array when no fd or pin holds it).
-            (self.overlay.as_ref(), map_names::OVERLAY_WRITER, pins::OVERLAY_WRITER),
-        ];
-        for (object, name, file) in maps {
-            if let Some(map) = object.and_then(|o| o.map(name)) {
-                let path = self.pin_dir.map(file);
-                map.pin(&path).with_context(|| format!("cannot pin {}", path.display()))?;
-            }
-        }
-        Ok(())
+        pin_object_maps(self.guard.as_ref(), &object::GUARD_PINNED_MAPS, &self.pin_dir, false)?;
+        pin_object_maps(self.overlay.as_ref(), &object::OVERLAY_PINNED_MAPS, &self.pin_dir, false)
     }
 
     /// Pins the links (with --pin), writes the final record, and moves the

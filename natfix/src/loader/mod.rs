@@ -5,10 +5,12 @@
 //! (the pre-load fix-up that lets aya 0.14 call kfuncs).
 
 mod attach;
+pub mod live;
 pub mod kfunc;
 pub mod object;
 pub mod plan;
 mod teardown;
+pub mod settings;
 mod upgrade;
 
 pub use attach::{Attachment, attach};

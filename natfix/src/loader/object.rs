@@ -1,14 +1,12 @@
 //! Loads natfix's eBPF objects: picks the object for the plan, sets its
-//! `const volatile` configuration, fills its exemption maps, reuses the maps
-//! of an attachment being upgraded, and loads single programs with the
-//! verifier's log at hand.
-
-use std::net::IpAddr;
+//! `const volatile` configuration, writes its live settings
+//! (`loader::settings`), reuses the maps of an attachment being upgraded,
+//! and loads single programs with the verifier's log at hand.
 
 use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, ProgramArray, lpm_trie::Key},
+    maps::{Array, HashMap as BpfHashMap, LpmTrie, MapData, ProgramArray},
     programs::{ProgramError, SchedClassifier, Xdp},
 };
 use natfix_ebpf::{maps as map_names, objects, programs as prog_names};
@@ -16,10 +14,11 @@ use natfix_ebpf::{maps as map_names, objects, programs as prog_names};
 use super::{
     kfunc,
     plan::{GuardPlan, OverlayPlan},
+    settings::{self, GuardLive},
 };
 use crate::{
-    abi::{self, FlowKey, LpmV4, LpmV6, OverlayConfig},
-    config::{Cidr, GuardHook, ResolvedFlowSource},
+    abi::{self, FlowKey, OverlayConfig, OverlaySettings},
+    config::{GuardHook, ResolvedFlowSource},
     flowsync,
     overlay::esp,
     pins::{self, PinDir},
@@ -34,7 +33,7 @@ pub(super) fn data_plane_hz() -> u32 {
 }
 
 /// Maps of an existing attachment that an upgrade keeps (state survives).
-fn reuse_pinned<'a>(loader: &mut EbpfLoader<'a>, dir: &PinDir, maps: &[(&'a str, &str)]) {
+fn reuse_pinned<'a>(loader: &mut EbpfLoader<'a>, dir: &PinDir, maps: &[(&'a str, &'a str)]) {
     for (name, file) in maps {
         let path = dir.map(file);
         if path.exists() {
@@ -43,9 +42,43 @@ fn reuse_pinned<'a>(loader: &mut EbpfLoader<'a>, dir: &PinDir, maps: &[(&'a str,
     }
 }
 
+/// The guard's maps an upgrade keeps (state survives): (object name, pin name).
+const GUARD_KEPT_MAPS: [(&str, &str); 9] = [
+    (map_names::COUNTERS, pins::GUARD_COUNTERS),
+    (map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
+    (map_names::GUARD_FLOW_PORTS, pins::GUARD_FLOW_PORTS),
+    (map_names::EVENTS, pins::GUARD_EVENTS),
+    (map_names::GUARD_PORTS, pins::GUARD_PORTS),
+    (map_names::GUARD_SETTINGS, pins::GUARD_SETTINGS),
+    (map_names::GUARD_ALLOW_SRC4, pins::GUARD_ALLOW_SRC4),
+    (map_names::GUARD_ALLOW_SRC6, pins::GUARD_ALLOW_SRC6),
+    (map_names::EVENT_RATE, pins::GUARD_EVENT_RATE),
+];
+
+/// The overlay's maps an upgrade keeps.
+const OVERLAY_KEPT_MAPS: [(&str, &str); 4] = [
+    (map_names::COUNTERS, pins::OVERLAY_COUNTERS),
+    (map_names::EVENTS, pins::OVERLAY_EVENTS),
+    (map_names::OVERLAY_SETTINGS, pins::OVERLAY_SETTINGS),
+    (map_names::EVENT_RATE, pins::OVERLAY_EVENT_RATE),
+];
+
+/// Every map of an attachment that other natfix commands open by pin.
+pub const GUARD_PINNED_MAPS: [(&str, &str); 9] = GUARD_KEPT_MAPS;
+pub const OVERLAY_PINNED_MAPS: [(&str, &str); 5] = [
+    OVERLAY_KEPT_MAPS[0],
+    OVERLAY_KEPT_MAPS[1],
+    OVERLAY_KEPT_MAPS[2],
+    OVERLAY_KEPT_MAPS[3],
+    // A pin keeps the tail-call array filled after natfix exits (the
+    // kernel clears a program array when no fd or pin holds it).
+    (map_names::OVERLAY_WRITER, pins::OVERLAY_WRITER),
+];
+
 /// Loads the guard object for the plan's flow source and hook, configured
-/// and with its exemption maps filled; programs are not loaded yet. With
-/// `reuse`, the pinned maps of that attachment are used instead of new ones.
+/// and with its live settings written; programs are not loaded yet. With
+/// `reuse`, the pinned maps of that attachment are used instead of new ones
+/// (and get the plan's settings).
 pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
     let bytes = match (plan.source, plan.hook) {
         (ResolvedFlowSource::Own, _) => objects::GUARD_OWN.to_vec(),
@@ -55,67 +88,36 @@ pub fn load_guard_object(plan: &GuardPlan, events_per_sec: u32, reuse: Option<&P
     let hz = data_plane_hz();
     let mut loader = EbpfLoader::new();
     loader.override_global(map_names::GUARD_CONFIG, &plan.config, true);
-    loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
     loader.override_global(map_names::HZ, &hz, true);
     if plan.source == ResolvedFlowSource::Own {
         loader.map_max_entries(map_names::GUARD_FLOWS, plan.flow_table_size);
     }
     if let Some(dir) = reuse {
-        reuse_pinned(
-            &mut loader,
-            dir,
-            &[
-                (map_names::COUNTERS, pins::GUARD_COUNTERS),
-                (map_names::GUARD_FLOWS, pins::GUARD_FLOWS),
-                (map_names::GUARD_FLOW_PORTS, pins::GUARD_FLOW_PORTS),
-                (map_names::EVENTS, pins::GUARD_EVENTS),
-            ],
-        );
+        reuse_pinned(&mut loader, dir, &GUARD_KEPT_MAPS);
     }
     let mut ebpf = loader.load(&bytes).context("cannot load the guard's eBPF object")?;
     if plan.source == ResolvedFlowSource::Own && reuse.is_some() {
         // A kept table may predate its port map (older natfix): mark its ports.
         mark_ports_of_table(&mut ebpf)?;
     }
-    fill_allow_ports(&mut ebpf, &plan.allow_ports)?;
-    fill_allow_src(&mut ebpf, &plan.allow_src)?;
+    write_guard_live(&mut ebpf, &plan.live)?;
+    settings::write_event_rate(&mut Array::try_from(map_mut(&mut ebpf, map_names::EVENT_RATE)?)?, events_per_sec)?;
     Ok(ebpf)
 }
 
-fn fill_allow_ports(ebpf: &mut Ebpf, allow_ports: &[u16]) -> Result<()> {
-    if allow_ports.is_empty() {
-        return Ok(());
-    }
-    let mut ports: BpfHashMap<&mut MapData, u16, u8> =
-        BpfHashMap::try_from(ebpf.map_mut(map_names::GUARD_ALLOW_PORTS).context("allow-ports map missing")?)?;
-    for port in allow_ports {
-        ports.insert(port.to_be(), 1, 0)?;
-    }
-    Ok(())
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
+    ebpf.map_mut(name).with_context(|| format!("map {name} missing from the object"))
 }
 
-// The LPM key types of the C side are {prefixlen, addr}; aya's Key<K> adds
-// the prefix itself, so K is just the address bytes.
-type LpmV4Key = u32;
-const _: () = assert!(size_of::<Key<LpmV4Key>>() == size_of::<LpmV4>());
-const _: () = assert!(size_of::<Key<[u8; 16]>>() == size_of::<LpmV6>());
-
-fn fill_allow_src(ebpf: &mut Ebpf, allow_src: &[Cidr]) -> Result<()> {
-    for cidr in allow_src {
-        match cidr.addr {
-            IpAddr::V4(a) => {
-                let mut trie: LpmTrie<&mut MapData, LpmV4Key, u8> =
-                    LpmTrie::try_from(ebpf.map_mut(map_names::GUARD_ALLOW_SRC4).context("allow-src4 map missing")?)?;
-                trie.insert(&Key::new(u32::from(cidr.prefix_len), u32::from_ne_bytes(a.octets())), 1, 0)?;
-            }
-            IpAddr::V6(a) => {
-                let mut trie: LpmTrie<&mut MapData, [u8; 16], u8> =
-                    LpmTrie::try_from(ebpf.map_mut(map_names::GUARD_ALLOW_SRC6).context("allow-src6 map missing")?)?;
-                trie.insert(&Key::new(u32::from(cidr.prefix_len), a.octets()), 1, 0)?;
-            }
-        }
-    }
-    Ok(())
+/// Writes the guard's live settings into a loaded object (whose maps may be
+/// kept ones of an attachment being upgraded).
+fn write_guard_live(ebpf: &mut Ebpf, live: &GuardLive) -> Result<()> {
+    settings::write_allow_src4(&mut LpmTrie::try_from(map_mut(ebpf, map_names::GUARD_ALLOW_SRC4)?)?, &live.allow_src)?;
+    settings::write_allow_src6(&mut LpmTrie::try_from(map_mut(ebpf, map_names::GUARD_ALLOW_SRC6)?)?, &live.allow_src)?;
+    let mut ports: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::GUARD_PORTS)?)?;
+    settings::write_learned(&mut ports, &live.ranges)?;
+    settings::write_guarded(&mut ports, &live.ranges, &live.allow_ports)?;
+    settings::write_guard_settings(&mut Array::try_from(map_mut(ebpf, map_names::GUARD_SETTINGS)?)?, live)
 }
 
 /// Marks the local port of every flow in the own table (see flowsync::mark_port).
@@ -138,20 +140,24 @@ pub fn load_overlay_object_for(plan: &OverlayPlan, iface: &str, events_per_sec: 
     if esp::decrypted_may_be_csum_complete(iface) {
         config.flags |= abi::OVERLAY_F_CSUM_COMPLETE;
     }
-    load_overlay_object(&config, events_per_sec, reuse)
+    load_overlay_object(&config, &settings::overlay_settings(&plan.ports, plan.reqid), events_per_sec, reuse)
 }
 
-/// Loads the overlay object with its configuration; the program is not loaded yet.
-pub fn load_overlay_object(config: &OverlayConfig, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
+/// Loads the overlay object with its configuration and live settings; the
+/// program is not loaded yet.
+pub fn load_overlay_object(config: &OverlayConfig, live: &OverlaySettings, events_per_sec: u32, reuse: Option<&PinDir>) -> Result<Ebpf> {
     let hz = data_plane_hz();
     let mut loader = EbpfLoader::new();
     loader.override_global(map_names::OVERLAY_CONFIG, config, true);
-    loader.override_global(map_names::EVENTS_PER_SEC, &events_per_sec, true);
     loader.override_global(map_names::HZ, &hz, true);
     if let Some(dir) = reuse {
-        reuse_pinned(&mut loader, dir, &[(map_names::COUNTERS, pins::OVERLAY_COUNTERS), (map_names::EVENTS, pins::OVERLAY_EVENTS)]);
+        reuse_pinned(&mut loader, dir, &OVERLAY_KEPT_MAPS);
     }
-    loader.load(objects::OVERLAY).context("cannot load the overlay eBPF object")
+    let mut ebpf = loader.load(objects::OVERLAY).context("cannot load the overlay eBPF object")?;
+    let mut s: Array<&mut MapData, OverlaySettings> = Array::try_from(map_mut(&mut ebpf, map_names::OVERLAY_SETTINGS)?)?;
+    s.set(0, *live, 0).context("cannot write overlay_settings")?;
+    settings::write_event_rate(&mut Array::try_from(map_mut(&mut ebpf, map_names::EVENT_RATE)?)?, events_per_sec)?;
+    Ok(ebpf)
 }
 
 /// Loads the overlay's writers and puts them in the tail-call array of the

@@ -2,18 +2,17 @@
 //! source decided, the programs' `const volatile` configuration built, and
 //! the record each part will leave.
 
-use std::time::Duration;
-
 use anyhow::{Result, bail};
 use tracing::info;
 
 use crate::{
-    abi::{self, GuardConfig, OverlayConfig, PortRange},
+    abi::{self, GuardConfig, OverlayConfig},
     config::{
-        AttachSpec, Cidr, CsumBackend, CsumMode, Filtering, FlowSource, GuardHook, GuardSpec, IfaceSel, OverlaySpec,
+        AttachSpec, CsumBackend, CsumMode, Filtering, FlowSource, GuardHook, GuardSpec, IfaceSel, OverlaySpec,
         ResolvedFlowSource, XdpMode, port_range_text,
     },
     error::UserError,
+    loader::settings::GuardLive,
     record::{GuardMeta, Hook, OverlayChanges, OverlayMeta, Program},
     sys::{
         features::{self, CtKfuncs},
@@ -24,17 +23,18 @@ use crate::{
 /// Everything needed to load and attach the guard, validated.
 #[derive(Debug, Clone)]
 pub struct GuardPlan {
+    /// Fixed at load (`const volatile`).
     pub config: GuardConfig,
-    pub ranges: Vec<PortRange>,
+    /// Written into the maps, changeable live (`natfix set`).
+    pub live: GuardLive,
     pub hook: GuardHook,
     pub xdp_mode: XdpMode,
     pub source: ResolvedFlowSource,
     pub source_reason: String,
     pub filtering: Filtering,
     pub flow_table_size: u32,
-    pub allow_ports: Vec<u16>,
-    pub allow_src: Vec<Cidr>,
-    pub dry_run: bool,
+    /// Delete the conntrack entries unsolicited UDP made before attach.
+    pub reap: bool,
 }
 
 impl GuardPlan {
@@ -48,31 +48,23 @@ impl GuardPlan {
     /// The plan for an already decided flow source (tests choose it).
     #[must_use]
     pub fn with_source(spec: &GuardSpec, source: ResolvedFlowSource, source_reason: String) -> Self {
-        let mut flags = 0;
-        if spec.dry_run {
-            flags |= abi::GUARD_F_DRY_RUN;
-        }
-        if spec.filtering == Filtering::EndpointIndependent {
-            flags |= abi::GUARD_F_ENDPOINT_INDEP;
-        }
-        if !spec.allow_ports.is_empty() {
-            flags |= abi::GUARD_F_ALLOW_PORTS;
-        }
-        if !spec.allow_src.is_empty() {
-            flags |= abi::GUARD_F_ALLOW_SRC;
-        }
+        let flags = if spec.filtering == Filtering::EndpointIndependent { abi::GUARD_F_ENDPOINT_INDEP } else { 0 };
         Self {
-            config: guard_config(&spec.ranges, flags, spec.flow_timeout()),
-            ranges: spec.ranges.clone(),
+            config: GuardConfig { flags, pad: 0 },
+            live: GuardLive {
+                ranges: spec.ranges.clone(),
+                allow_ports: spec.allow_ports.clone(),
+                allow_src: spec.allow_src.clone(),
+                dry_run: spec.dry_run,
+                flow_timeout_ns: u64::try_from(spec.flow_timeout().as_nanos()).unwrap_or(u64::MAX),
+            },
             hook: spec.hook,
             xdp_mode: spec.xdp_mode(),
             source,
             source_reason,
             filtering: spec.filtering,
             flow_table_size: spec.flow_table_size(),
-            allow_ports: spec.allow_ports.clone(),
-            allow_src: spec.allow_src.clone(),
-            dry_run: spec.dry_run,
+            reap: !spec.no_reap,
         }
     }
 
@@ -85,13 +77,14 @@ impl GuardPlan {
     #[must_use]
     pub fn meta(&self) -> GuardMeta {
         GuardMeta {
-            ranges: self.ranges.iter().map(port_range_text).collect(),
+            ranges: self.live.ranges.iter().map(port_range_text).collect(),
             flow_source: self.source,
             flow_source_reason: self.source_reason.clone(),
             filtering: self.filtering,
-            dry_run: self.dry_run,
-            allow_ports: self.allow_ports.clone(),
-            allow_src: self.allow_src.clone(),
+            dry_run: self.live.dry_run,
+            allow_ports: self.live.allow_ports.clone(),
+            allow_src: self.live.allow_src.clone(),
+            reaped: 0,
         }
     }
 
@@ -140,52 +133,48 @@ fn resolve_flow_source(spec: &GuardSpec) -> Result<(ResolvedFlowSource, String)>
     })
 }
 
-/// Builds the `const volatile` configuration of the guard.
-#[must_use]
-pub fn guard_config(ranges: &[PortRange], flags: u32, flow_timeout: Duration) -> GuardConfig {
-    let mut cfg = GuardConfig {
-        nr_ranges: u32::try_from(ranges.len().min(abi::MAX_PORT_RANGES)).unwrap_or(0),
-        flags,
-        flow_timeout_ns: u64::try_from(flow_timeout.as_nanos()).unwrap_or(u64::MAX),
-        ..GuardConfig::default()
-    };
-    for (slot, r) in cfg.ranges.iter_mut().zip(ranges) {
-        *slot = *r;
-    }
-    cfg
-}
-
 /// Everything needed to load and attach the overlay fix, validated.
 #[derive(Debug, Clone)]
 pub struct OverlayPlan {
     pub config: OverlayConfig,
     pub backend: CsumBackend,
     pub csum: CsumMode,
+    /// Empty until `resolve_ports` when `vxlan_auto`.
     pub ports: Vec<u16>,
+    pub vxlan_auto: bool,
     pub reqid: Option<u32>,
 }
 
 impl OverlayPlan {
     pub fn new(spec: &OverlaySpec) -> Result<Self> {
         spec.validate().map_err(UserError::Usage)?;
-        let ports = spec.ports();
-        let mut config = OverlayConfig {
-            nr_ports: u32::try_from(ports.len()).unwrap_or(0),
-            reqid: spec.reqid.unwrap_or(0),
+        let config = OverlayConfig {
+            flags: if spec.csum == CsumMode::Recompute { abi::OVERLAY_F_RECOMPUTE } else { 0 },
             // A learned checksum delta is re-checked once a second (natfix_csum.h).
             delta_window_jiffies: super::object::data_plane_hz(),
-            ..OverlayConfig::default()
         };
-        for (slot, port) in config.vxlan_ports.iter_mut().zip(&ports) {
-            *slot = *port;
+        Ok(Self {
+            config,
+            backend: spec.backend,
+            csum: spec.csum,
+            ports: spec.vxlan_ports.clone(),
+            vxlan_auto: spec.vxlan_auto(),
+            reqid: spec.reqid,
+        })
+    }
+
+    /// `--vxlan-port auto`: the ports of the VXLAN devices in `netns`, the
+    /// host's and Docker's namespaces, else 4789.
+    pub fn resolve_ports(&mut self, netns: &crate::sys::netns::Netns) {
+        if self.vxlan_auto {
+            let found = crate::sys::vxlan::discover(netns);
+            self.ports = crate::sys::vxlan::auto_ports(&found);
+            if found.seen.is_empty() {
+                info!("--vxlan-port auto: no VXLAN device yet, using 4789 (Docker's default)");
+            } else {
+                info!("--vxlan-port auto: {:?} (from {})", self.ports, found.seen.join(", "));
+            }
         }
-        if spec.csum == CsumMode::Recompute {
-            config.flags |= abi::OVERLAY_F_RECOMPUTE;
-        }
-        if spec.reqid.is_some() {
-            config.flags |= abi::OVERLAY_F_MATCH_REQID;
-        }
-        Ok(Self { config, backend: spec.backend, csum: spec.csum, ports, reqid: spec.reqid })
     }
 
     /// Turns `auto` into the mechanism it stands for on this interface;
@@ -209,7 +198,14 @@ impl OverlayPlan {
     /// What the record says of the overlay fix, with the host `changes` made for it.
     #[must_use]
     pub fn meta(&self, changes: OverlayChanges) -> OverlayMeta {
-        OverlayMeta { vxlan_ports: self.ports.clone(), csum: self.csum, backend: self.backend, reqid: self.reqid, changes }
+        OverlayMeta {
+            vxlan_ports: self.ports.clone(),
+            vxlan_auto: self.vxlan_auto,
+            csum: self.csum,
+            backend: self.backend,
+            reqid: self.reqid,
+            changes,
+        }
     }
 }
 
@@ -285,7 +281,7 @@ mod tests {
     #[test]
     fn auto_flow_source_with_endpoint_independent_filtering_is_own() {
         let spec = GuardSpec {
-            ranges: vec![PortRange { first: 1000, last: 2000 }],
+            ranges: vec![crate::config::PortRange { first: 1000, last: 2000 }],
             filtering: Filtering::EndpointIndependent,
             ..GuardSpec::default()
         };

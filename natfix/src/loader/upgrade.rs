@@ -63,6 +63,9 @@ pub(super) fn upgrade_here(plan: &AttachPlan, iface: IfaceName, pin_dir: PinDir,
         // bpf_link_update keeps the link: its id stays.
         att.meta.programs.push(ProgramMeta { name: program, hook, mode, prog_id, link_id });
     }
+    // Maps an older natfix did not have (the live settings) are pinned now.
+    super::attach::pin_object_maps(att.guard.as_ref(), &object::GUARD_PINNED_MAPS, &att.pin_dir, true)?;
+    super::attach::pin_object_maps(att.overlay.as_ref(), &object::OVERLAY_PINNED_MAPS, &att.pin_dir, true)?;
     if let Some(map) = att.overlay.as_ref().and_then(|o| o.map(map_names::OVERLAY_WRITER)) {
         // The old array went with the old program; pin the new one in its place.
         let path = att.pin_dir.map(pins::OVERLAY_WRITER);

@@ -10,6 +10,7 @@ use crate::{
     abi::{Counter, Event},
     pins::{self, PinDir},
     record::AttachmentMeta,
+    sys::clock,
 };
 
 /// One event, as printed (`--json`: one object per line; stable field names).
@@ -25,6 +26,8 @@ pub struct EventRecord {
     pub len: u32,
     /// CLOCK_MONOTONIC_COARSE of the kernel, ns.
     pub ts_ns: u64,
+    /// Wall-clock time of `ts_ns`, RFC 3339 (UTC, milliseconds).
+    pub time: String,
 }
 
 impl EventRecord {
@@ -40,6 +43,7 @@ impl EventRecord {
             dst: e.dst().to_string(),
             len: e.len,
             ts_ns: e.ts_ns,
+            time: clock::rfc3339(clock::wall_ns_of_monotonic(e.ts_ns)),
         }
     }
 }
@@ -48,8 +52,8 @@ impl std::fmt::Display for EventRecord {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} [{}] {} {}: udp {} -> {} len {}",
-            self.iface, self.netns, self.program, self.reason, self.src, self.dst, self.len
+            "{} {} [{}] {} {}: udp {} -> {} len {}",
+            self.time, self.iface, self.netns, self.program, self.reason, self.src, self.dst, self.len
         )
     }
 }

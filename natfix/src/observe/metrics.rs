@@ -75,11 +75,21 @@ pub fn render(meta: &AttachmentMeta, counters: &[CounterRow]) -> Result<String> 
             .with_label_values(&[meta.iface.as_str(), meta.netns.as_str(), p.name.c_name(), p.hook.name(), p.mode.name()])
             .set(1);
     }
+    let reaped = IntCounterVec::new(
+        Opts::new(
+            "natfix_conntrack_reaped_total",
+            "Conntrack entries of unsolicited UDP to guarded ports that natfix deleted (at attach, set and reap).",
+        ),
+        &["iface", "netns"],
+    )?;
+    if let Some(g) = &meta.guard {
+        reaped.with_label_values(&[meta.iface.as_str(), meta.netns.as_str()]).inc_by(g.reaped);
+    }
     let build_info = IntGaugeVec::new(Opts::new("natfix_build_info", "Always 1; labelled with the natfix version."), &[
         "version",
     ])?;
     build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-    for collector in [packets, bytes] {
+    for collector in [packets, bytes, reaped] {
         registry.register(Box::new(collector))?;
     }
     for collector in [attached, build_info] {
@@ -227,10 +237,12 @@ mod tests {
                 dry_run: false,
                 allow_ports: vec![],
                 allow_src: vec![],
+                reaped: 3,
             }),
             overlay: None,
             created_clsact: false,
             id: "0123456789abcdef".into(),
+            events_per_sec: Some(20),
         }
     }
 
@@ -282,6 +294,7 @@ mod tests {
             r#"natfix_packets_total{iface="eth0",netns="host",program="guard",reason="out_of_scope"} 5000000000"#,
             r#"natfix_attached{hook="xdp",iface="eth0",mode="native",netns="host",program="natfix_guard_xdp"} 1"#,
             r#"natfix_attached{hook="tc-egress",iface="eth0",mode="tcx",netns="host",program="natfix_flow_egress"} 1"#,
+            r#"natfix_conntrack_reaped_total{iface="eth0",netns="host"} 3"#,
             &format!(r#"natfix_build_info{{version="{}"}} 1"#, env!("CARGO_PKG_VERSION")),
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");

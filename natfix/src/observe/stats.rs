@@ -39,6 +39,10 @@ pub struct AttachmentStats {
     pub netns_inode: u64,
     pub iface: String,
     pub counters: Vec<CounterRow>,
+    /// Conntrack entries of unsolicited UDP the guard deleted (at attach,
+    /// `set` and `natfix reap`); from the record, the kernel keeps no count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack_reaped: Option<u64>,
 }
 
 fn open_counters(dir: &PinDir, file: &str) -> Result<PerCpuArray<MapData, CounterValue>> {
@@ -109,6 +113,7 @@ pub fn collect(iface: Option<&IfaceName>, netns_inode: Option<u64>) -> Result<Ve
         }
         out.push(AttachmentStats {
             counters: read_counters(&dir, &meta)?,
+            conntrack_reaped: meta.guard.as_ref().map(|g| g.reaped),
             netns: meta.netns,
             netns_inode: meta.netns_inode,
             iface: meta.iface,
@@ -117,14 +122,41 @@ pub fn collect(iface: Option<&IfaceName>, netns_inode: Option<u64>) -> Result<Ve
     Ok(out)
 }
 
+/// Packets per second of each row since `before` (by attachment, program
+/// and reason), as `stats --watch` shows beside the totals.
 #[must_use]
-pub fn render_table(stats: &[AttachmentStats]) -> String {
+pub fn rates(before: &[AttachmentStats], now: &[AttachmentStats], elapsed: std::time::Duration) -> std::collections::HashMap<(String, u64, &'static str, &'static str), f64> {
+    let secs = elapsed.as_secs_f64().max(1e-3);
+    let mut out = std::collections::HashMap::new();
+    for a in now {
+        let Some(b) = before.iter().find(|b| b.iface == a.iface && b.netns_inode == a.netns_inode) else { continue };
+        for r in &a.counters {
+            if let Some(old) = b.counters.iter().find(|o| o.program == r.program && o.reason == r.reason) {
+                #[expect(clippy::cast_precision_loss, reason = "a rate to print")]
+                let rate = r.packets.saturating_sub(old.packets) as f64 / secs;
+                out.insert((a.iface.clone(), a.netns_inode, r.program.name(), r.reason), rate);
+            }
+        }
+    }
+    out
+}
+
+/// The table `natfix stats` prints; with `rates`, packets per second beside each total.
+#[must_use]
+pub fn render_table(stats: &[AttachmentStats], rates: Option<&std::collections::HashMap<(String, u64, &'static str, &'static str), f64>>) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     for a in stats {
         let _ = writeln!(s, "{} (netns {}, inode {})", a.iface, a.netns, a.netns_inode);
         for r in &a.counters {
-            let _ = writeln!(s, "  {:<6} {:<20} {:>14} pkts {:>16} bytes", r.program.name(), r.reason, r.packets, r.bytes);
+            let _ = write!(s, "  {:<6} {:<20} {:>14} pkts {:>16} bytes", r.program.name(), r.reason, r.packets, r.bytes);
+            if let Some(rate) = rates.and_then(|m| m.get(&(a.iface.clone(), a.netns_inode, r.program.name(), r.reason))) {
+                let _ = write!(s, " {rate:>12.1} pkts/s");
+            }
+            s.push('\n');
+        }
+        if let Some(n) = a.conntrack_reaped {
+            let _ = writeln!(s, "  {:<6} {:<20} {n:>14} conntrack entries deleted", "guard", "reaped");
         }
     }
     s

@@ -3,6 +3,7 @@
 //! Thin wrappers: no policy lives here.
 
 pub mod bpf;
+pub mod clock;
 pub mod ethtool;
 pub mod features;
 pub mod hooks;
@@ -10,3 +11,4 @@ pub mod iface;
 pub mod netns;
 pub mod nft;
 pub mod rtnl;
+pub mod vxlan;

@@ -11,8 +11,8 @@ use std::{
 
 use super::parse::{Parsed, parse_udp};
 use natfix::{
-    abi::{Counter, PortRange},
-    config::Cidr,
+    abi::Counter,
+    config::{Cidr, PortRange},
 };
 
 /// A flow as the own table keys it: our (local) end and the peer's.

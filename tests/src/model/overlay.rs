@@ -5,7 +5,26 @@
 use std::net::IpAddr;
 
 use super::parse::{Parsed, parse_udp};
-use natfix::abi::{Counter, OVERLAY_F_MATCH_REQID, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OverlayConfig};
+use natfix::abi::{Counter, OVERLAY_F_NO_SECPATH, OVERLAY_F_RECOMPUTE, OVERLAY_S_MATCH_REQID, OverlayConfig, OverlaySettings};
+
+/// Everything the overlay program is told: its `const volatile`
+/// configuration and its live settings (`overlay_settings`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OverlaySetup {
+    pub config: OverlayConfig,
+    pub settings: OverlaySettings,
+}
+
+impl OverlaySetup {
+    /// Flags of the configuration, VXLAN ports, and a reqid to match (if any).
+    #[must_use]
+    pub fn new(flags: u32, ports: &[u16], reqid: Option<u32>) -> Self {
+        Self {
+            config: OverlayConfig { flags, delta_window_jiffies: 0 },
+            settings: natfix::loader::settings::overlay_settings(ports, reqid),
+        }
+    }
+}
 
 /// Largest datagram the program recomputes (NATFIX_CSUM_MAX_LEN).
 pub const MAX_RECOMPUTE_LEN: usize = 256 * 64;
@@ -114,27 +133,28 @@ pub fn delta_learn(sent: u16, right: u16) -> u32 {
 
 /// The program's verdict: counter and output frame, with no deltas learned.
 #[must_use]
-pub fn fix(cfg: &OverlayConfig, secpath: Secpath, frame: &[u8]) -> (Counter, Vec<u8>) {
+pub fn fix(cfg: &OverlaySetup, secpath: Secpath, frame: &[u8]) -> (Counter, Vec<u8>) {
     fix_with(cfg, secpath, frame, &mut DeltaCache::default())
 }
 
 /// The program's verdict on one CPU whose learned deltas are `cache`.
 #[must_use]
-pub fn fix_with(cfg: &OverlayConfig, secpath: Secpath, frame: &[u8], cache: &mut DeltaCache) -> (Counter, Vec<u8>) {
+pub fn fix_with(setup: &OverlaySetup, secpath: Secpath, frame: &[u8], cache: &mut DeltaCache) -> (Counter, Vec<u8>) {
+    let (cfg, live) = (&setup.config, &setup.settings);
     let untouched = |c| (c, frame.to_vec());
     let pkt = match parse_udp(frame) {
         Parsed::Malformed => return untouched(Counter::OverlayMalformed),
         Parsed::Udp(p) => p,
         Parsed::Other | Parsed::Fragment | Parsed::TooDeep => return untouched(Counter::OverlayNotVxlan),
     };
-    let ports = &cfg.vxlan_ports[..(cfg.nr_ports as usize).min(cfg.vxlan_ports.len())];
+    let ports = &live.vxlan_ports[..(live.nr_ports as usize).min(live.vxlan_ports.len())];
     if !ports.contains(&pkt.dport) {
         return untouched(Counter::OverlayNotVxlan);
     }
     if cfg.flags & OVERLAY_F_NO_SECPATH == 0 {
         match secpath {
             None => return untouched(Counter::OverlayCleartext),
-            Some(reqid) if cfg.flags & OVERLAY_F_MATCH_REQID != 0 && reqid != cfg.reqid => {
+            Some(reqid) if live.flags & OVERLAY_S_MATCH_REQID != 0 && reqid != live.reqid => {
                 return untouched(Counter::OverlayOtherSa);
             }
             Some(_) => {}
