@@ -10,8 +10,6 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 
-use super::VmArgs;
-
 pub(super) struct Kernel {
     pub(super) image: PathBuf,
     pub(super) version: String,
@@ -62,13 +60,12 @@ pub(super) fn config_summary(kernel: &Kernel) -> Option<String> {
     )
 }
 
-pub(super) fn resolve_kernel(args: &VmArgs, cache: &Path) -> Result<Kernel> {
-    let Some(path) = &args.kernel else {
-        return debian_kernel(cache);
-    };
+/// A kernel given by path: a bzImage (with `modules`: a lib/modules/<version> directory or a
+/// root holding one), a kernel .deb, or a directory holding an unpacked kernel .deb.
+pub(super) fn kernel_at(path: &Path, modules: Option<&Path>, cache: &Path) -> Result<Kernel> {
     // Absolute paths: the initramfs cache key contains them.
     let path = &fs::canonicalize(path).with_context(|| format!("--kernel {} does not exist", path.display()))?;
-    let modules_arg = match &args.modules {
+    let modules_arg = match modules {
         Some(dir) => {
             Some(fs::canonicalize(dir).with_context(|| format!("--modules {} does not exist", dir.display()))?)
         }
@@ -142,23 +139,131 @@ fn ensure_depmod(modules: &Path, version: &str) -> Result<()> {
     run_cmd(Command::new("depmod").arg("-b").arg(base).arg(version))
 }
 
-fn debian_kernel(cache: &Path) -> Result<Kernel> {
-    debian_kernel_flavour(cache, "amd64")
+/// A line of Debian's kernel packages for bookworm.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Line {
+    /// `linux-image-6.1.0-N-<flavour>` (bookworm and bookworm-security; N is the ABI).
+    V6_1,
+    /// `linux-image-6.12.P+deb12-<flavour>` (bookworm-security only; P is the patch level).
+    V6_12,
 }
 
-/// The newest `linux-image-6.1.0-N-<flavour>` (amd64, cloud-amd64), fetched and unpacked once.
-pub(super) fn debian_kernel_flavour(cache: &Path, flavour: &str) -> Result<Kernel> {
+impl Line {
+    pub(super) const fn name(self) -> &'static str {
+        match self {
+            Self::V6_1 => "6.1",
+            Self::V6_12 => "6.12",
+        }
+    }
+
+    /// The `apt-cache search --names-only` pattern of the line's packages of `flavour`.
+    fn pattern(self, flavour: Flavour) -> String {
+        let flavour = flavour.name();
+        match self {
+            Self::V6_1 => format!(r"^linux-image-6\.1\.0-[0-9]+-{flavour}$"),
+            Self::V6_12 => format!(r"^linux-image-6\.12\.[0-9]+\+deb12-{flavour}$"),
+        }
+    }
+
+    /// The sort key of `package` if it belongs to the line and flavour: the ABI number (6.1) or
+    /// the patch level (6.12).
+    fn key(self, package: &str, flavour: Flavour) -> Option<u32> {
+        let flavour = flavour.name();
+        let number = match self {
+            Self::V6_1 => package.strip_prefix("linux-image-6.1.0-")?.strip_suffix(&format!("-{flavour}"))?,
+            Self::V6_12 => package.strip_prefix("linux-image-6.12.")?.strip_suffix(&format!("+deb12-{flavour}"))?,
+        };
+        number.parse().ok()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Flavour {
+    Amd64,
+    CloudAmd64,
+}
+
+impl Flavour {
+    pub(super) const fn name(self) -> &'static str {
+        match self {
+            Self::Amd64 => "amd64",
+            Self::CloudAmd64 => "cloud-amd64",
+        }
+    }
+}
+
+/// A Debian kernel to fetch: `6.1`, `6.12`, `6.1-cloud`, `6.12-cloud`; `-oldest` picks the
+/// oldest package of the line still served instead of the newest.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) struct DebianKernel {
+    pub(super) line: Line,
+    pub(super) flavour: Flavour,
+    pub(super) oldest: bool,
+}
+
+impl DebianKernel {
+    pub(super) const fn newest(line: Line, flavour: Flavour) -> Self {
+        Self { line, flavour, oldest: false }
+    }
+
+    /// The package among `names` (package names) this spec picks.
+    fn pick<'a>(self, names: impl Iterator<Item = &'a str>) -> Option<String> {
+        let keyed = names.filter_map(|name| self.line.key(name, self.flavour).map(|key| (key, name.to_owned())));
+        let picked = if self.oldest { keyed.min() } else { keyed.max() };
+        picked.map(|(_, name)| name)
+    }
+}
+
+impl std::str::FromStr for DebianKernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut words = s.split('-');
+        let line = match words.next() {
+            Some("6.1") => Line::V6_1,
+            Some("6.12") => Line::V6_12,
+            _ => return Err(format!("`{s}`: expected 6.1 or 6.12, then -cloud and/or -oldest (e.g. 6.12-cloud)")),
+        };
+        let mut spec = Self::newest(line, Flavour::Amd64);
+        for word in words {
+            match word {
+                "cloud" => spec.flavour = Flavour::CloudAmd64,
+                "oldest" => spec.oldest = true,
+                other => return Err(format!("`{s}`: unknown word `{other}` (cloud, oldest)")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl std::fmt::Display for DebianKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.line.name())?;
+        if self.flavour == Flavour::CloudAmd64 {
+            write!(f, "-cloud")?;
+        }
+        if self.oldest {
+            write!(f, "-oldest")?;
+        }
+        Ok(())
+    }
+}
+
+/// The package `spec` names today (asking apt-cache, with one `apt-get update` if it knows
+/// none), fetched and unpacked once into `cache`/debian/<package>.
+pub(super) fn debian_kernel(cache: &Path, spec: DebianKernel) -> Result<(String, Kernel)> {
     let dir = cache.join("debian");
-    let package = match newest_debian_kernel(flavour) {
+    let what = format!("{} package of line {} ({})", if spec.oldest { "oldest" } else { "newest" }, spec.line.name(), spec.flavour.name());
+    let package = match served_kernel(spec) {
         Ok(Some(p)) => p,
         Ok(None) => {
-            eprintln!("vm: apt-cache knows no linux-image-6.1.0-N-{flavour}; running apt-get update");
+            eprintln!("vm: apt-cache knows no {what}; running apt-get update");
             run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-            newest_debian_kernel(flavour)?.with_context(|| format!("apt-cache finds no linux-image-6.1.0-N-{flavour} package"))?
+            served_kernel(spec)?.with_context(|| format!("apt-cache finds no {what}"))?
         }
         Err(e) => {
-            // Offline: fall back to the newest kernel already unpacked.
-            let cached = newest_cached(&dir, flavour).with_context(|| format!("{e:#}; and no kernel in {}", dir.display()))?;
+            // Offline: fall back to a kernel already unpacked.
+            let cached = cached_kernel(&dir, spec).with_context(|| format!("{e:#}; and no kernel in {}", dir.display()))?;
             eprintln!("vm: apt-cache failed ({e:#}); using cached {cached}");
             cached
         }
@@ -175,7 +280,7 @@ pub(super) fn debian_kernel_flavour(cache: &Path, flavour: &str) -> Result<Kerne
         unpack_deb(&deb, &pkg_dir)?;
         fs::remove_file(&deb)?;
     }
-    kernel_from_root(&pkg_dir.join("root"))
+    Ok((package, kernel_from_root(&pkg_dir.join("root"))?))
 }
 
 /// Unpacks a .deb into DIR/root once (DIR/.unpacked marks completion).
@@ -197,40 +302,30 @@ fn unpack_deb(deb: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The highest ABI number among `linux-image-6.1.0-N-amd64` packages apt knows.
-fn newest_debian_kernel(flavour: &str) -> Result<Option<String>> {
+/// The package of `spec` among those apt knows (None: apt knows none of the line).
+fn served_kernel(spec: DebianKernel) -> Result<Option<String>> {
     let out = Command::new("apt-cache")
-        .args(["search", "--names-only", &format!(r"^linux-image-6\.1\.0-[0-9]+-{flavour}$")])
+        .args(["search", "--names-only", &spec.line.pattern(spec.flavour)])
         .output()
         .context("cannot run apt-cache")?;
     ensure!(out.status.success(), "apt-cache search failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    Ok(pick_newest_kernel(&String::from_utf8_lossy(&out.stdout), flavour))
+    Ok(pick_kernel(&String::from_utf8_lossy(&out.stdout), spec))
 }
 
-fn kernel_abi(package: &str, flavour: &str) -> Option<u32> {
-    package.strip_prefix("linux-image-6.1.0-")?.strip_suffix(&format!("-{flavour}"))?.parse().ok()
+/// The package `spec` picks from `apt-cache search` output.
+fn pick_kernel(apt_cache_output: &str, spec: DebianKernel) -> Option<String> {
+    spec.pick(apt_cache_output.lines().filter_map(|l| l.split_whitespace().next()))
 }
 
-fn pick_newest_kernel(apt_cache_output: &str, flavour: &str) -> Option<String> {
-    apt_cache_output
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter_map(|name| kernel_abi(name, flavour).map(|abi| (abi, name.to_owned())))
-        .max()
-        .map(|(_, name)| name)
-}
-
-fn newest_cached(dir: &Path, flavour: &str) -> Option<String> {
-    fs::read_dir(dir)
+/// The package `spec` picks among those already unpacked in `dir`.
+fn cached_kernel(dir: &Path, spec: DebianKernel) -> Option<String> {
+    let names: Vec<String> = fs::read_dir(dir)
         .ok()?
         .filter_map(Result::ok)
         .filter(|e| e.path().join(".unpacked").exists())
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            kernel_abi(&name, flavour).map(|abi| (abi, name))
-        })
-        .max()
-        .map(|(_, name)| name)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    spec.pick(names.iter().map(String::as_str))
 }
 
 fn run_cmd(cmd: &mut Command) -> Result<()> {
@@ -244,16 +339,42 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn spec(s: &str) -> DebianKernel {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn picks_the_highest_abi_not_the_last_line() {
         let out =
             "linux-image-6.1.0-9-amd64 - Linux 6.1\nlinux-image-6.1.0-56-amd64 - x\nlinux-image-6.1.0-47-amd64 - y\n";
-        assert_eq!(pick_newest_kernel(out, "amd64").as_deref(), Some("linux-image-6.1.0-56-amd64"));
-        assert_eq!(pick_newest_kernel("linux-image-6.1.0-56-rt-amd64 - rt\n", "amd64"), None);
+        assert_eq!(pick_kernel(out, spec("6.1")).as_deref(), Some("linux-image-6.1.0-56-amd64"));
+        assert_eq!(pick_kernel(out, spec("6.1-oldest")).as_deref(), Some("linux-image-6.1.0-9-amd64"));
+        assert_eq!(pick_kernel("linux-image-6.1.0-56-rt-amd64 - rt\n", spec("6.1")), None);
         assert_eq!(
-            pick_newest_kernel("linux-image-6.1.0-55-cloud-amd64 - c\nlinux-image-6.1.0-56-amd64 - a\n", "cloud-amd64").as_deref(),
+            pick_kernel("linux-image-6.1.0-55-cloud-amd64 - c\nlinux-image-6.1.0-56-amd64 - a\n", spec("6.1-cloud")).as_deref(),
             Some("linux-image-6.1.0-55-cloud-amd64")
         );
+    }
+
+    #[test]
+    fn the_6_12_line_sorts_by_patch_level_and_keeps_flavours_apart() {
+        let out = "linux-image-6.12.99+deb12-amd64 - a\nlinux-image-6.12.118+deb12-amd64 - b\n\
+                   linux-image-6.12.100+deb12-amd64 - c\nlinux-image-6.12.120+deb12-cloud-amd64 - d\n\
+                   linux-image-6.12.121+deb12-rt-amd64 - e\nlinux-image-6.1.0-57-amd64 - f\n";
+        assert_eq!(pick_kernel(out, spec("6.12")).as_deref(), Some("linux-image-6.12.118+deb12-amd64"));
+        assert_eq!(pick_kernel(out, spec("6.12-oldest")).as_deref(), Some("linux-image-6.12.99+deb12-amd64"));
+        assert_eq!(pick_kernel(out, spec("6.12-cloud")).as_deref(), Some("linux-image-6.12.120+deb12-cloud-amd64"));
+        assert_eq!(pick_kernel(out, spec("6.1")).as_deref(), Some("linux-image-6.1.0-57-amd64"));
+    }
+
+    #[test]
+    fn debian_kernel_specs_parse_and_print_back() {
+        for s in ["6.1", "6.12", "6.1-cloud", "6.12-cloud", "6.1-oldest", "6.12-cloud-oldest"] {
+            assert_eq!(spec(s).to_string(), s);
+        }
+        assert_eq!(spec("6.12-oldest-cloud"), spec("6.12-cloud-oldest"));
+        assert!("6.6".parse::<DebianKernel>().is_err());
+        assert!("6.1-rt".parse::<DebianKernel>().is_err());
     }
 
     #[test]

@@ -30,7 +30,7 @@ use serde_json::Value;
 use self::{
     boot::{BootSpec, boot},
     initramfs::{build_initramfs, remove_stale_run_images, write_run_initrd},
-    kernel::{Kernel, config_summary, resolve_kernel},
+    kernel::{DebianKernel, Flavour, Kernel, Line, config_summary, debian_kernel, kernel_at},
     verdict::{Verdict, check, summarize},
 };
 
@@ -107,13 +107,19 @@ pub struct VmArgs {
     /// Scenario script (tests/vm/<scenario>.sh) to run inside the VM.
     #[arg(long, value_enum, default_value_t = Scenario::EspNat)]
     scenario: Scenario,
-    /// Kernel: a bzImage, a kernel .deb, or a directory holding an unpacked kernel .deb.
-    /// Default: the newest Debian linux-image-6.1.0-N-amd64, fetched with apt-get.
+    /// Kernel: a bzImage, a kernel .deb, or a directory holding an unpacked kernel .deb. Repeat
+    /// it to run on several kernels (one after the other; with --matrix, each is added to it).
     #[arg(long, value_name = "PATH")]
-    kernel: Option<PathBuf>,
-    /// Modules for a bare bzImage: a lib/modules/<version> directory or a root holding one.
+    kernel: Vec<PathBuf>,
+    /// Modules for a bare bzImage: a lib/modules/<version> directory or a root holding one. The
+    /// n-th --modules goes with the n-th --kernel.
     #[arg(long, value_name = "DIR")]
-    modules: Option<PathBuf>,
+    modules: Vec<PathBuf>,
+    /// Debian kernels to fetch with apt-get and boot (comma-separated or repeated): 6.1, 6.12,
+    /// 6.1-cloud, 6.12-cloud (newest package of the line); add -oldest for the oldest still
+    /// served, e.g. 6.1-oldest. Default: 6.1 when no --kernel is given; with --matrix, all four.
+    #[arg(long, value_name = "LINE[-cloud][-oldest]", value_delimiter = ',')]
+    debian: Vec<DebianKernel>,
     /// natfix binary to put in the VM. Default: <target dir>/debug/natfix if it exists.
     #[arg(long, value_name = "PATH")]
     natfix_bin: Option<PathBuf>,
@@ -139,10 +145,49 @@ pub struct VmArgs {
     /// Do not compare the result with each mode's expected outcome.
     #[arg(long)]
     no_check: bool,
-    /// Run the scenarios on every kernel available (the host's, each Debian 6.1 flavour the
-    /// package lists offer, and --kernel) and write KERNELS.md.
+    /// Run the guard and overlay scenarios on every kernel line Debian serves (6.1 and 6.12,
+    /// amd64 and cloud-amd64, newest of each; --debian replaces that list) plus each --kernel,
+    /// and write KERNELS.md.
     #[arg(long)]
     matrix: bool,
+    /// With --matrix: write the table here instead of KERNELS.md.
+    #[arg(long, value_name = "FILE", requires = "matrix")]
+    matrix_out: Option<PathBuf>,
+}
+
+/// A kernel to run on, and what to call it.
+struct Choice {
+    label: String,
+    kernel: Result<Kernel>,
+}
+
+/// The kernels `args` asks for: --debian's, then each --kernel. Without --debian, `default`
+/// stands in for it (for a plain run only when there is no --kernel either:
+/// `kernel_replaces_default`).
+fn choose_kernels(args: &VmArgs, cache: &Path, default: &[DebianKernel], kernel_replaces_default: bool) -> Vec<Choice> {
+    let debian: &[DebianKernel] = if !args.debian.is_empty() {
+        &args.debian
+    } else if kernel_replaces_default && !args.kernel.is_empty() {
+        &[]
+    } else {
+        default
+    };
+    let mut choices = Vec::new();
+    for spec in debian {
+        match debian_kernel(cache, *spec) {
+            Ok((package, kernel)) => choices.push(Choice { label: format!("Debian {package}"), kernel: Ok(kernel) }),
+            Err(e) => choices.push(Choice { label: format!("Debian {spec}"), kernel: Err(e) }),
+        }
+    }
+    for (i, path) in args.kernel.iter().enumerate() {
+        let kernel = kernel_at(path, args.modules.get(i).map(PathBuf::as_path), cache);
+        let label = match &kernel {
+            Ok(k) => format!("{} ({})", path.display(), k.version),
+            Err(_) => path.display().to_string(),
+        };
+        choices.push(Choice { label, kernel });
+    }
+    choices
 }
 
 pub fn run(args: &VmArgs) -> Result<()> {
@@ -152,9 +197,23 @@ pub fn run(args: &VmArgs) -> Result<()> {
     let workspace = workspace_root();
     let cache = workspace.join("vm-cache");
     fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
-    let kernel = resolve_kernel(args, &cache)?;
-    let result = run_on(args, &kernel, &args.mode)?;
-    report(&result, !args.no_check)
+    let choices = choose_kernels(args, &cache, &[DebianKernel::newest(Line::V6_1, Flavour::Amd64)], true);
+    let (mut results, mut failed) = (Vec::new(), Vec::new());
+    for choice in choices {
+        let kernel = choice.kernel.with_context(|| format!("kernel {}", choice.label))?;
+        let result = run_on(args, &kernel, &args.mode)?;
+        if let Err(e) = report(&result, !args.no_check) {
+            eprintln!("vm: {}: {e:#}", choice.label);
+            failed.push(choice.label);
+        }
+        results.push(result);
+    }
+    if let Some(path) = &args.json_out {
+        let json = if results.len() == 1 { results.swap_remove(0) } else { Value::Array(results) };
+        fs::write(path, format!("{}\n", serde_json::to_string_pretty(&json)?)).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    ensure!(failed.is_empty(), "not as expected on {}", failed.join(", "));
+    Ok(())
 }
 
 /// Builds the initramfs for `kernel`, boots it with `modes`, returns the result (one object or an array).
@@ -201,11 +260,7 @@ fn run_on(args: &VmArgs, kernel: &Kernel, modes: &[Mode]) -> Result<Value> {
         "modules_failed": top["modules_failed"],
     });
     let result = with_host_facts(top["result"].clone(), &host)?;
-    let text = serde_json::to_string_pretty(&result)?;
-    println!("{text}");
-    if let Some(path) = &args.json_out {
-        fs::write(path, format!("{text}\n")).with_context(|| format!("cannot write {}", path.display()))?;
-    }
+    println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(result)
 }
 
