@@ -59,6 +59,16 @@ if [ -f /etc/natfix/modules ]; then
     done < /etc/natfix/modules
 fi
 
+# What natfix detects of this kernel (tcx, conntrack kfuncs, esp4_offload, ...): the host reads
+# the kernel.* findings for KERNELS.md.
+DIAGNOSE=null
+if command -v natfix > /dev/null; then
+    _d=$(NO_COLOR=1 natfix diagnose --json --sample 1 2> /dev/null)
+    case "$_d" in
+        "{"*) DIAGNOSE=$(printf '%s' "$_d" | tr -d '\n') ;;
+    esac
+fi
+
 RESULT=/tmp/result.json
 : > "$RESULT"
 SCRIPT=/scenarios/$SCENARIO.sh
@@ -84,8 +94,8 @@ if [ "$VERBOSE" = 1 ]; then
     echo "-----"
 fi
 
-printf '\nNATFIX-RESULT {"boot_s":%s,"scenario_s":%s,"modules_failed":%s,"result":%s}\n' \
+printf '\nNATFIX-RESULT {"boot_s":%s,"scenario_s":%s,"modules_failed":%s,"diagnose":%s,"result":%s}\n' \
     "$BOOT_S" "$(awk -v a="$BOOT_S" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')" \
-    "$(json_lines /tmp/modules.failed)" "$(tr -d '\n' < "$RESULT")"
+    "$(json_lines /tmp/modules.failed)" "$DIAGNOSE" "$(tr -d '\n' < "$RESULT")"
 sync
 poweroff -f

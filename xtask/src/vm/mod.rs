@@ -13,6 +13,7 @@
 mod boot;
 mod initramfs;
 mod kernel;
+mod kernels_md;
 mod matrix;
 mod modules;
 mod verdict;
@@ -258,10 +259,19 @@ fn run_on(args: &VmArgs, kernel: &Kernel, modes: &[Mode]) -> Result<Value> {
         "natfix_bin": natfix.as_ref().map(|p| p.display().to_string()),
         "modules_builtin": initramfs.builtin,
         "modules_failed": top["modules_failed"],
+        // What `natfix diagnose` in the VM says of the kernel (tcx, kfuncs, esp4_offload, ...).
+        "kernel_findings": kernel_findings(&top["diagnose"]),
     });
     let result = with_host_facts(top["result"].clone(), &host)?;
     println!("{}", serde_json::to_string_pretty(&result)?);
     Ok(result)
+}
+
+/// The `kernel.*` findings of a `natfix diagnose --json` report (null without one).
+fn kernel_findings(diagnose: &Value) -> Value {
+    diagnose["findings"].as_array().map_or(Value::Null, |findings| {
+        findings.iter().filter(|f| f["check"].as_str().is_some_and(|c| c.starts_with("kernel."))).cloned().collect()
+    })
 }
 
 /// `--natfix-arg`s, or `$NATFIX_ARGS` (whitespace-separated) when none is given.
