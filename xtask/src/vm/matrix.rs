@@ -52,7 +52,7 @@ pub(super) fn matrix(args: &VmArgs) -> Result<()> {
             Err(e) => run.errors.push(format!("not available: {e:#}")),
             Ok(kernel) => {
                 for (scenario, modes) in [(Scenario::Guard, &GUARD_MODES[..]), (Scenario::EspNat, &MATRIX_MODES[..])] {
-                    let scenario_args = VmArgs { scenario, ..args.clone() };
+                    let scenario_args = VmArgs { scenario, diagnose: true, ..args.clone() };
                     match run_on(&scenario_args, &kernel, modes) {
                         Ok(Value::Array(items)) => run.items.extend(items),
                         Ok(item) => run.items.push(item),

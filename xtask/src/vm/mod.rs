@@ -143,6 +143,10 @@ pub struct VmArgs {
     /// Echo the serial console, and have /init print the scenario's stderr and dmesg.
     #[arg(long, short)]
     verbose: bool,
+    /// Have /init run `natfix diagnose --json` once (its kernel.* findings go to the result's
+    /// vm.kernel_findings; about 15 s per boot under TCG). --matrix always does.
+    #[arg(long)]
+    diagnose: bool,
     /// Do not compare the result with each mode's expected outcome.
     #[arg(long)]
     no_check: bool,
@@ -293,10 +297,11 @@ fn cmdline(args: &VmArgs, modes: &[Mode]) -> String {
         modes.iter().map(value_name).collect::<Vec<_>>().join(",")
     };
     format!(
-        "console=ttyS0 panic=-1 quiet mitigations=off natfix.scenario={} natfix.mode={modes} natfix.gro={} natfix.verbose={}",
+        "console=ttyS0 panic=-1 quiet mitigations=off natfix.scenario={} natfix.mode={modes} natfix.gro={} natfix.verbose={} natfix.diagnose={}",
         value_name(&args.scenario),
         u8::from(args.gro == Toggle::On),
         u8::from(args.verbose),
+        u8::from(args.diagnose),
     )
 }
 
