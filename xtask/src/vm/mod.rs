@@ -104,6 +104,7 @@ fn value_name<T: ValueEnum>(v: &T) -> String {
 }
 
 #[derive(clap::Args, Clone)]
+#[expect(clippy::struct_excessive_bools, reason = "clap flags: each is an independent command-line switch")]
 pub struct VmArgs {
     /// Scenario script (tests/vm/<scenario>.sh) to run inside the VM.
     #[arg(long, value_enum, default_value_t = Scenario::EspNat)]
@@ -144,7 +145,7 @@ pub struct VmArgs {
     #[arg(long, short)]
     verbose: bool,
     /// Have /init run `natfix diagnose --json` once (its kernel.* findings go to the result's
-    /// vm.kernel_findings; about 15 s per boot under TCG). --matrix always does.
+    /// `vm.kernel_findings`; 3 to 20 s more per boot under TCG). --matrix always does.
     #[arg(long)]
     diagnose: bool,
     /// Do not compare the result with each mode's expected outcome.
