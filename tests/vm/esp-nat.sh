@@ -414,6 +414,7 @@ run_mode() {
     case "$mode" in natfix-*)
         [ -n "$fix" ] && [ "$fix" != none ] || fix="natfix attach --iface <underlay> $nf_args --pin"
         extra="$extra,\"natfix_counters\":{\"a\":$(natfix_counters A),\"b\":$(natfix_counters B)}"
+        extra="$extra,\"natfix_status\":$(natfix_status)"
         if [ "$mode" = natfix-one-side ]; then
             extra="$extra,\"natfix_detach\":{\"b\":$(natfix_off B vethB)}"
         else

@@ -69,6 +69,7 @@ run_mode() {
     setup
     attach_rc=null
     attach_out=
+    status=null
     case "$mode" in
         guard-baseline) ;;
         guard-xdp | guard-tc | guard-conntrack-refused)
@@ -80,6 +81,7 @@ run_mode() {
             # shellcheck disable=SC2086 # our own fixed words
             attach_out=$(in_ns H env NO_COLOR=1 natfix attach --iface ext --guard 20000-30000 $extra --pin 2>&1)
             attach_rc=$?
+            status=$(natfix_status)
             ;;
         *)
             printf '{"scenario":"guard","mode":%s,"errors":[%s]}' "$(json_str "$mode")" "$(json_str "unknown mode")"
@@ -104,8 +106,8 @@ run_mode() {
 
     printf '{"scenario":"guard","mode":"%s","kernel":"%s","external_port":%s,"reply_delivered":%s,' \
         "$mode" "$(uname -r)" "${port:-null}" "$([ "${reply:-0}" -gt 0 ] && echo true || echo false)"
-    printf '"natfix":{"exit":%s,"output":%s,"dropped_unsolicited":%s,"passed_solicited":%s},"errors":%s}' \
-        "$attach_rc" "$(json_str "$(plain_tail 600 "$attach_out")")" \
+    printf '"natfix":{"exit":%s,"output":%s,"status":%s,"dropped_unsolicited":%s,"passed_solicited":%s},"errors":%s}' \
+        "$attach_rc" "$(json_str "$(plain_tail 600 "$attach_out")")" "$status" \
         "$(natfix_stat H dropped_unsolicited | grep . || echo null)" "$(natfix_stat H passed_solicited | grep . || echo null)" \
         "$(json_lines "$ERRORS")"
 }

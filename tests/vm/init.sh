@@ -4,7 +4,7 @@
 # `NATFIX-RESULT <json>` on the console and powers off. The host reads that line.
 #
 # Kernel command line: natfix.scenario=NAME natfix.mode=MODE[,MODE...] natfix.gro=1|0
-#                      natfix.verbose=1|0
+#                      natfix.verbose=1|0 natfix.diagnose=1|0
 
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root
@@ -29,12 +29,14 @@ SCENARIO=
 MODE=baseline
 GRO=1
 VERBOSE=0
+DIAGNOSE_KERNEL=0
 for word in $(cat /proc/cmdline); do
     case "$word" in
         natfix.scenario=*) SCENARIO=${word#*=} ;;
         natfix.mode=*) MODE=${word#*=} ;;
         natfix.gro=*) GRO=${word#*=} ;;
         natfix.verbose=*) VERBOSE=${word#*=} ;;
+        natfix.diagnose=*) DIAGNOSE_KERNEL=${word#*=} ;;
     esac
 done
 export SCENARIO MODE GRO VERBOSE
@@ -57,6 +59,17 @@ if [ -f /etc/natfix/modules ]; then
             echo "$name: $out" >> /tmp/modules.failed
         fi
     done < /etc/natfix/modules
+fi
+
+# What natfix detects of this kernel (tcx, conntrack kfuncs, esp4_offload, ...), with
+# natfix.diagnose=1 (`cargo xtask vm --diagnose`, --matrix): the host reads the kernel.* findings
+# for KERNELS.md.
+DIAGNOSE=null
+if [ "$DIAGNOSE_KERNEL" = 1 ] && command -v natfix > /dev/null; then
+    _d=$(NO_COLOR=1 natfix diagnose --json --sample 1 2> /dev/null)
+    case "$_d" in
+        "{"*) DIAGNOSE=$(printf '%s' "$_d" | tr -d '\n') ;;
+    esac
 fi
 
 RESULT=/tmp/result.json
@@ -84,8 +97,8 @@ if [ "$VERBOSE" = 1 ]; then
     echo "-----"
 fi
 
-printf '\nNATFIX-RESULT {"boot_s":%s,"scenario_s":%s,"modules_failed":%s,"result":%s}\n' \
+printf '\nNATFIX-RESULT {"boot_s":%s,"scenario_s":%s,"modules_failed":%s,"diagnose":%s,"result":%s}\n' \
     "$BOOT_S" "$(awk -v a="$BOOT_S" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')" \
-    "$(json_lines /tmp/modules.failed)" "$(tr -d '\n' < "$RESULT")"
+    "$(json_lines /tmp/modules.failed)" "$DIAGNOSE" "$(tr -d '\n' < "$RESULT")"
 sync
 poweroff -f

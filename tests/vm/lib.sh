@@ -29,6 +29,16 @@ json_lines() {
     printf ']'
 }
 
+# `natfix status --json` on one line (every attachment's record: programs with hook and attach
+# mode, the guard's flow source, the overlay fix's backend and nftables table), or null.
+natfix_status() {
+    _st=$(natfix status --json 2> /dev/null)
+    case "$_st" in
+        "{"*) printf '%s' "$_st" | tr -d '\n' ;;
+        *) printf null ;;
+    esac
+}
+
 # JSON boolean of a command's success.
 json_bool() {
     if "$@"; then printf true; else printf false; fi

@@ -16,7 +16,7 @@ use crate::run::{cargo, setup, workspace};
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
-    /// Runs per row (median, min and max are over these); test_run rows take three times as many.
+    /// Runs per row (median, min and max are over these); `test_run` rows take three times as many.
     #[arg(long, default_value_t = 7)]
     pub runs: u32,
     /// Where to write the report.
@@ -142,7 +142,10 @@ fn system_benches(runs: u32) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
-fn target(name: &str) -> Option<(&'static str, Box<dyn Fn(&Value) -> bool>)> {
+/// Which rows of a run a benchmark target takes.
+type RowFilter = Box<dyn Fn(&Value) -> bool>;
+
+fn target(name: &str) -> Option<(&'static str, RowFilter)> {
     let delta = |v: &Value| v["delta"].as_f64().unwrap_or(f64::MAX);
     let ratio = |v: &Value| v["ratio"].as_f64().unwrap_or(0.0);
     let median = |v: &Value| v["median"].as_f64().unwrap_or(f64::MAX);

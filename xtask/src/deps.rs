@@ -19,6 +19,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
     ("cpio", "/usr/bin/cpio"),
+    // Debian's 6.12 kernels ship their modules as .ko.xz; the VM's initramfs stores them unpacked.
+    ("xz-utils", "/usr/bin/xz"),
     ("ethtool", "/usr/sbin/ethtool"),
     ("iperf3", "/usr/bin/iperf3"),
     ("prometheus", "/usr/bin/promtool"),

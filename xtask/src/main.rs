@@ -21,7 +21,7 @@ enum Cmd {
     Deps,
     /// Set up and run the demo: `natfix lab` in throwaway namespaces.
     Lab,
-    /// Set up and run every test: unit, BPF_PROG_TEST_RUN, namespaces, VM.
+    /// Set up and run every test: unit, `BPF_PROG_TEST_RUN`, namespaces, VM.
     Test(run::TestArgs),
     /// Run the benchmarks and write BENCHMARKS.md.
     Bench(bench::BenchArgs),
