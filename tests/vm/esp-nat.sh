@@ -24,6 +24,8 @@
 #   natfix-wrong-reqid natfix's overlay fix limited to another reqid: nothing may be fixed
 #   throughput    iperf3 over the overlay, noudpcsum workaround against natfix, alternating, same boot
 #   natfix-cleartext  no ESP, natfix's overlay fix on A and B: it must leave cleartext VXLAN alone
+#   baseline-4777     no fix, VXLAN on port 4777 (swarm's --data-path-port)
+#   natfix-port-4777  VXLAN on 4777, `natfix attach --overlay-fix` naming no port (auto finds it)
 
 . "${SCENARIO_DIR:-/scenarios}/lib.sh"
 
@@ -317,9 +319,12 @@ run_mode() {
     fix=none
     extra=
     nf_args=
+    VXLAN_PORT=4789
     case "$mode" in
         cleartext) esp=false ;;
         baseline) ;;
+        baseline-4777) VXLAN_PORT=4777 ;;
+        natfix-port-4777) VXLAN_PORT=4777 nf_args="--overlay-fix" ;;
         noudpcsum) fix="VXLAN devices recreated with noudpcsum on A and B" ;;
         nft) fix="nft 'meta ipsec exists udp dport $VXLAN_PORT udp checksum set 0' (prerouting, mangle) on A and B" ;;
         nft-one-side) fix="the nft rule on B only" ;;
@@ -426,8 +431,8 @@ run_mode() {
     printf '{"scenario":"esp-nat","mode":"%s","kernel":"%s","esp":%s,"gro":%s,"esp4_offload_loaded":%s,' \
         "$mode" "$(uname -r)" "$esp" "$([ "$GRO" = 1 ] && echo true || echo false)" \
         "$(json_bool grep -q '^esp4_offload ' /proc/modules)"
-    printf '"vxlan_csum":"%s","fix":%s,"hop_mtu":%s,"overlay_mtu":%s,' \
-        "$([ "$mode" = noudpcsum ] && echo noudpcsum || echo udpcsum)" "$(json_str "$fix")" "$HOP_MTU" "$OVERLAY_MTU"
+    printf '"vxlan_csum":"%s","vxlan_port":%s,"fix":%s,"hop_mtu":%s,"overlay_mtu":%s,' \
+        "$([ "$mode" = noudpcsum ] && echo noudpcsum || echo udpcsum)" "$VXLAN_PORT" "$(json_str "$fix")" "$HOP_MTU" "$OVERLAY_MTU"
     printf '"a_to_b":%s,"b_to_a":%s,' "$a_to_b" "$b_to_a"
     printf '"udp_csum_errors":{"a":{"before":%s,"after":%s},"b":{"before":%s,"after":%s}},' \
         "$a_cs0" "$a_cs1" "$b_cs0" "$b_cs1"

@@ -84,7 +84,8 @@ pub fn lab() -> Result<()> {
 /// The VM scenarios `cargo xtask test` runs, in one boot: the failure, the
 /// known workarounds, and natfix's overlay fix with every backend and mode.
 const VM_MODES: &str = "cleartext,baseline,noudpcsum,nft,nft-one-side,natfix-auto,natfix-auto-recompute,\
-natfix-tc,natfix-tc-recompute,natfix-nft,natfix-both,natfix-one-side,natfix-cleartext,natfix-wrong-reqid,lab";
+natfix-tc,natfix-tc-recompute,natfix-nft,natfix-both,natfix-one-side,natfix-cleartext,natfix-wrong-reqid,baseline-4777,\
+natfix-port-4777,lab";
 
 /// Runs a command, echoing its stdout, and adds up libtest's and the VM's
 /// "N passed; M failed" summaries.

@@ -75,6 +75,12 @@ enum Mode {
     NatfixCleartext,
     /// natfix's overlay fix (both backends) for another reqid: Docker's packets must stay untouched.
     NatfixWrongReqid,
+    /// No fix, VXLAN on port 4777 (swarm's --data-path-port): fails as on 4789.
+    #[value(name = "baseline-4777")]
+    Baseline4777,
+    /// VXLAN on 4777, `--overlay-fix` naming no port: `--vxlan-port auto` must find it.
+    #[value(name = "natfix-port-4777")]
+    NatfixPort4777,
     /// Overlay TCP throughput (iperf3): natfix (auto) against the noudpcsum workaround, same boot.
     Throughput,
     /// `natfix lab --scenario overlay`, the demo's native path (this kernel has ESP).

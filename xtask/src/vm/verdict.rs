@@ -68,6 +68,10 @@ pub(super) fn check(item: &Value) -> Verdict {
         m if m.starts_with("natfix-") => check_natfix(item, m, &mut why),
         m if m.starts_with("guard-") => check_guard(item, m, &mut why),
         "baseline" => check_baseline(item, &mut why),
+        "baseline-4777" => {
+            check_baseline(item, &mut why);
+            check_vxlan_port(item, 4777, &mut why);
+        }
         "lab" => {
             let output = item["output"].as_str().unwrap_or_default();
             if num(item, &["exit"]) != 0 || !output.contains("fixed with `natfix attach --overlay-fix` (ok)") {
@@ -85,6 +89,13 @@ pub(super) fn check(item: &Value) -> Verdict {
         other => check_workaround(item, other, &mut why),
     }
     if why.is_empty() { Verdict::Pass } else { Verdict::Fail(why) }
+}
+
+/// The scenario ran its VXLAN on `port`.
+fn check_vxlan_port(item: &Value, port: i64, why: &mut Vec<String>) {
+    if num(item, &["vxlan_port"]) != port {
+        why.push(format!("the scenario ran VXLAN on {}, expected {port}", item["vxlan_port"]));
+    }
 }
 
 /// Every ping of both directions and sizes answered.
@@ -224,6 +235,21 @@ fn check_natfix(item: &Value, mode: &str, why: &mut Vec<String>) {
 /// What must get through (or not) with natfix's fix in `mode`.
 fn check_natfix_delivery(item: &Value, mode: &str, why: &mut Vec<String>) {
     match mode {
+        "natfix-port-4777" => {
+            all_replies(item, why);
+            check_vxlan_port(item, 4777, why);
+            // What natfix recorded: the port found, and that it was found.
+            let recs = item["natfix_status"]["attachments"].as_array().cloned().unwrap_or_default();
+            if recs.len() != 2 {
+                why.push(format!("natfix status listed {} attachments, expected A's and B's", recs.len()));
+            }
+            for rec in &recs {
+                let o = &rec["overlay"];
+                if o["vxlan_ports"] != serde_json::json!([4777]) || o["vxlan_auto"] != Value::Bool(true) {
+                    why.push(format!("natfix recorded {o}, expected vxlan_ports [4777] found by auto"));
+                }
+            }
+        }
         "natfix-auto" | "natfix-auto-recompute" | "natfix-nft" | "natfix-both" => {
             all_replies(item, why);
             if item["esp_fragmented"] != Value::Bool(true) {
@@ -291,7 +317,7 @@ fn check_nft_counter(item: &Value, mode: &str, why: &mut Vec<String>) {
     }
     // IPv4 without recompute: auto attaches the nftables rule alone (no eBPF program, so the
     // only overlay counter is the rule's).
-    if matches!(mode, "natfix-auto" | "natfix-nft" | "natfix-one-side") {
+    if matches!(mode, "natfix-auto" | "natfix-nft" | "natfix-one-side" | "natfix-port-4777") {
         for node in natfix_nodes(mode) {
             let keys: Vec<&String> = item["natfix_counters"][*node].as_object().map(|o| o.keys().collect()).unwrap_or_default();
             if keys != ["nft_zeroed"] {
