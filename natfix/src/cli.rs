@@ -22,6 +22,9 @@ pub struct Cli {
     /// Less log: -q warnings and errors only, -qq errors only.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub quiet: u8,
+    /// Log lines as text, or one JSON object each (for log collectors).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -50,6 +53,18 @@ pub enum Command {
     Set(SetArgs),
     /// Delete the conntrack entries unsolicited UDP already created to guarded ports (attach does it too).
     Reap(ReapArgs),
+    /// Run the node agent: keep the attachments a config file lists, follow Docker, serve metrics.
+    Agent {
+        /// The config file (TOML; keys are `attach`'s options; see README "Deploy").
+        #[arg(long, default_value = crate::agent::config::DEFAULT_PATH)]
+        config: std::path::PathBuf,
+    },
+    /// Ask a running agent whether it is healthy (exit 0) or not (exit 1): for container health checks.
+    Health {
+        /// The agent's `metrics` address.
+        #[arg(long, default_value = crate::commands::health::DEFAULT_ADDR)]
+        addr: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -115,6 +130,13 @@ pub struct SetArgs {
     /// Print the record in force afterwards as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// One `--vxlan-port` value.
@@ -317,6 +339,9 @@ pub struct GuardArgs {
     /// Keep the conntrack entries unsolicited UDP created before attach (by default they are deleted).
     #[arg(long)]
     pub no_reap: bool,
+    /// Guard published UDP ports too (by default the ports Docker publishes and the namespace DNATs take new flows).
+    #[arg(long)]
+    pub no_allow_published: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -370,6 +395,7 @@ impl GuardArgs {
             allow_src: self.allow_src.clone(),
             dry_run: self.dry_run,
             no_reap: self.no_reap,
+            no_allow_published: self.no_allow_published,
         })
     }
 }

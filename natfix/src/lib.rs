@@ -5,18 +5,22 @@
 //! kernel), `observe` (counters, metrics, events), `diagnose`, `lab`,
 //! `commands` (one per CLI command), and `cli` (clap, on top).
 
+pub mod agent;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod conntrack;
 pub mod diagnose;
+pub mod docker;
 pub mod error;
 pub mod flowsync;
 pub mod lab;
 pub mod loader;
+pub mod nat_rules;
 pub mod observe;
 pub mod overlay;
 pub mod pins;
+pub mod published;
 pub mod reap;
 pub mod record;
 pub mod sys;

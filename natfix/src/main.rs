@@ -2,13 +2,13 @@ use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser;
 use natfix::{
-    cli::{Cli, Command, LabScenario},
+    cli::{Cli, Command, LabScenario, LogFormat},
     commands, error,
 };
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_filter());
+    init_logging(&cli.log_filter(), cli.log_format);
     match run(&cli.command) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -20,13 +20,16 @@ fn main() -> ExitCode {
 
 /// Logs go to stderr, coloured only on a terminal (`Cli::log_filter` picks
 /// the filter; a malformed one falls back to info).
-fn init_logging(filter: &str) {
-    tracing_subscriber::fmt()
+fn init_logging(filter: &str, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Runs the command; Ok carries the exit code.
@@ -62,6 +65,8 @@ fn run(command: &Command) -> anyhow::Result<u8> {
             };
             commands::reap::run(r.netns.as_deref(), &req, r.json)?;
         }
+        Command::Agent { config } => natfix::agent::run(config)?,
+        Command::Health { addr } => commands::health::run(*addr)?,
     }
     Ok(0)
 }

@@ -81,33 +81,40 @@ pub fn require_bpffs() -> Result<()> {
 /// A foreground attach run by `ip netns exec` (a private mount namespace
 /// whose /sys has no bpffs) mounts its own bpffs there, as bpftool does:
 /// nothing outside sees it, and it goes with the process, which is what a
-/// foreground attachment does anyway. Elsewhere, as `require_bpffs`.
+/// foreground attachment does anyway. Anywhere else (a container started
+/// without the bpffs mount, say) a missing bpffs is the operator's to fix:
+/// as `require_bpffs`.
 pub fn require_bpffs_or_mount_private() -> Result<()> {
     let missing = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| i64::from(s.filesystem_type().0) != BPF_FS_MAGIC);
     let private = std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
-    if missing && private {
+    if missing && private && let Some(ns) = ip_netns_name() {
         use nix::mount::{MsFlags, mount};
         mount(Some("bpf"), BPFFS, Some("bpf"), MsFlags::empty(), None::<&str>)
             .map_err(|e| anyhow::anyhow!("{}; mounting a private one failed: {e}", missing_bpffs_advice()))?;
         tracing::warn!(
-            "mounted a private bpffs at {BPFFS} (this mount namespace had none): `natfix status` from the host will not list this attachment; `natfix attach --netns NS` from the host is the usual way"
+            "mounted a private bpffs at {BPFFS} (`ip netns exec` left none): `natfix status` from the host will not list this attachment; `natfix attach --netns {ns}` from the host is the usual way"
         );
     }
     require_bpffs()
 }
 
-/// Why there is no bpffs, and what to do. `ip netns exec` remounts /sys
-/// (without bpffs) for the command it runs: the usual cause inside one.
-fn missing_bpffs_advice() -> String {
+/// The name under /run/netns of the calling thread's namespace, if any: a
+/// command run by `ip netns exec NAME`.
+fn ip_netns_name() -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
-    let here = crate::sys::netns::current_inode().ok();
-    let named = std::fs::read_dir(crate::sys::netns::IP_NETNS_DIR)
+    let here = crate::sys::netns::current_inode().ok()?;
+    std::fs::read_dir(crate::sys::netns::IP_NETNS_DIR)
         .into_iter()
         .flatten()
         .flatten()
-        .find(|e| std::fs::metadata(e.path()).is_ok_and(|m| Some(m.ino()) == here))
-        .map(|e| e.file_name().to_string_lossy().into_owned());
-    match named {
+        .find(|e| std::fs::metadata(e.path()).is_ok_and(|m| m.ino() == here))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+}
+
+/// Why there is no bpffs, and what to do. `ip netns exec` remounts /sys
+/// (without bpffs) for the command it runs: the usual cause inside one.
+fn missing_bpffs_advice() -> String {
+    match ip_netns_name() {
         Some(ns) => format!(
             "no bpffs mounted at {BPFFS}: `ip netns exec` remounts /sys without it; run `natfix ... --netns {ns}` from the host instead"
         ),

@@ -48,6 +48,21 @@ pub struct AttachmentMeta {
     /// Sampled events per CPU per second (`--events-rate`); None in records of natfix < 0.2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events_per_sec: Option<u32>,
+    /// Made and kept by `natfix agent`; None for `natfix attach`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed: Option<Managed>,
+}
+
+/// What the agent that keeps an attachment asked for, to tell on reload
+/// what changed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Managed {
+    /// The agent's config file.
+    pub config: String,
+    /// What only a reload of the programs changes (hook, flow source, ...).
+    pub structure: String,
+    /// What `natfix set` changes in place (ranges, exemptions, ...).
+    pub settings: String,
 }
 
 /// natfix's eBPF programs, by the C function names records carry.
@@ -159,6 +174,12 @@ pub struct GuardMeta {
     /// Conntrack entries of unsolicited UDP this attachment deleted (`reap`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reaped: u64,
+    /// Published ports inside the ranges, exempt while they are published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<u16>,
+    /// `--no-allow-published`: published ports are guarded like the rest.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_allow_published: bool,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -178,3 +178,28 @@ fn own_flow_table_follows_conntrack_events() {
     assert_eq!(stat(&t.host.name, HOST_EXT_IF, "guard", "dropped_unsolicited"), 1);
     assert!(d.stop().unwrap().success());
 }
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn published_ports_take_new_flows_without_allow_port() {
+    root_setup();
+    ensure_bpffs();
+    for (extra, reachable) in [(&[][..], true), (&["--no-allow-published"][..], false)] {
+        let t = topology("pub");
+        let d = attach(&t, extra);
+        let out = natfix_testkit::natfix(&["status", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let rec = v["attachments"].as_array().unwrap().iter().find(|r| r["netns"] == t.host.name.as_str()).unwrap().clone();
+        let want = if reachable { serde_json::json!([PUBLISHED_PORT]) } else { serde_json::Value::Null };
+        assert_eq!(rec["guard"]["published"], want, "{extra:?}: the record names the DNAT'd port: {rec}");
+        let rx = t.container.recv_udp(sock(CONTAINER_IP, PUBLISHED_PORT), Duration::from_millis(500)).unwrap();
+        t.remote.send_udp(sock(REMOTE_IP, 7100), sock(HOST_IP, PUBLISHED_PORT), 2).unwrap();
+        assert_eq!(rx.join().unwrap().unwrap().len(), if reachable { 2 } else { 0 }, "{extra:?}: the published port");
+        // Unpublished (the DNAT rule goes): followed by `natfix set` or the agent; here the
+        // attachment keeps what it read at attach, and a plain port stays guarded.
+        let rx = t.host.recv_udp(sock(HOST_IP, 25501), Duration::from_millis(300)).unwrap();
+        t.remote.send_udp(sock(REMOTE_IP, 7101), sock(HOST_IP, 25501), 2).unwrap();
+        assert_eq!(rx.join().unwrap().unwrap().len(), 0, "{extra:?}: an unpublished neighbour is guarded");
+        assert!(d.stop().unwrap().success());
+    }
+}

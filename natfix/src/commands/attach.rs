@@ -25,7 +25,10 @@ pub struct AttachOptions {
 pub fn run(spec: &AttachSpec, opts: &AttachOptions) -> Result<()> {
     features::require_privileges(spec.netns.is_some())?;
     let netns = Netns::resolve(spec.netns.as_deref())?;
-    let plan = AttachPlan::new(spec, netns.clone(), opts.pin, opts.replace)?;
+    let mut plan = AttachPlan::new(spec, netns.clone(), opts.pin, opts.replace)?;
+    if plan.guard.as_ref().is_some_and(|g| g.allow_published) {
+        plan.docker_published = crate::docker::published_now(std::time::Duration::from_secs(2));
+    }
     let metrics_listener = opts.metrics.map(observe::metrics::bind).transpose()?;
     let own_flows = plan.guard.as_ref().filter(|g| g.source == ResolvedFlowSource::Own).map(loader::GuardPlan::endpoint_independent);
     let mut att = loader::attach(plan)?;
@@ -64,7 +67,7 @@ pub fn run(spec: &AttachSpec, opts: &AttachOptions) -> Result<()> {
         };
         let metrics = async {
             match metrics_listener {
-                Some(listener) => observe::metrics::serve(listener, metrics_dir).await.context("metrics server stopped"),
+                Some(listener) => observe::metrics::serve(listener, observe::metrics::Endpoints::one(metrics_dir)).await.context("metrics server stopped"),
                 None => std::future::pending().await,
             }
         };

@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod detach;
 pub mod diagnose;
+pub mod health;
 pub mod lab;
 pub mod monitor;
 pub mod reap;

@@ -99,5 +99,12 @@ fn print_entry(e: &Value) {
         let ranges: Vec<String> = g["ranges"].as_array().into_iter().flatten().map(s).collect();
         let dry = if g["dry_run"].as_bool() == Some(true) { " dry-run" } else { "" };
         println!("  guard ports {} flow source {} ({}){dry}", ranges.join(","), s(&g["flow_source"]), s(&g["filtering"]));
+        let list = |k: &str| g.get(k).and_then(Value::as_array).filter(|a| !a.is_empty()).map(|a| a.iter().map(ToString::to_string).collect::<Vec<_>>().join(","));
+        if let Some(p) = list("allow_ports") {
+            println!("  exempt ports {p}");
+        }
+        if let Some(p) = list("published") {
+            println!("  published ports {p} (exempt while published)");
+        }
     }
 }

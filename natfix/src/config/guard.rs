@@ -115,6 +115,9 @@ pub struct GuardSpec {
     /// Keep the conntrack entries unsolicited UDP created before attach
     /// (else they are deleted: `reap`).
     pub no_reap: bool,
+    /// Guard published ports too (else the ports the namespace DNATs and
+    /// Docker publishes take new flows, as `--allow-port` would make them).
+    pub no_allow_published: bool,
 }
 
 impl GuardSpec {

@@ -14,7 +14,7 @@ use anyhow::Result;
 
 use super::{
     facts::{AttachmentFacts, DropSample, Facts, KernelFacts, ModuleState, NsFacts},
-    parse::{NatRules, VxlanDev, parse_iptables_save, parse_nft_ruleset, parse_proc_udp, parse_route_dev, parse_snmp_udp, parse_vxlan_links, parse_xfrm_states},
+    parse::{NatRules, VxlanDev, parse_proc_udp, parse_route_dev, parse_snmp_udp, parse_vxlan_links, parse_xfrm_states},
     tracefs::DropTracer,
     guard::analyze_conntrack,
 };
@@ -74,18 +74,7 @@ fn local_addrs() -> Vec<IpAddr> {
 }
 
 fn read_nat_rules() -> NatRules {
-    let mut rules = NatRules::default();
-    match cmd_output(&["nft", "-j", "list", "ruleset"])
-        .and_then(|j| parse_nft_ruleset(&j).map_err(|e| format!("{e:#}")))
-    {
-        Ok(r) => rules.merge(r),
-        Err(e) => rules.errors.push(format!("nftables: {e}")),
-    }
-    // Absent iptables is normal on nft-only hosts; only nft's failure counts.
-    if let Ok(text) = cmd_output(&["iptables-save"]) {
-        rules.merge(parse_iptables_save(&text));
-    }
-    rules
+    crate::nat_rules::read_here()
 }
 
 /// The target namespace's facts, apart from the end of the sample window.

@@ -95,6 +95,16 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
     if let Some(o) = plan.overlay.as_mut() {
         o.resolve_ports(&plan.netns);
     }
+    if let Some(g) = plan.guard.as_mut().filter(|g| g.allow_published) {
+        let mut published = crate::published::Published::kernel_here();
+        if let Some(docker) = &plan.docker_published {
+            published.merge(docker);
+        }
+        g.live.published = published.inside(&g.live.ranges);
+        if !g.live.published.is_empty() {
+            info!("published UDP ports inside the guarded ranges take new flows: {}", published.describe(&g.live.published));
+        }
+    }
     if let Some(old) = settle_existing(&plan, &iface, &final_dir, cookie)? {
         if let Some(o) = plan.overlay.as_mut() {
             o.resolve_backend_as(old.has_program(Program::OverlayTc));
@@ -224,6 +234,7 @@ pub(super) fn new_record(
         created_clsact: old.is_some_and(|m| m.created_clsact),
         id: old.map_or_else(record::new_id, |m| m.id.clone()),
         events_per_sec: Some(plan.events_per_sec),
+        managed: plan.managed.clone(),
     }
 }
 

@@ -18,17 +18,30 @@ use crate::{
     flowsync::FlowSync,
     overlay,
     pins::{self, ChangeLock, PinDir},
-    record::{AttachmentMeta, GuardMeta, OverlayMeta, Program},
+    published::Published,
+    record::{AttachmentMeta, GuardMeta, Managed, OverlayMeta, Program},
     sys::netns::Netns,
 };
 
 /// Applies `change` to the attachment recorded in `dir`; returns the new record.
 pub fn change(dir: &PinDir, netns: &Netns, change: SettingsChange) -> Result<AttachmentMeta> {
+    change_with(dir, netns, change, None)
+}
+
+/// `change`, for the agent: also records what it now asks for.
+pub fn change_managed(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: &Managed) -> Result<AttachmentMeta> {
+    change_with(dir, netns, change, Some(managed.clone()))
+}
+
+fn change_with(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: Option<Managed>) -> Result<AttachmentMeta> {
     let dir = dir.clone();
     let ns = netns.clone();
     netns.run(move || {
         let _lock = ChangeLock::acquire()?;
-        let meta = dir.read_meta()?;
+        let mut meta = dir.read_meta()?;
+        if managed.is_some() {
+            meta.managed = managed;
+        }
         change_here(&dir, &ns, meta, &change)
     })
 }
@@ -72,7 +85,7 @@ fn reap(meta: &mut AttachmentMeta) {
     let scope = crate::reap::ReapScope {
         iface: meta.iface.clone(),
         ranges: g.ranges.iter().filter_map(|r| parse_port_range(r).ok()).collect(),
-        exempt: g.allow_ports.clone(),
+        exempt: [g.allow_ports.as_slice(), g.published.as_slice()].concat(),
         trusted: g.allow_src.clone(),
     };
     match crate::reap::reap_here(&[scope], false) {
@@ -91,7 +104,15 @@ fn apply(dir: &PinDir, netns: &Netns, meta: &mut AttachmentMeta, guard: Option<&
     if let (Some(next), Some(g)) = (guard, meta.guard.as_mut()) {
         let own = g.flow_source == ResolvedFlowSource::Own;
         let eif = g.filtering == crate::config::Filtering::EndpointIndependent;
-        apply_guard(dir, netns, next, own, eif)?;
+        let published = if g.no_allow_published {
+            Vec::new()
+        } else if next.range_texts() == g.ranges {
+            g.published.clone()
+        } else {
+            published_inside(&next.ranges)
+        };
+        apply_guard(dir, netns, next, published.clone(), own, eif)?;
+        g.published = published;
         g.ranges = next.range_texts();
         g.allow_ports.clone_from(&next.allow_ports);
         g.allow_src.clone_from(&next.allow_src);
@@ -124,10 +145,11 @@ fn open(dir: &PinDir, name: &str) -> Result<aya::maps::Map> {
 /// table, flows of newly guarded ports are learned (egress and a conntrack
 /// seed) before the ports are guarded, so no reply of a running flow meets
 /// a guard that does not know it.
-fn apply_guard(dir: &PinDir, netns: &Netns, next: &GuardSpec, own_table: bool, endpoint_independent: bool) -> Result<()> {
+fn apply_guard(dir: &PinDir, netns: &Netns, next: &GuardSpec, published: Vec<u16>, own_table: bool, endpoint_independent: bool) -> Result<()> {
     let live = GuardLive {
         ranges: next.ranges.clone(),
         allow_ports: next.allow_ports.clone(),
+        published,
         allow_src: next.allow_src.clone(),
         dry_run: next.dry_run,
         flow_timeout_ns: u64::try_from(next.flow_timeout().as_nanos()).unwrap_or(u64::MAX),
@@ -152,8 +174,47 @@ fn apply_guard(dir: &PinDir, netns: &Netns, next: &GuardSpec, own_table: bool, e
         src6(dir)?;
         settings::write_guard_settings(&mut settings_map, &live)?;
     }
-    settings::write_guarded(&mut ports, &live.ranges, &live.allow_ports)?;
+    settings::write_guarded(&mut ports, &live.ranges, &live.exempt())?;
     settings::write_learned(&mut ports, &live.ranges)
+}
+
+/// The published ports inside `ranges`, read now (the namespace's DNAT
+/// rules, in the calling thread's namespace, and Docker's).
+fn published_inside(ranges: &[PortRange]) -> Vec<u16> {
+    let mut all = Published::kernel_here();
+    if let Some(docker) = crate::docker::published_now(std::time::Duration::from_secs(2)) {
+        all.merge(&docker);
+    }
+    all.inside(ranges)
+}
+
+/// Follows what is published: makes the attachment in `dir` exempt exactly
+/// the ports of `published` inside its ranges (unless it guards published
+/// ports too). Only the exempt plane and the record change. Returns the new
+/// list when it changed.
+pub fn set_published(dir: &PinDir, netns: &Netns, published: &Published) -> Result<Option<Vec<u16>>> {
+    let dir = dir.clone();
+    let published = published.clone();
+    netns.run(move || {
+        let _lock = ChangeLock::acquire()?;
+        let mut meta = dir.read_meta()?;
+        let Some(g) = meta.guard.as_mut().filter(|g| !g.no_allow_published) else { return Ok(None) };
+        let ranges: Vec<PortRange> = g.ranges.iter().map(|r| parse_port_range(r).map_err(anyhow::Error::msg)).collect::<Result<_>>()?;
+        let mut now = Published::kernel_here();
+        now.merge(&published);
+        let inside = now.inside(&ranges);
+        if inside == g.published {
+            return Ok(None);
+        }
+        let mut exempt = g.allow_ports.clone();
+        exempt.extend(&inside);
+        let mut ports: Array<MapData, u64> = Array::try_from(open(&dir, pins::GUARD_PORTS)?)?;
+        settings::write_guarded(&mut ports, &ranges, &exempt)?;
+        info!(iface = %meta.iface, netns = %meta.netns, "published ports exempt: {}", if inside.is_empty() { "none".into() } else { now.describe(&inside) });
+        g.published.clone_from(&inside);
+        dir.write_meta(&meta)?;
+        Ok(Some(inside))
+    })
 }
 
 /// The ranges the GUARDED plane holds now (for learning across a change).

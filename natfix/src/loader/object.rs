@@ -116,7 +116,7 @@ fn write_guard_live(ebpf: &mut Ebpf, live: &GuardLive) -> Result<()> {
     settings::write_allow_src6(&mut LpmTrie::try_from(map_mut(ebpf, map_names::GUARD_ALLOW_SRC6)?)?, &live.allow_src)?;
     let mut ports: Array<&mut MapData, u64> = Array::try_from(map_mut(ebpf, map_names::GUARD_PORTS)?)?;
     settings::write_learned(&mut ports, &live.ranges)?;
-    settings::write_guarded(&mut ports, &live.ranges, &live.allow_ports)?;
+    settings::write_guarded(&mut ports, &live.ranges, &live.exempt())?;
     settings::write_guard_settings(&mut Array::try_from(map_mut(ebpf, map_names::GUARD_SETTINGS)?)?, live)
 }
 

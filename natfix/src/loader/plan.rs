@@ -35,6 +35,8 @@ pub struct GuardPlan {
     pub flow_table_size: u32,
     /// Delete the conntrack entries unsolicited UDP made before attach.
     pub reap: bool,
+    /// Exempt published ports (`live.published`, filled at attach).
+    pub allow_published: bool,
 }
 
 impl GuardPlan {
@@ -54,6 +56,7 @@ impl GuardPlan {
             live: GuardLive {
                 ranges: spec.ranges.clone(),
                 allow_ports: spec.allow_ports.clone(),
+                published: Vec::new(),
                 allow_src: spec.allow_src.clone(),
                 dry_run: spec.dry_run,
                 flow_timeout_ns: u64::try_from(spec.flow_timeout().as_nanos()).unwrap_or(u64::MAX),
@@ -65,6 +68,7 @@ impl GuardPlan {
             filtering: spec.filtering,
             flow_table_size: spec.flow_table_size(),
             reap: !spec.no_reap,
+            allow_published: !spec.no_allow_published,
         }
     }
 
@@ -85,6 +89,8 @@ impl GuardPlan {
             allow_ports: self.live.allow_ports.clone(),
             allow_src: self.live.allow_src.clone(),
             reaped: 0,
+            published: self.live.published.clone(),
+            no_allow_published: !self.allow_published,
         }
     }
 
@@ -222,6 +228,11 @@ pub struct AttachPlan {
     pub replace: bool,
     /// Sampled events per CPU per second (0: none).
     pub events_per_sec: u32,
+    /// What Docker publishes (read by the caller; the namespace's own DNAT
+    /// rules are read at attach, inside it).
+    pub docker_published: Option<crate::published::Published>,
+    /// Set by the agent: recorded so that it knows its own attachments.
+    pub managed: Option<crate::record::Managed>,
 }
 
 impl AttachPlan {
@@ -236,6 +247,8 @@ impl AttachPlan {
             pin,
             replace,
             events_per_sec: spec.events_per_sec,
+            docker_published: None,
+            managed: None,
         })
     }
 

@@ -25,12 +25,25 @@ use crate::{
 pub struct GuardLive {
     pub ranges: Vec<PortRange>,
     pub allow_ports: Vec<u16>,
+    /// Published ports inside the ranges, exempt like `allow_ports` (the
+    /// record keeps them apart: they follow Docker, not the operator).
+    pub published: Vec<u16>,
     pub allow_src: Vec<Cidr>,
     pub dry_run: bool,
     pub flow_timeout_ns: u64,
 }
 
 impl GuardLive {
+    /// The ports that take new flows: exempt ones and published ones.
+    #[must_use]
+    pub fn exempt(&self) -> Vec<u16> {
+        let mut all = self.allow_ports.clone();
+        all.extend(&self.published);
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     #[must_use]
     pub fn settings(&self) -> GuardSettings {
         let mut flags = 0;
@@ -167,7 +180,7 @@ mod tests {
 
     #[test]
     fn settings_carry_dry_run_and_the_allow_src_switch() {
-        let live = GuardLive { ranges: vec![], allow_ports: vec![], allow_src: vec![], dry_run: true, flow_timeout_ns: 7 };
+        let live = GuardLive { ranges: vec![], allow_ports: vec![], published: vec![], allow_src: vec![], dry_run: true, flow_timeout_ns: 7 };
         assert_eq!(live.settings(), GuardSettings { flags: abi::GUARD_S_DRY_RUN, pad: 0, flow_timeout_ns: 7 });
         let live = GuardLive { dry_run: false, allow_src: vec!["10.0.0.0/8".parse().unwrap()], ..live };
         assert_eq!(live.settings().flags, abi::GUARD_S_ALLOW_SRC);

@@ -1,5 +1,6 @@
-//! Prometheus metrics of a running attachment: `natfix attach --metrics ADDR`
-//! serves them on `http://ADDR/metrics`.
+//! Prometheus metrics: `natfix attach --metrics ADDR` serves its
+//! attachment's on `http://ADDR/metrics`; the agent serves every natfix
+//! attachment on the host there, with `/healthz` beside it.
 //!
 //! Every scrape reads the attachment's record and its pinned per-CPU counter
 //! maps afresh (cheap: a few map lookups) and builds a new registry from them.
@@ -41,10 +42,27 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// so idle or stalled connections cannot pile up in the daemon.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Where the agent answers whether it is working.
+pub const HEALTH_PATH: &str = "/healthz";
+
+/// One attachment the agent's config asks for, and whether it is in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Configured {
+    pub netns: String,
+    pub iface: String,
+    pub attached: bool,
+}
+
 /// The exposition of one attachment: its counters (`counters`, already summed
 /// over CPUs, as `stats::read_counters` returns them), its programs and the
 /// build. Pure: no I/O, so tests can check it without BPF or HTTP.
 pub fn render(meta: &AttachmentMeta, counters: &[CounterRow]) -> Result<String> {
+    render_many(&[(meta, counters)], &[])
+}
+
+/// The exposition of several attachments in one registry (each series once,
+/// told apart by `iface` and `netns`), and of what an agent is configured for.
+pub fn render_many(items: &[(&AttachmentMeta, &[CounterRow])], configured: &[Configured]) -> Result<String> {
     let registry = Registry::new();
     let counter_labels = ["program", "reason", "iface", "netns"];
     let packets = IntCounterVec::new(
@@ -61,20 +79,10 @@ pub fn render(meta: &AttachmentMeta, counters: &[CounterRow]) -> Result<String> 
         ),
         &counter_labels,
     )?;
-    for row in counters {
-        let labels = [row.program.name(), row.reason, meta.iface.as_str(), meta.netns.as_str()];
-        packets.with_label_values(&labels).inc_by(row.packets);
-        bytes.with_label_values(&labels).inc_by(row.bytes);
-    }
     let attached = IntGaugeVec::new(
         Opts::new("natfix_attached", "1 for each eBPF program natfix has attached, with its hook and mode."),
         &["iface", "netns", "program", "hook", "mode"],
     )?;
-    for p in &meta.programs {
-        attached
-            .with_label_values(&[meta.iface.as_str(), meta.netns.as_str(), p.name.c_name(), p.hook.name(), p.mode.name()])
-            .set(1);
-    }
     let reaped = IntCounterVec::new(
         Opts::new(
             "natfix_conntrack_reaped_total",
@@ -82,8 +90,30 @@ pub fn render(meta: &AttachmentMeta, counters: &[CounterRow]) -> Result<String> 
         ),
         &["iface", "netns"],
     )?;
-    if let Some(g) = &meta.guard {
-        reaped.with_label_values(&[meta.iface.as_str(), meta.netns.as_str()]).inc_by(g.reaped);
+    for (meta, counters) in items {
+        for row in *counters {
+            let labels = [row.program.name(), row.reason, meta.iface.as_str(), meta.netns.as_str()];
+            packets.with_label_values(&labels).inc_by(row.packets);
+            bytes.with_label_values(&labels).inc_by(row.bytes);
+        }
+        for p in &meta.programs {
+            attached
+                .with_label_values(&[meta.iface.as_str(), meta.netns.as_str(), p.name.c_name(), p.hook.name(), p.mode.name()])
+                .set(1);
+        }
+        if let Some(g) = &meta.guard {
+            reaped.with_label_values(&[meta.iface.as_str(), meta.netns.as_str()]).inc_by(g.reaped);
+        }
+    }
+    if !configured.is_empty() {
+        let up = IntGaugeVec::new(
+            Opts::new("natfix_configured_attached", "For each attachment the agent's config asks for: 1 when it is attached as recorded, else 0."),
+            &["iface", "netns"],
+        )?;
+        for c in configured {
+            up.with_label_values(&[c.iface.as_str(), c.netns.as_str()]).set(i64::from(c.attached));
+        }
+        registry.register(Box::new(up))?;
     }
     let build_info = IntGaugeVec::new(Opts::new("natfix_build_info", "Always 1; labelled with the natfix version."), &[
         "version",
@@ -107,8 +137,53 @@ fn scrape(dir: &PinDir) -> Result<String> {
     render(&meta, &counters)
 }
 
-/// The response to `method path`; `scrape` runs only for `GET`/`HEAD /metrics`.
+/// One scrape of every natfix attachment on the host (pinned, foreground,
+/// other processes'); one whose counters cannot be read is left out with a
+/// warning rather than failing the rest.
+pub fn scrape_all(configured: &[Configured]) -> Result<String> {
+    let mut items = Vec::new();
+    for entry in crate::pins::entries()? {
+        if let crate::pins::Entry::Attachment(dir, meta) = entry {
+            match stats::read_counters(&dir, &meta) {
+                Ok(rows) => items.push((meta, rows)),
+                Err(e) => warn!("metrics: {} in namespace `{}`: {e:#}", meta.iface, meta.netns),
+            }
+        }
+    }
+    let refs: Vec<(&AttachmentMeta, &[CounterRow])> = items.iter().map(|(m, r)| (m, r.as_slice())).collect();
+    render_many(&refs, configured)
+}
+
+/// What a metrics endpoint serves: the scrape, and (the agent) its health:
+/// healthy or not, and a body that says why.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub scrape: Arc<dyn Fn() -> Result<String> + Send + Sync>,
+    pub health: Option<Arc<dyn Fn() -> (bool, String) + Send + Sync>>,
+}
+
+impl Endpoints {
+    /// One attachment's metrics (a foreground `natfix attach`).
+    #[must_use]
+    pub fn one(dir: PinDir) -> Self {
+        Self { scrape: Arc::new(move || scrape(&dir)), health: None }
+    }
+}
+
+/// `route_with` without a health check (a foreground attach's endpoint).
+#[cfg(test)]
 fn route(method: &Method, path: &str, scrape: impl FnOnce() -> Result<String>) -> Response<Full<Bytes>> {
+    route_with(method, path, scrape, None::<fn() -> (bool, String)>)
+}
+
+/// The response to `method path`; `scrape` runs only for `GET`/`HEAD /metrics`,
+/// `health` (where there is one) for `/healthz`.
+fn route_with(
+    method: &Method,
+    path: &str,
+    scrape: impl FnOnce() -> Result<String>,
+    health: Option<impl FnOnce() -> (bool, String)>,
+) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, content_type: &str, body: String| {
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
@@ -118,13 +193,18 @@ fn route(method: &Method, path: &str, scrape: impl FnOnce() -> Result<String>) -
         resp
     };
     let plain = "text/plain; charset=utf-8";
-    if path != PATH {
+    let health = health.filter(|_| path == HEALTH_PATH);
+    if path != PATH && health.is_none() {
         return reply(StatusCode::NOT_FOUND, plain, format!("not found; metrics are at {PATH}\n"));
     }
     if method != Method::GET && method != Method::HEAD {
         let mut resp = reply(StatusCode::METHOD_NOT_ALLOWED, plain, "use GET\n".into());
         resp.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
         return resp;
+    }
+    if let Some(health) = health {
+        let (ok, body) = health();
+        return reply(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, "application/json", body);
     }
     match scrape() {
         Ok(text) => reply(StatusCode::OK, CONTENT_TYPE, text),
@@ -148,11 +228,10 @@ pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
 /// Serves metrics on `listener` until the future is dropped. Per-connection
 /// errors are logged and do not stop it, because the daemon detaches when
 /// this returns.
-pub async fn serve(listener: std::net::TcpListener, dir: PinDir) -> Result<()> {
+pub async fn serve(listener: std::net::TcpListener, endpoints: Endpoints) -> Result<()> {
     let listener = TcpListener::from_std(listener).context("cannot register the metrics socket")?;
     let local = listener.local_addr().context("metrics socket")?;
     info!("serving metrics on http://{local}{PATH}");
-    let dir = Arc::new(dir);
     // Connections live in this set, so dropping `serve` aborts them too.
     let mut conns = JoinSet::new();
     loop {
@@ -167,10 +246,10 @@ pub async fn serve(listener: std::net::TcpListener, dir: PinDir) -> Result<()> {
                         continue;
                     }
                 };
-                let dir = Arc::clone(&dir);
+                let ep = endpoints.clone();
                 conns.spawn(async move {
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let resp = route(req.method(), req.uri().path(), || scrape(&dir));
+                        let resp = route_with(req.method(), req.uri().path(), || (ep.scrape)(), ep.health.as_ref().map(|h| || h()));
                         std::future::ready(Ok::<_, Infallible>(resp))
                     });
                     let conn = http1::Builder::new()
@@ -238,11 +317,14 @@ mod tests {
                 allow_ports: vec![],
                 allow_src: vec![],
                 reaped: 3,
+                published: vec![],
+                no_allow_published: false,
             }),
             overlay: None,
             created_clsact: false,
             id: "0123456789abcdef".into(),
             events_per_sec: Some(20),
+            managed: None,
         }
     }
 
@@ -329,6 +411,35 @@ mod tests {
                            natfix_packets_total{program=\"guard\"} 5\n# EOF\n";
         assert!(promtool(openmetrics).is_err());
         assert!(promtool("natfix_packets_total{program=guard} 5\n").is_err());
+    }
+
+    #[test]
+    fn many_attachments_share_one_registry_and_the_agent_adds_its_gauge() {
+        let (a, b) = (meta("host"), meta("ingress"));
+        let configured = [
+            Configured { netns: "ingress".into(), iface: "eth0".into(), attached: true },
+            Configured { netns: "1-abc".into(), iface: "eth0".into(), attached: false },
+        ];
+        let text = render_many(&[(&a, &rows()), (&b, &rows())], &configured).unwrap();
+        assert_eq!(text.matches("# TYPE natfix_packets_total counter").count(), 1, "one family:\n{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("natfix_packets_total{")).count(), 8);
+        for line in [
+            r#"natfix_configured_attached{iface="eth0",netns="ingress"} 1"#,
+            r#"natfix_configured_attached{iface="eth0",netns="1-abc"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+        }
+        promtool(&text).unwrap();
+    }
+
+    #[test]
+    fn healthz_only_where_there_is_a_health_check() {
+        let ok = || Ok(String::new());
+        let r = route_with(&Method::GET, "/healthz", ok, Some(|| (true, "{}".to_owned())));
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = route_with(&Method::GET, "/healthz", ok, Some(|| (false, "{}".to_owned())));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(route(&Method::GET, "/healthz", ok).status(), StatusCode::NOT_FOUND);
     }
 
     #[test]
