@@ -43,7 +43,7 @@ pub const OVERLAY_COUNTERS: &str = "overlay_counters";
 pub const GUARD_EVENTS: &str = "events";
 pub const OVERLAY_EVENTS: &str = "overlay_events";
 pub const OVERLAY_WRITER: &str = "overlay_writer";
-/// Pin names of the maps `natfix set` rewrites (loader::settings).
+/// Pin names of the maps `natfix set` rewrites (`loader::settings`).
 pub const GUARD_PORTS: &str = "ports";
 pub const GUARD_SETTINGS: &str = "settings";
 pub const GUARD_ALLOW_SRC4: &str = "allow_src4";

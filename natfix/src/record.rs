@@ -117,9 +117,9 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) XDP.
     Generic,
-    /// tcx bpf_link (Linux >= 6.6).
+    /// tcx `bpf_link` (Linux >= 6.6).
     Tcx,
-    /// A cls_bpf filter on the clsact qdisc (Linux < 6.6).
+    /// A `cls_bpf` filter on the clsact qdisc (Linux < 6.6).
     Clsact,
 }
 
@@ -141,7 +141,7 @@ pub struct ProgramMeta {
     pub hook: Hook,
     pub mode: AttachMode,
     pub prog_id: u32,
-    /// The bpf_link that attaches it (XDP and tcx); None for clsact filters.
+    /// The `bpf_link` that attaches it (XDP and tcx); None for clsact filters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_id: Option<u32>,
 }

@@ -1,4 +1,4 @@
-//! Per-packet cost of every program path with BPF_PROG_TEST_RUN, as a ratio
+//! Per-packet cost of every program path with `BPF_PROG_TEST_RUN`, as a ratio
 //! to an empty program of the same type measured in the same run
 //! (interleaved, so machine noise hits both alike). One JSON line per row.
 //! Run by `cargo xtask bench`; `NATFIX_BENCH_RUNS`/`NATFIX_BENCH_REPEAT` override,

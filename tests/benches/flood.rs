@@ -1,7 +1,7 @@
 //! Flood drop rate: unsolicited UDP into a guarded veth, for natfix XDP,
 //! natfix tc, the seed's iptables INPUT rule, an nftables prerouting rule and
-//! no filter, in the same run. The generator is BPF_PROG_TEST_RUN in XDP
-//! live-frames mode (an XDP_TX program on the sending veth), the mechanism
+//! no filter, in the same run. The generator is `BPF_PROG_TEST_RUN` in XDP
+//! live-frames mode (an `XDP_TX` program on the sending veth), the mechanism
 //! xdp-trafficgen uses; the receiving veth carries an XDP program in every
 //! variant (veth needs one to receive XDP-transmitted frames).
 //! Rate = packets the filter disposed of / time until its counter settled.
@@ -244,7 +244,7 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 /// receiver / the generator's time: the receive softirq runs on the
 /// generator's CPU as it flushes each batch, so that time covers the whole
 /// path up to the socket. Programs are swapped between windows (XDP:
-/// bpf_link_update on one link; tc: tcx attach/detach), each subject window
+/// `bpf_link_update` on one link; tc: tcx attach/detach), each subject window
 /// between two baseline windows (`flanked_sequence`), so machine drift
 /// slower than a window cancels out of its ratio (`LegitRates::flanked`).
 struct LegitRates {
@@ -310,7 +310,7 @@ enum Window {
     OverlayTc,
     OverlayNft,
     /// An nftables base chain at the rule's hook and priority, without
-    /// rules: the cost of the netfilter hook itself, as EmptyTc is tc's.
+    /// rules: the cost of the netfilter hook itself, as `EmptyTc` is tc's.
     EmptyNft,
     /// TCP rows only: natfix's XDP guard in generic (skb) mode, which
     /// `--xdp-mode auto` no longer falls back to (with the egress learner).
@@ -323,7 +323,7 @@ const EMPTY_NFT: &str = "table ip natfix_bench_empty {\n chain prerouting {\n  t
 
 /// A generator thread in the generator's namespace, pinned to CPU 0, its
 /// program loaded once: each request sends that many frames and answers with
-/// the seconds the test_run took.
+/// the seconds the `test_run` took.
 struct Generator {
     requests: std::sync::mpsc::Sender<u32>,
     seconds: std::sync::mpsc::Receiver<f64>,
@@ -378,7 +378,7 @@ fn attach_counting_xdp(base: &mut aya::Ebpf) -> XdpLink {
     e.take_link(id).unwrap()
 }
 
-/// Puts `to` in place of the program `link` runs (one bpf_link_update); returns the link.
+/// Puts `to` in place of the program `link` runs (one `bpf_link_update`); returns the link.
 fn move_xdp_link(to: &mut Xdp, link: XdpLink) -> XdpLink {
     let id = to.attach_to_link(link).unwrap();
     to.take_link(id).unwrap()
@@ -714,7 +714,7 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
 }
 
 /// `run_time_ns` and `run_cnt` of a loaded program (counted while
-/// kernel.bpf_stats_enabled is 1), from its fd's fdinfo.
+/// `kernel.bpf_stats_enabled` is 1), from its fd's fdinfo.
 fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = p.fd().unwrap().as_fd().as_raw_fd();
@@ -724,7 +724,7 @@ fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
 }
 
 /// The ingress (and for natfix's guard, egress) programs' own time per run
-/// on live traffic, measured by the kernel (bpf_stats) in windows of their
+/// on live traffic, measured by the kernel (`bpf_stats`) in windows of their
 /// own after the throughput rounds: the stats' clock reads would otherwise
 /// slow every window. `traffic` runs one window's worth. Separates natfix's
 /// per-packet share from the hook's, which the throughput ratios lump

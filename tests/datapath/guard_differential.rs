@@ -1,5 +1,5 @@
 //! Differential test: the guard programs (XDP and tc) against the Rust model
-//! (natfix_testkit::model) on the kept corpus, then on random, structured and mutated
+//! (`natfix_testkit::model`) on the kept corpus, then on random, structured and mutated
 //! frames: same verdict for every frame, same counters.
 //! `NATFIX_DIFF_CASES=1000000` is the fuzz run `cargo xtask test` does.
 
@@ -11,7 +11,7 @@ use natfix::abi::Counter;
 use natfix_testkit::harness::GuardHarness;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
-/// tc's BPF_PROG_TEST_RUN refuses IP frames shorter than the IP header; the
+/// tc's `BPF_PROG_TEST_RUN` refuses IP frames shorter than the IP header; the
 /// stack would not deliver them to tc either.
 fn refused(hook: &str, frame: &[u8]) -> bool {
     hook == "tc" && frame.len() < 14 + 40

@@ -1,5 +1,5 @@
 //! The guard programs (XDP and tc, own flow table) on crafted packets via
-//! BPF_PROG_TEST_RUN: verdict and counter per case, checked against the Rust model too.
+//! `BPF_PROG_TEST_RUN`: verdict and counter per case, checked against the Rust model too.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 

@@ -1,4 +1,4 @@
-//! The overlay fixer on crafted packets via BPF_PROG_TEST_RUN: verdict,
+//! The overlay fixer on crafted packets via `BPF_PROG_TEST_RUN`: verdict,
 //! counter and output bytes per case, the checksum checked against
 //! etherparse (an independent implementation) and the Rust model.
 
@@ -26,7 +26,7 @@ fn config(flags: u32) -> OverlaySetup {
 }
 
 /// A VXLAN-in-UDP frame whose checksum was computed over pre-NAT addresses (wrong here).
-/// (BPF_PROG_TEST_RUN takes skb frames up to about one page, so the largest
+/// (`BPF_PROG_TEST_RUN` takes skb frames up to about one page, so the largest
 /// case is 3.4 KB; the same loop serves jumbo frames in the VM test.)
 fn vxlan4(dport: u16, payload_len: usize) -> Vec<u8> {
     let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
@@ -236,7 +236,7 @@ fn a_learned_delta_is_relearned_after_its_window() {
     assert_eq!(u16::from_be_bytes([out[l4 + 6], out[l4 + 7]]), reference_checksum(&moved_nat, l4));
 }
 
-/// The in-place writer (tail call) and the bpf_skb_store_bytes() fallback
+/// The in-place writer (tail call) and the `bpf_skb_store_bytes()` fallback
 /// leave the same bytes and count the same.
 #[test]
 #[ignore = "needs root: cargo xtask test"]

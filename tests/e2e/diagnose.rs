@@ -15,7 +15,7 @@ use natfix::lab::topology::{GuardTopology, HOST_EXT_IF};
 use natfix_testkit::{natfix, natfix_bin, root_setup, scratch_ns, veth};
 use serde_json::Value;
 
-/// `natfix diagnose` exit code when a problem is found (natfix::diagnose::EXIT_PROBLEMS).
+/// `natfix diagnose` exit code when a problem is found (`natfix::diagnose::EXIT_PROBLEMS`).
 const EXIT_PROBLEMS: i32 = 10;
 
 fn diagnose(netns: &str, sample: &str) -> (i32, Value) {

@@ -179,7 +179,7 @@ fn a_foreground_attach_outlives_its_namespace_name_and_detaches_cleanly() {
     assert!(!status()["attachments"].as_array().unwrap().iter().any(|a| a["pid"] == pid), "record gone");
 }
 
-/// A tc program of another owner that accepts every packet (TC_ACT_OK),
+/// A tc program of another owner that accepts every packet (`TC_ACT_OK`),
 /// attached first or last in the tcx chain of `ns`'s rl0.
 fn foreign_tc(ns: &ScratchNs, order: LinkOrder) -> aya::Ebpf {
     ns.run(move || {

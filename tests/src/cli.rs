@@ -9,7 +9,11 @@ use std::{
 
 use anyhow::{Result, bail};
 
-/// The natfix binary under test: $NATFIX_BIN, else the workspace's debug build.
+/// The natfix binary under test: `$NATFIX_BIN`, else the workspace's debug build.
+///
+/// # Panics
+///
+/// If neither is set nor built.
 #[must_use]
 pub fn natfix_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("NATFIX_BIN") {
@@ -28,6 +32,10 @@ pub fn natfix(args: &[&str]) -> Output {
 /// it is still running after `limit`: a command that should have refused its
 /// input and instead attached in the foreground fails the test, not hangs it.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+///
+/// # Panics
+///
+/// If `cmd` cannot be spawned or outlives `limit`.
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     // Readers on threads so a chatty child cannot block on a full pipe.
     let mut out = child.stdout.take().expect("stdout");

@@ -199,6 +199,10 @@ pub fn guard_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
 
 /// Frames kept in the repository: replayed first on every run, so a frame
 /// that once exposed a difference keeps being checked. One hex frame per line.
+///
+/// # Panics
+///
+/// If the file is missing or not hex.
 pub fn corpus(name: &str) -> Vec<Vec<u8>> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -222,6 +226,10 @@ pub const PER_FRAME_COUNTER_CHECKS: u32 = 3000;
 /// Writes `count` generated frames (fixed seed) as a corpus file; run by hand
 /// (`cargo test -p natfix --test guard_differential -- --ignored`) to refresh.
 pub fn write_corpus(name: &str, strategy: impl Strategy<Value = Vec<u8>>, count: usize, header: &str) {
+///
+/// # Panics
+///
+/// If the file cannot be written.
     use proptest::strategy::ValueTree as _;
     let rng = proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &[0x5e; 32]);
     let mut runner = proptest::test_runner::TestRunner::new_with_rng(proptest::test_runner::Config::default(), rng);

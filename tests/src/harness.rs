@@ -1,5 +1,5 @@
 //! Runs natfix's programs on crafted packets with `BPF_PROG_TEST_RUN`: the
-//! benches and the test_run/differential tests share it.
+//! benches and the `test_run`/differential tests share it.
 
 use std::net::IpAddr;
 
@@ -22,7 +22,7 @@ pub use crate::model::overlay::OverlaySetup;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_SHOT: u32 = 2;
-/// TC_ACT_UNSPEC (-1): "next", natfix's pass verdict in tc.
+/// `TC_ACT_UNSPEC` (-1): "next", natfix's pass verdict in tc.
 pub const TC_NEXT: u32 = u32::MAX;
 
 /// Keeps the calling thread on one CPU (modulo the CPUs there are): per-CPU
@@ -205,7 +205,7 @@ impl OverlayHarness {
         Ok(Self { ebpf })
     }
 
-    /// Without the writer: the program's bpf_skb_store_bytes() fallback.
+    /// Without the writer: the program's `bpf_skb_store_bytes()` fallback.
     pub fn load_without_writer(setup: &OverlaySetup) -> Result<Self> {
         let mut ebpf = object::load_overlay_object(&setup.config, &setup.settings, DEFAULT_EVENTS_PER_SEC, None)?;
         object::load_program::<SchedClassifier>(&mut ebpf, prog_names::OVERLAY_TC)?;

@@ -43,7 +43,7 @@ pub enum FlowSource {
     Auto,
     /// natfix's own flow table, learned on egress and seeded from conntrack.
     Own,
-    /// The kernel's conntrack table via the bpf_*_ct_lookup kfuncs.
+    /// The kernel's conntrack table via the `bpf_*_ct_lookup` kfuncs.
     Conntrack,
 }
 

@@ -85,7 +85,7 @@ pub fn dump_udp() -> Result<Vec<CtEntry>> {
 }
 
 /// UDP entries of one address family. UDP filtering happens here, because
-/// the kernel's CTA_FILTER support varies by version.
+/// the kernel's `CTA_FILTER` support varies by version.
 pub(super) fn dump_family(family: u8) -> Result<Vec<CtEntry>> {
     let mut sock = Socket::new(NETLINK_NETFILTER).context("cannot open a NETLINK_NETFILTER socket")?;
     sock.bind_auto().context("cannot bind the netlink socket")?;

@@ -1,5 +1,5 @@
 //! `attach --pin --replace`: swaps the programs of a pinned attachment
-//! atomically (bpf_link_update: no packet sees no program) and keeps its
+//! atomically (`bpf_link_update`: no packet sees no program) and keeps its
 //! maps, so counters and learned flows survive the upgrade.
 
 use anyhow::{Context, Result, bail};

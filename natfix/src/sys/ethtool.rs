@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
-/// ethtool's legacy GRO ioctls (ETHTOOL_GGRO / ETHTOOL_SGRO).
+/// ethtool's legacy GRO ioctls (`ETHTOOL_GGRO` / `ETHTOOL_SGRO`).
 const ETHTOOL_GGRO: u32 = 0x2b;
 const ETHTOOL_SGRO: u32 = 0x2c;
 const ETHTOOL_GSTRINGS: u32 = 0x1b;

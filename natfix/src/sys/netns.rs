@@ -64,7 +64,7 @@ impl Netns {
     }
 }
 
-/// The first existing file `spec` names, or a NotFound error listing what was tried.
+/// The first existing file `spec` names, or a `NotFound` error listing what was tried.
 pub fn find_path(spec: &str, docker_dir: &Path, ip_dir: &Path) -> Result<PathBuf> {
     let candidates = candidates(spec, docker_dir, ip_dir)?;
     if let Some(found) = candidates.iter().find(|p| p.exists()) {

@@ -67,7 +67,7 @@ fn u32_of(p: &[u8]) -> u32 {
     p.get(..4).map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// Parses an RTM_NEWLINK reply into the device's XDP programs.
+/// Parses an `RTM_NEWLINK` reply into the device's XDP programs.
 fn parse_reply(reply: &[u8]) -> io::Result<XdpProgs> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed RTM_NEWLINK reply");
     let hdr = reply.get(..NLMSG_HDRLEN).ok_or_else(bad)?;

@@ -26,7 +26,7 @@ impl OverlaySetup {
     }
 }
 
-/// Largest datagram the program recomputes (NATFIX_CSUM_MAX_LEN).
+/// Largest datagram the program recomputes (`NATFIX_CSUM_MAX_LEN`).
 pub const MAX_RECOMPUTE_LEN: usize = 256 * 64;
 
 /// The xfrm state of the skb: None for cleartext, Some(reqid) after decryption.
@@ -76,9 +76,9 @@ pub fn udp_checksum(src: IpAddr, dst: IpAddr, datagram: &[u8]) -> u16 {
     if c == 0 { 0xffff } else { c }
 }
 
-/// One CPU's learned checksum deltas (`csum_delta_*` in natfix_csum.h):
+/// One CPU's learned checksum deltas (`csum_delta_*` in `natfix_csum.h`):
 /// direct-mapped slots keyed by address pair. The model never lets a delta's
-/// window run out; tests give the program a window of 0 (off) or u32::MAX.
+/// window run out; tests give the program a window of 0 (off) or `u32::MAX`.
 #[derive(Debug, Clone)]
 pub struct DeltaCache {
     slots: Vec<Option<DeltaSlot>>,
