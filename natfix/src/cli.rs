@@ -491,9 +491,9 @@ mod tests {
     use super::*;
 
     fn attach(args: &[&str]) -> AttachArgs {
-        let mut argv = vec!["natfix", "attach"];
-        argv.extend_from_slice(args);
-        let Command::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { panic!("not attach") };
+        let mut cmdline = vec!["natfix", "attach"];
+        cmdline.extend_from_slice(args);
+        let Command::Attach(a) = Cli::try_parse_from(cmdline).unwrap().command else { panic!("not attach") };
         a
     }
 

@@ -27,6 +27,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, MapData};
+use nix::sys::statfs::BPF_FS_MAGIC;
 
 use crate::{
     config::IfaceName,
@@ -51,7 +52,6 @@ pub const GUARD_ALLOW_SRC6: &str = "allow_src6";
 pub const GUARD_EVENT_RATE: &str = "event_rate";
 pub const OVERLAY_SETTINGS: &str = "overlay_settings";
 pub const OVERLAY_EVENT_RATE: &str = "overlay_event_rate";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const META_SIZE: usize = 4096;
 const STAGING_PREFIX: &str = "staging:";
 /// How long a command waits for another natfix working in the same namespace.
@@ -68,7 +68,7 @@ pub fn root() -> PathBuf {
 pub fn require_bpffs() -> Result<()> {
     let stat = nix::sys::statfs::statfs(BPFFS);
     match stat {
-        Ok(s) if i64::from(s.filesystem_type().0) == BPF_FS_MAGIC => {}
+        Ok(s) if s.filesystem_type() == BPF_FS_MAGIC => {}
         Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => bail!(privilege(BPFFS)),
         _ => bail!(UserError::Unsupported(missing_bpffs_advice())),
     }
@@ -83,7 +83,7 @@ pub fn require_bpffs() -> Result<()> {
 /// nothing outside sees it, and it goes with the process, which is what a
 /// foreground attachment does anyway. Elsewhere, as `require_bpffs`.
 pub fn require_bpffs_or_mount_private() -> Result<()> {
-    let missing = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| i64::from(s.filesystem_type().0) != BPF_FS_MAGIC);
+    let missing = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type() != BPF_FS_MAGIC);
     let private = std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
     if missing && private {
         use nix::mount::{MsFlags, mount};
@@ -296,7 +296,7 @@ fn meta_map_def() -> aya_obj::Map {
         def: aya_obj::maps::bpf_map_def {
             map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
             key_size: 4,
-            value_size: META_SIZE as u32,
+            value_size: u32::try_from(META_SIZE).expect("META_SIZE fits u32"),
             max_entries: 1,
             ..Default::default()
         },
@@ -326,6 +326,7 @@ fn decode_name(name: &str) -> String {
 
 /// What natfix finds in bpffs.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "a few entries per listing, moved out by value; a box would only add noise")]
 pub enum Entry {
     /// A published attachment and its record.
     Attachment(PinDir, AttachmentMeta),

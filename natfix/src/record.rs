@@ -161,6 +161,7 @@ pub struct GuardMeta {
     pub reaped: u64,
 }
 
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

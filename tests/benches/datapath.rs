@@ -45,6 +45,7 @@ impl Empty {
         Self { ebpf }
     }
 
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     fn run(&self, xdp: bool, frame: &[u8], repeat: u32) -> f64 {
         let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
         let r = if xdp {

@@ -165,7 +165,7 @@ fn send_bad_csum(dst: [u8; 4]) -> std::io::Result<()> {
     pkt.extend_from_slice(&0x1234u16.to_be_bytes()); // wrong (and nonzero: 0 means "no checksum")
     pkt.extend_from_slice(&payload);
     let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
         sin_port: 0,
         sin_addr: libc::in_addr {
             s_addr: u32::from_ne_bytes(dst),
@@ -180,7 +180,7 @@ fn send_bad_csum(dst: [u8; 4]) -> std::io::Result<()> {
             pkt.len(),
             0,
             (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap(),
         )
     };
     let err = std::io::Error::last_os_error();
@@ -318,13 +318,13 @@ fn seed_000_port_theft_is_reported_with_a_guard_command() {
     assert_schema(&v);
     assert_eq!(code, EXIT_PROBLEMS, "a problem: {v:#}");
 
-    let u = one(&v, "guard.unsolicited");
-    assert_eq!(u["severity"], "warning", "{u}");
+    let unsolicited = one(&v, "guard.unsolicited");
+    assert_eq!(unsolicited["severity"], "warning", "{unsolicited}");
     assert!(
-        evidence(u)
+        evidence(unsolicited)
             .iter()
             .any(|l| l.contains("198.51.100.20:7000 -> 198.51.100.10:25000 [UNREPLIED]")),
-        "the probe's entry: {u:#}"
+        "the probe's entry: {unsolicited:#}"
     );
 
     let m = one(&v, "guard.port-moved");
@@ -353,10 +353,10 @@ fn seed_000_port_theft_is_reported_with_a_guard_command() {
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .unwrap();
-    let (a, b) = range.split_once('-').unwrap();
-    let (a, b): (u16, u16) = (a.parse().unwrap(), b.parse().unwrap());
-    assert!(a <= 25000 && 25000 <= b, "{fix}");
-    if (a..=b).contains(&natfix::lab::topology::PUBLISHED_PORT) {
+    let (first, last) = range.split_once('-').unwrap();
+    let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
+    assert!(first <= 25000 && 25000 <= last, "{fix}");
+    if (first..=last).contains(&natfix::lab::topology::PUBLISHED_PORT) {
         assert!(
             fix.contains(&format!("--allow-port {}", natfix::lab::topology::PUBLISHED_PORT)),
             "{fix}"
@@ -370,12 +370,12 @@ fn seed_000_port_theft_is_reported_with_a_guard_command() {
     };
     att.spec().expect("fix validates");
 
-    let p = one(&v, "guard.published-ports");
+    let published = one(&v, "guard.published-ports");
     assert!(
-        evidence(p)
+        evidence(published)
             .iter()
             .any(|l| l.starts_with("udp 25500: nft ip lab_nat chain pre")),
-        "{p:#}"
+        "{published:#}"
     );
 
     // The human table says the same.

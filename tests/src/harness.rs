@@ -91,6 +91,7 @@ impl GuardHarness {
     }
 
     /// Runs the ingress guard `repeat` times; returns the verdict and the mean ns per run.
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     pub fn run_ingress_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
         let opts = || TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
         let result = match self.hook {
@@ -114,6 +115,7 @@ impl GuardHarness {
     }
 
     /// Runs the egress flow learner `repeat` times; returns the mean ns per run.
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     pub fn run_egress_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
         let p: &SchedClassifier =
             self.ebpf.program(prog_names::FLOW_EGRESS).context("no flow learner in this object")?.try_into()?;
@@ -244,6 +246,7 @@ impl OverlayHarness {
     }
 
     /// Runs `repeat` times; returns the mean ns per run.
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
         let result = self.program()?.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?;
         Ok(result.duration.as_nanos() as f64)

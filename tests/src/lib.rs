@@ -38,7 +38,7 @@ pub fn require_root() {
 ///
 /// If the mount fails.
 pub fn ensure_bpffs() {
-    let ok = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| i64::from(s.filesystem_type().0) == 0xcafe_4a11);
+    let ok = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if !ok {
         let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("mount");
         assert!(st.success(), "cannot mount bpffs");

@@ -102,7 +102,7 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
         if let Some(g) = plan.guard.as_mut() {
             g.resolve_hook_as(old.has_program(Program::GuardTc));
         }
-        let mut att = super::upgrade::upgrade_here(&plan, iface, final_dir, &old, ifindex)?;
+        let mut att = super::upgrade::upgrade_here(&plan, iface, &final_dir, &old, ifindex)?;
         att.reap(plan.guard.as_ref());
         return Ok(att);
     }

@@ -82,6 +82,7 @@ pub fn prog_name(id: u32) -> io::Result<String> {
     // SAFETY: bpf_prog_info is plain old data; all zeroes is a valid value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     info_by_fd(std::os::fd::AsFd::as_fd(&fd), &mut info)?;
-    let bytes: Vec<u8> = info.name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    // c_char is i8 or u8 by target: take each one's byte as it is.
+    let bytes: Vec<u8> = info.name.iter().take_while(|c| **c != 0).map(|c| c.to_ne_bytes()[0]).collect();
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

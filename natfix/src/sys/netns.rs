@@ -219,7 +219,7 @@ pub fn current_cookie() -> Option<u64> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).ok()?;
     // SAFETY: the kernel writes at most `len` bytes into `cookie`; nix has no
     // SO_NETNS_COOKIE option.
     let rc = unsafe {

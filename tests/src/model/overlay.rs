@@ -173,11 +173,9 @@ pub fn fix_with(setup: &OverlaySetup, secpath: Secpath, frame: &[u8], cache: &mu
     let sent = u16::from_be_bytes([frame[check_at], frame[check_at + 1]]);
     let learning = sent != 0 && cfg.delta_window_jiffies != 0;
     let slot = DeltaCache::index(pkt.src, pkt.dst);
-    if learning {
-        if let Some(s) = cache.slots[slot].filter(|s| s.src == pkt.src && s.dst == pkt.dst) {
-            out[check_at..check_at + 2].copy_from_slice(&delta_apply(sent, s.delta).to_be_bytes());
-            return (Counter::OverlayRecomputedDelta, out);
-        }
+    if learning && let Some(s) = cache.slots[slot].filter(|s| s.src == pkt.src && s.dst == pkt.dst) {
+        out[check_at..check_at + 2].copy_from_slice(&delta_apply(sent, s.delta).to_be_bytes());
+        return (Counter::OverlayRecomputedDelta, out);
     }
     if udp_len > MAX_RECOMPUTE_LEN {
         return untouched(Counter::OverlayError);
