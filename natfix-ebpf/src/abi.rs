@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-/// Counter slots (enum natfix_counter). Stable: never renumber or reuse.
+/// Counter slots (enum `natfix_counter`). Stable: never renumber or reuse.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Counter {
@@ -30,7 +30,7 @@ pub enum Counter {
     OverlayRecomputedDelta = 23,
 }
 
-/// Number of slots in the counters map (NATFIX_CNT_MAX).
+/// Number of slots in the counters map (`NATFIX_CNT_MAX`).
 pub const COUNTER_SLOTS: u32 = 32;
 
 impl Counter {
@@ -91,7 +91,7 @@ impl Counter {
             Self::OverlayRecomputed => "recomputed",
             Self::OverlayCleartext => "cleartext_skipped",
             Self::OverlayNotVxlan => "not_vxlan",
-            Self::OverlayMalformed => "malformed",
+            Self::OverlayMalformed | Self::GuardMalformed => "malformed",
             Self::OverlayError => "error",
             Self::OverlayOtherSa => "other_sa",
             Self::OverlayRecomputedDelta => "recomputed_incremental",
@@ -100,7 +100,6 @@ impl Counter {
             Self::GuardWouldDrop => "would_drop",
             Self::GuardExemptPort => "exempt_port",
             Self::GuardExemptSrc => "exempt_src",
-            Self::GuardMalformed => "malformed",
             Self::GuardFragment => "fragment",
             Self::GuardDropTooDeep => "dropped_too_deep",
             Self::FlowLearned => "learned",
@@ -142,7 +141,7 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
-/// natfix_guard_config.flags (fixed at load).
+/// `natfix_guard_config.flags` (fixed at load).
 pub const GUARD_F_ENDPOINT_INDEP: u32 = 1 << 1;
 
 /// The guard's `const volatile` configuration: what the verifier prunes on.
@@ -153,7 +152,7 @@ pub struct GuardConfig {
     pub pad: u32,
 }
 
-/// natfix_guard_settings.flags (live).
+/// `natfix_guard_settings.flags` (live).
 pub const GUARD_S_DRY_RUN: u32 = 1 << 0;
 pub const GUARD_S_ALLOW_SRC: u32 = 1 << 1;
 
@@ -166,7 +165,7 @@ pub struct GuardSettings {
     pub flow_timeout_ns: u64,
 }
 
-/// The `guard_ports` bit planes: NATFIX_PORT_WORDS u64 words each.
+/// The `guard_ports` bit planes: `NATFIX_PORT_WORDS` u64 words each.
 pub const PORT_WORDS: u32 = 1024;
 pub const PORT_PLANE_GUARDED: u32 = 0;
 pub const PORT_PLANE_EXEMPT: u32 = 1;
@@ -175,9 +174,9 @@ pub const PORT_PLANES: u32 = 3;
 
 pub const MAX_VXLAN_PORTS: usize = 8;
 pub const OVERLAY_F_RECOMPUTE: u32 = 1 << 0;
-/// Test builds only: skip the xfrm secpath gate so BPF_PROG_TEST_RUN reaches the rewrite.
+/// Test builds only: skip the xfrm secpath gate so `BPF_PROG_TEST_RUN` reaches the rewrite.
 pub const OVERLAY_F_NO_SECPATH: u32 = 1 << 2;
-/// Decrypted packets may arrive CHECKSUM_COMPLETE (ESP hardware offload): the writer keeps skb->csum in step.
+/// Decrypted packets may arrive `CHECKSUM_COMPLETE` (ESP hardware offload): the writer keeps skb->csum in step.
 pub const OVERLAY_F_CSUM_COMPLETE: u32 = 1 << 3;
 
 /// The overlay program's `const volatile` configuration.
@@ -189,7 +188,7 @@ pub struct OverlayConfig {
     pub delta_window_jiffies: u32,
 }
 
-/// natfix_overlay_settings.flags (live).
+/// `natfix_overlay_settings.flags` (live).
 pub const OVERLAY_S_MATCH_REQID: u32 = 1 << 0;
 
 /// The one entry of the `overlay_settings` map.
@@ -203,7 +202,7 @@ pub struct OverlaySettings {
     pub pad: u32,
 }
 
-/// A sampled event from the `natfix_events` ring buffer (struct natfix_event).
+/// A sampled event from the `natfix_events` ring buffer (struct `natfix_event`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {

@@ -14,6 +14,7 @@ use crate::config::{
 #[command(name = "natfix", version, about = "eBPF data-plane fixes for container hosts behind NAT")]
 pub struct Cli {
     /// Log filter, e.g. `debug` or `natfix=trace` [default: RUST_LOG, else info].
+    #[expect(clippy::doc_markdown, reason = "clap shows this doc verbatim as --help text")]
     #[arg(long, global = true, env = "NATFIX_LOG")]
     pub log: Option<String>,
     /// More log: -v debug, -vv trace (over --log).
@@ -218,6 +219,7 @@ pub struct DiagnoseArgs {
     #[arg(long)]
     pub json: bool,
     /// Seconds to watch rising counters (UdpInCsumErrors, drops).
+    #[expect(clippy::doc_markdown, reason = "clap shows this doc verbatim as --help text")]
     #[arg(long, value_name = "SECS", default_value = "2", value_parser = parse_positive_secs)]
     pub sample: Duration,
 }
@@ -293,6 +295,7 @@ pub struct AttachArgs {
     pub log_events: bool,
 
     /// Serve Prometheus metrics on http://ADDR/metrics while attached (e.g. 127.0.0.1:9477).
+    #[expect(clippy::doc_markdown, reason = "clap shows this doc verbatim as --help text")]
     #[arg(long, value_name = "ADDR", conflicts_with = "pin")]
     pub metrics: Option<SocketAddr>,
 
@@ -366,7 +369,7 @@ pub struct OverlayArgs {
 }
 
 impl Cli {
-    /// The log filter: -v/-q, else --log (or NATFIX_LOG), else RUST_LOG, else info.
+    /// The log filter: -v/-q, else --log (or `NATFIX_LOG`), else `RUST_LOG`, else info.
     #[must_use]
     pub fn log_filter(&self) -> String {
         match (self.verbose, self.quiet) {
@@ -514,9 +517,9 @@ mod tests {
     use super::*;
 
     fn attach(args: &[&str]) -> AttachArgs {
-        let mut argv = vec!["natfix", "attach"];
-        argv.extend_from_slice(args);
-        let Command::Attach(a) = Cli::try_parse_from(argv).unwrap().command else { panic!("not attach") };
+        let mut cmdline = vec!["natfix", "attach"];
+        cmdline.extend_from_slice(args);
+        let Command::Attach(a) = Cli::try_parse_from(cmdline).unwrap().command else { panic!("not attach") };
         a
     }
 

@@ -13,7 +13,7 @@ use crate::{
     sys::netns::Netns,
 };
 
-/// CLOCK_MONOTONIC_COARSE in ns: the clock of bpf_ktime_get_coarse_ns(),
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `bpf_ktime_get_coarse_ns()`,
 /// which stamps the own flow table.
 pub use crate::sys::clock::monotonic_coarse_ns as flow_clock_ns;
 
@@ -42,7 +42,7 @@ pub fn keys_for(entry: &CtEntry, guarded: impl Fn(u16) -> bool, endpoint_indepen
 }
 
 /// Marks `key`'s local port in the guard's port map (`guard_flow_ports` in
-/// natfix_flow.h). Must happen before the flow enters the table: the guard
+/// `natfix_flow.h`). Must happen before the flow enters the table: the guard
 /// drops packets to unmarked ports without looking the flow up.
 pub fn mark_port<T: std::borrow::BorrowMut<MapData>>(ports: &mut Array<T, u8>, key: &FlowKey) -> Result<()> {
     ports.set(u32::from(u16::from_be(key.local_port)), 1, 0).context("cannot mark a flow's port")

@@ -27,6 +27,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use aya::maps::{Array, MapData};
+use nix::sys::statfs::BPF_FS_MAGIC;
 
 use crate::{
     config::IfaceName,
@@ -43,7 +44,7 @@ pub const OVERLAY_COUNTERS: &str = "overlay_counters";
 pub const GUARD_EVENTS: &str = "events";
 pub const OVERLAY_EVENTS: &str = "overlay_events";
 pub const OVERLAY_WRITER: &str = "overlay_writer";
-/// Pin names of the maps `natfix set` rewrites (loader::settings).
+/// Pin names of the maps `natfix set` rewrites (`loader::settings`).
 pub const GUARD_PORTS: &str = "ports";
 pub const GUARD_SETTINGS: &str = "settings";
 pub const GUARD_ALLOW_SRC4: &str = "allow_src4";
@@ -51,7 +52,6 @@ pub const GUARD_ALLOW_SRC6: &str = "allow_src6";
 pub const GUARD_EVENT_RATE: &str = "event_rate";
 pub const OVERLAY_SETTINGS: &str = "overlay_settings";
 pub const OVERLAY_EVENT_RATE: &str = "overlay_event_rate";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const META_SIZE: usize = 4096;
 const STAGING_PREFIX: &str = "staging:";
 /// How long a command waits for another natfix working in the same namespace.
@@ -68,7 +68,7 @@ pub fn root() -> PathBuf {
 pub fn require_bpffs() -> Result<()> {
     let stat = nix::sys::statfs::statfs(BPFFS);
     match stat {
-        Ok(s) if i64::from(s.filesystem_type().0) == BPF_FS_MAGIC => {}
+        Ok(s) if s.filesystem_type() == BPF_FS_MAGIC => {}
         Err(nix::errno::Errno::EACCES | nix::errno::Errno::EPERM) => bail!(privilege(BPFFS)),
         _ => bail!(UserError::Unsupported(missing_bpffs_advice())),
     }
@@ -85,7 +85,7 @@ pub fn require_bpffs() -> Result<()> {
 /// without the bpffs mount, say) a missing bpffs is the operator's to fix:
 /// as `require_bpffs`.
 pub fn require_bpffs_or_mount_private() -> Result<()> {
-    let missing = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| i64::from(s.filesystem_type().0) != BPF_FS_MAGIC);
+    let missing = nix::sys::statfs::statfs(BPFFS).is_ok_and(|s| s.filesystem_type() != BPF_FS_MAGIC);
     let private = std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
     if missing && private && let Some(ns) = ip_netns_name() {
         use nix::mount::{MsFlags, mount};
@@ -303,7 +303,7 @@ fn meta_map_def() -> aya_obj::Map {
         def: aya_obj::maps::bpf_map_def {
             map_type: aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
             key_size: 4,
-            value_size: META_SIZE as u32,
+            value_size: u32::try_from(META_SIZE).expect("META_SIZE fits u32"),
             max_entries: 1,
             ..Default::default()
         },
@@ -333,6 +333,7 @@ fn decode_name(name: &str) -> String {
 
 /// What natfix finds in bpffs.
 #[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "a few entries per listing, moved out by value; a box would only add noise")]
 pub enum Entry {
     /// A published attachment and its record.
     Attachment(PinDir, AttachmentMeta),

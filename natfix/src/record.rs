@@ -132,9 +132,9 @@ pub enum AttachMode {
     Native,
     /// Generic (skb) XDP.
     Generic,
-    /// tcx bpf_link (Linux >= 6.6).
+    /// tcx `bpf_link` (Linux >= 6.6).
     Tcx,
-    /// A cls_bpf filter on the clsact qdisc (Linux < 6.6).
+    /// A `cls_bpf` filter on the clsact qdisc (Linux < 6.6).
     Clsact,
 }
 
@@ -156,7 +156,7 @@ pub struct ProgramMeta {
     pub hook: Hook,
     pub mode: AttachMode,
     pub prog_id: u32,
-    /// The bpf_link that attaches it (XDP and tcx); None for clsact filters.
+    /// The `bpf_link` that attaches it (XDP and tcx); None for clsact filters.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub link_id: Option<u32>,
 }
@@ -182,6 +182,7 @@ pub struct GuardMeta {
     pub no_allow_published: bool,
 }
 
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

@@ -1,4 +1,4 @@
-//! Per-packet cost of every program path with BPF_PROG_TEST_RUN, as a ratio
+//! Per-packet cost of every program path with `BPF_PROG_TEST_RUN`, as a ratio
 //! to an empty program of the same type measured in the same run
 //! (interleaved, so machine noise hits both alike). One JSON line per row.
 //! Run by `cargo xtask bench`; `NATFIX_BENCH_RUNS`/`NATFIX_BENCH_REPEAT` override,
@@ -45,6 +45,7 @@ impl Empty {
         Self { ebpf }
     }
 
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     fn run(&self, xdp: bool, frame: &[u8], repeat: u32) -> f64 {
         let opts = TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
         let r = if xdp {
@@ -68,7 +69,29 @@ fn main() {
 }
 
 fn bench(runs: usize, repeat: u32) {
-    // Conntrack entries for the kfunc paths: a masqueraded flow's reply direction.
+    seed_conntrack();
+    let empty = Empty::load();
+    let mut subjects = guard_subjects();
+    subjects.extend(overlay_subjects());
+    if let Ok(only) = std::env::var("NATFIX_BENCH_ONLY") {
+        subjects.retain(|s| s.0.contains(&only));
+    }
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); subjects.len()];
+    for _ in 0..runs {
+        for (i, (_, xdp, frame, run)) in subjects.iter().enumerate() {
+            // Baseline right before the subject, on the same frame.
+            results[i].1.push(empty.run(*xdp, frame, repeat));
+            results[i].0.push(run(frame, repeat));
+        }
+    }
+    for ((name, xdp, _, _), (r, b)) in subjects.into_iter().zip(results) {
+        let base = if xdp { "empty XDP" } else { "empty tc" };
+        common::report_paired("test_run", &name, "ns/packet", &r, base, &b, false);
+    }
+}
+
+/// Conntrack entries for the kfunc paths: a masqueraded flow's reply direction.
+fn seed_conntrack() {
     let nft = Command::new("nft")
         .args(["add table ip b; add chain ip b c { type filter hook input priority 0; }; add rule ip b c ct state established accept"])
         .status();
@@ -79,14 +102,17 @@ fn bench(runs: usize, repeat: u32) {
         .output()
         .unwrap();
     assert!(ct.status.success(), "conntrack -I: {}", String::from_utf8_lossy(&ct.stderr));
+}
 
+/// The guard's paths under each hook, with its own flow table and with
+/// conntrack, and the egress flow learner.
+fn guard_subjects() -> Vec<Subject> {
     let solicited = packet::udp4(PEER, 7000, HOST, 25000, &[0u8; 18]);
     let unsolicited = packet::udp4(PEER, 7001, HOST, 25000, &[0u8; 18]);
     let out_of_scope = packet::udp4(PEER, 7000, HOST, 443, &[0u8; 18]);
     // To a guarded port no flow ever used: the port map decides (own table).
     let unused_port = packet::udp4(PEER, 7001, HOST, 29999, &[0u8; 18]);
 
-    let empty = Empty::load();
     let mut subjects: Vec<Subject> = Vec::new();
     for (hook, xdp) in [("xdp", true), ("tc", false)] {
         let mut own = GuardHarness::load(&plan(&["--guard-hook", hook, "--flow-source", "own"])).unwrap();
@@ -129,6 +155,12 @@ fn bench(runs: usize, repeat: u32) {
             ));
         }
     }
+    subjects
+}
+
+/// The overlay fix's paths, on small and on overlay-sized frames.
+fn overlay_subjects() -> Vec<Subject> {
+    let mut subjects: Vec<Subject> = Vec::new();
     let overlay_cfg = |flags, delta_window_jiffies| {
         let mut c = natfix_testkit::harness::OverlaySetup::new(flags, &[4789], None);
         c.config.delta_window_jiffies = delta_window_jiffies;
@@ -165,20 +197,5 @@ fn bench(runs: usize, repeat: u32) {
             subjects.push((format!("overlay {mode}: {size} B"), false, frame.clone(), Box::new(move |f, r| h.run_repeat(f, r).unwrap())));
         }
     }
-
-    if let Ok(only) = std::env::var("NATFIX_BENCH_ONLY") {
-        subjects.retain(|s| s.0.contains(&only));
-    }
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); subjects.len()];
-    for _ in 0..runs {
-        for (i, (_, xdp, frame, run)) in subjects.iter().enumerate() {
-            // Baseline right before the subject, on the same frame.
-            results[i].1.push(empty.run(*xdp, frame, repeat));
-            results[i].0.push(run(frame, repeat));
-        }
-    }
-    for ((name, xdp, _, _), (r, b)) in subjects.into_iter().zip(results) {
-        let base = if xdp { "empty XDP" } else { "empty tc" };
-        common::report_paired("test_run", &name, "ns/packet", &r, base, &b, false);
-    }
+    subjects
 }

@@ -1,7 +1,7 @@
 //! Flood drop rate: unsolicited UDP into a guarded veth, for natfix XDP,
 //! natfix tc, the seed's iptables INPUT rule, an nftables prerouting rule and
-//! no filter, in the same run. The generator is BPF_PROG_TEST_RUN in XDP
-//! live-frames mode (an XDP_TX program on the sending veth), the mechanism
+//! no filter, in the same run. The generator is `BPF_PROG_TEST_RUN` in XDP
+//! live-frames mode (an `XDP_TX` program on the sending veth), the mechanism
 //! xdp-trafficgen uses; the receiving veth carries an XDP program in every
 //! variant (veth needs one to receive XDP-transmitted frames).
 //! Rate = packets the filter disposed of / time until its counter settled.
@@ -33,7 +33,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId, xdp::XdpLink, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
 use natfix::{
     abi::Counter,
-    config::{AttachSpec, IfaceSel},
+    config::{AttachSpec, IfaceSel, OverlaySpec},
     lab::scratch::{ScratchNs, bind_udp, run, sock, veth},
     loader::{self, AttachPlan, object::load_program},
     observe::stats,
@@ -155,6 +155,7 @@ fn iptables_counter(ns: &ScratchNs) -> u64 {
 }
 
 /// One measurement: handled packets per second.
+#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
     let rig = rig(tag);
     let rx = rig.rx_ns.netns().unwrap();
@@ -231,7 +232,7 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
         overlay: None,
         events_per_sec: 0,
     };
-    let plan = AttachPlan { guard: Some(guard_plan(hook)), ..AttachPlan::new(&AttachSpec { overlay: Some(Default::default()), ..spec }, rx.clone(), false, false).unwrap() };
+    let plan = AttachPlan { guard: Some(guard_plan(hook)), ..AttachPlan::new(&AttachSpec { overlay: Some(OverlaySpec::default()), ..spec }, rx.clone(), false, false).unwrap() };
     loader::attach(AttachPlan { overlay: None, ..plan }).unwrap()
 }
 
@@ -244,7 +245,7 @@ fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
 /// receiver / the generator's time: the receive softirq runs on the
 /// generator's CPU as it flushes each batch, so that time covers the whole
 /// path up to the socket. Programs are swapped between windows (XDP:
-/// bpf_link_update on one link; tc: tcx attach/detach), each subject window
+/// `bpf_link_update` on one link; tc: tcx attach/detach), each subject window
 /// between two baseline windows (`flanked_sequence`), so machine drift
 /// slower than a window cancels out of its ratio (`LegitRates::flanked`).
 struct LegitRates {
@@ -310,7 +311,7 @@ enum Window {
     OverlayTc,
     OverlayNft,
     /// An nftables base chain at the rule's hook and priority, without
-    /// rules: the cost of the netfilter hook itself, as EmptyTc is tc's.
+    /// rules: the cost of the netfilter hook itself, as `EmptyTc` is tc's.
     EmptyNft,
     /// TCP rows only: natfix's XDP guard in generic (skb) mode, which
     /// `--xdp-mode auto` no longer falls back to (with the egress learner).
@@ -323,7 +324,7 @@ const EMPTY_NFT: &str = "table ip natfix_bench_empty {\n chain prerouting {\n  t
 
 /// A generator thread in the generator's namespace, pinned to CPU 0, its
 /// program loaded once: each request sends that many frames and answers with
-/// the seconds the test_run took.
+/// the seconds the `test_run` took.
 struct Generator {
     requests: std::sync::mpsc::Sender<u32>,
     seconds: std::sync::mpsc::Receiver<f64>,
@@ -378,7 +379,7 @@ fn attach_counting_xdp(base: &mut aya::Ebpf) -> XdpLink {
     e.take_link(id).unwrap()
 }
 
-/// Puts `to` in place of the program `link` runs (one bpf_link_update); returns the link.
+/// Puts `to` in place of the program `link` runs (one `bpf_link_update`); returns the link.
 fn move_xdp_link(to: &mut Xdp, link: XdpLink) -> XdpLink {
     let id = to.attach_to_link(link).unwrap();
     to.take_link(id).unwrap()
@@ -518,6 +519,7 @@ fn legit_windows(hook: &'static str, host: Host, payload: usize, configs: &'stat
     rig.rx_ns.netns().unwrap().run(move || Ok(legit_in_receiver(&rig, hook, configs, rounds, window, live))).unwrap()
 }
 
+#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: u32, live: bool) -> LegitRates {
     use std::sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}};
 
@@ -643,6 +645,7 @@ fn stream_windows(hook: &'static str, configs: &'static [Window], rounds: usize,
     rig.rx_ns.netns().unwrap().run(move || Ok(stream_in_receiver(&rig, hook, configs, rounds, window))).unwrap()
 }
 
+#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: Duration) -> LegitRates {
     use std::{
         io::{Read as _, Write as _},
@@ -714,7 +717,7 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
 }
 
 /// `run_time_ns` and `run_cnt` of a loaded program (counted while
-/// kernel.bpf_stats_enabled is 1), from its fd's fdinfo.
+/// `kernel.bpf_stats_enabled` is 1), from its fd's fdinfo.
 fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
     use std::os::fd::{AsFd as _, AsRawFd as _};
     let fd = p.fd().unwrap().as_fd().as_raw_fd();
@@ -724,11 +727,12 @@ fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
 }
 
 /// The ingress (and for natfix's guard, egress) programs' own time per run
-/// on live traffic, measured by the kernel (bpf_stats) in windows of their
+/// on live traffic, measured by the kernel (`bpf_stats`) in windows of their
 /// own after the throughput rounds: the stats' clock reads would otherwise
 /// slow every window. `traffic` runs one window's worth. Separates natfix's
 /// per-packet share from the hook's, which the throughput ratios lump
 /// together. Keyed by row label.
+#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn live_costs(
     s: &mut TcSubjects,
     hook: &str,
@@ -818,6 +822,7 @@ fn flood(runs: usize, n: u32) {
 }
 
 fn legit(rounds: usize, window: u32) {
+    const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
     let baselines = [("xdp", "natfix's XDP guard", "a counting pass-all XDP program on the same veth"), ("tc", "natfix's tc guard", "no tc program (the counting XDP program under both)")];
     for (hook, name, baseline) in baselines {
         let configs: &'static [Window] = if hook == "xdp" { &XDP } else { &ALL_TC };
@@ -873,7 +878,6 @@ fn legit(rounds: usize, window: u32) {
     // the bare receiver.
     // More rounds on the Docker node, whose default rows carry the target.
     let docker_rounds = env_u32("NATFIX_LEGIT_DOCKER_ROUNDS", 60) as usize;
-    const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
     let r = legit_windows("xdp", Host::DockerNode, SMALL_PAYLOAD, &XDP, docker_rounds, window, false);
     let row = format!("solicited UDP replies read by the application {DOCKER}, 64 B frames (windows of {window}), through natfix's XDP guard ({:.0}% read)", r.read_fraction * 100.0);
     r.report(&row, "datagrams/s", Window::Natfix, "a counting pass-all XDP program on the same veth", Window::Baseline);

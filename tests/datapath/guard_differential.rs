@@ -1,5 +1,5 @@
 //! Differential test: the guard programs (XDP and tc) against the Rust model
-//! (natfix_testkit::model) on the kept corpus, then on random, structured and mutated
+//! (`natfix_testkit::model`) on the kept corpus, then on random, structured and mutated
 //! frames: same verdict for every frame, same counters.
 //! `NATFIX_DIFF_CASES=1000000` is the fuzz run `cargo xtask test` does.
 
@@ -11,7 +11,7 @@ use natfix::abi::Counter;
 use natfix_testkit::harness::GuardHarness;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 
-/// tc's BPF_PROG_TEST_RUN refuses IP frames shorter than the IP header; the
+/// tc's `BPF_PROG_TEST_RUN` refuses IP frames shorter than the IP header; the
 /// stack would not deliver them to tc either.
 fn refused(hook: &str, frame: &[u8]) -> bool {
     hook == "tc" && frame.len() < 14 + 40
@@ -71,8 +71,8 @@ fn run(hook: &str, exemptions: bool) {
     // Header edges of the one-pass IPv4 path first (counters checked for
     // each), then random, structured and mutated frames.
     let edges = 1500;
-    runner(0x2e, edges).run(&frames::guard_v4_edge_frame(), &check).unwrap();
-    runner(0x4e, cases).run(&frames::guard_frame(), &check).unwrap();
+    runner(0x2e, edges).run(&frames::guard_v4_edge_frame(), check).unwrap();
+    runner(0x4e, cases).run(&frames::guard_frame(), check).unwrap();
 
     // Counters of the frames checked by verdict only: equal in aggregate.
     let fast = fast.into_inner();
@@ -84,7 +84,7 @@ fn run(hook: &str, exemptions: bool) {
     }
     let seen = seen.into_inner();
     eprintln!("{hook} (exemptions: {exemptions}): {} frames compared: {seen:?}", index.get());
-    assert!(index.get() > (edges + cases) / 2, "too few frames compared");
+    assert!(index.get() > u32::midpoint(edges, cases), "too few frames compared");
     // The generator must reach every decision, or agreement proves little.
     let mut reasons =
         vec![Counter::GuardPassSolicited, Counter::GuardDropUnsolicited, Counter::GuardOutOfScope, Counter::GuardMalformed, Counter::GuardFragment];

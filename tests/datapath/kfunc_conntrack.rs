@@ -100,7 +100,12 @@ fn conntrack_guard_passes_solicited_and_drops_unsolicited() {
         skip(&format!("conntrack kfuncs not in vmlinux BTF: {other:?}"));
         return;
     }
-    scratch_ns("kfunc").run(|| Ok(in_scratch_netns())).unwrap();
+    scratch_ns("kfunc")
+        .run(|| {
+            in_scratch_netns();
+            Ok(())
+        })
+        .unwrap();
 }
 
 fn in_scratch_netns() {

@@ -62,8 +62,8 @@ fn run(flags: u32, cpu: usize) {
         let rng = TestRng::from_seed(RngAlgorithm::ChaCha, &[seed; 32]);
         TestRunner::new_with_rng(Config { cases, failure_persistence: None, ..Config::default() }, rng)
     };
-    runner(0x1e, 1500).run(&frames::overlay_v4_edge_frame(), &check).unwrap();
-    runner(0x0f, frames::cases(2000)).run(&frames::overlay_frame(), &check).unwrap();
+    runner(0x1e, 1500).run(&frames::overlay_v4_edge_frame(), check).unwrap();
+    runner(0x0f, frames::cases(2000)).run(&frames::overlay_frame(), check).unwrap();
     let seen = seen.into_inner();
     eprintln!("flags {flags:#x}: {} frames compared: {seen:?}", index.get());
     let fixed = if flags & OVERLAY_F_RECOMPUTE != 0 { Counter::OverlayRecomputed } else { Counter::OverlayZeroed };

@@ -1,4 +1,4 @@
-//! The overlay fixer on crafted packets via BPF_PROG_TEST_RUN: verdict,
+//! The overlay fixer on crafted packets via `BPF_PROG_TEST_RUN`: verdict,
 //! counter and output bytes per case, the checksum checked against
 //! etherparse (an independent implementation) and the Rust model.
 
@@ -25,11 +25,17 @@ fn config(flags: u32) -> OverlaySetup {
     OverlaySetup::new(flags & !MATCH_REQID, &[4789, 7789], reqid)
 }
 
+/// `len` payload bytes: the low byte of `i * mul + add` for each index `i`.
+#[expect(clippy::cast_possible_truncation, reason = "the low byte is the pattern")]
+fn pattern(len: usize, mul: usize, add: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * mul + add) as u8).collect()
+}
+
 /// A VXLAN-in-UDP frame whose checksum was computed over pre-NAT addresses (wrong here).
-/// (BPF_PROG_TEST_RUN takes skb frames up to about one page, so the largest
+/// (`BPF_PROG_TEST_RUN` takes skb frames up to about one page, so the largest
 /// case is 3.4 KB; the same loop serves jumbo frames in the VM test.)
 fn vxlan4(dport: u16, payload_len: usize) -> Vec<u8> {
-    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 7 + 3) as u8).collect();
+    let payload = pattern(payload_len, 7, 3);
     let mut f = packet::udp4(A, 40000, B, dport, &payload);
     f[14 + 20 + 6] = 0xde; // stale checksum from before the NAT
     f[14 + 20 + 7] = 0xad;
@@ -37,7 +43,7 @@ fn vxlan4(dport: u16, payload_len: usize) -> Vec<u8> {
 }
 
 fn vxlan6(dport: u16, payload_len: usize) -> Vec<u8> {
-    let payload: Vec<u8> = (0..payload_len).map(|i| (i * 5 + 1) as u8).collect();
+    let payload = pattern(payload_len, 5, 1);
     let mut f = packet::udp6(A6, 40000, B6, dport, &payload);
     f[14 + 40 + 6] = 0xbe;
     f[14 + 40 + 7] = 0xef;
@@ -195,7 +201,7 @@ fn recompute_learns_the_nat_delta_and_stays_exact() {
         ((IpAddr::from(private6), IpAddr::from(B6)), IpAddr::from(A6), IpAddr::from(B6)),
     ] {
         for i in 0..40usize {
-            let payload: Vec<u8> = (0..(i * 37) % 1500).map(|j| (j * 13 + i) as u8).collect();
+            let payload = pattern((i * 37) % 1500, 13, i);
             let (f, l4) = natted(sealed, src, dst, &payload);
             let (_, moved, out) = h.classify(&f).unwrap();
             let want = if i == 0 { Counter::OverlayRecomputed } else { Counter::OverlayRecomputedDelta };
@@ -236,7 +242,7 @@ fn a_learned_delta_is_relearned_after_its_window() {
     assert_eq!(u16::from_be_bytes([out[l4 + 6], out[l4 + 7]]), reference_checksum(&moved_nat, l4));
 }
 
-/// The in-place writer (tail call) and the bpf_skb_store_bytes() fallback
+/// The in-place writer (tail call) and the `bpf_skb_store_bytes()` fallback
 /// leave the same bytes and count the same.
 #[test]
 #[ignore = "needs root: cargo xtask test"]

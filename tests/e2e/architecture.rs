@@ -151,7 +151,7 @@ fn code_only(line: &str) -> String {
                 // A char literal ('x', '\n') or a lifetime ('a).
                 let rest: String = chars.clone().take(3).collect();
                 if rest.chars().nth(1) == Some('\'') || rest.starts_with('\\') {
-                    while let Some(n) = chars.next() {
+                    for n in chars.by_ref() {
                         if n == '\'' {
                             break;
                         }

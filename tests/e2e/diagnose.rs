@@ -12,10 +12,10 @@ use std::{
 };
 
 use natfix::lab::topology::{GuardTopology, HOST_EXT_IF};
-use natfix_testkit::{natfix, natfix_bin, root_setup, scratch_ns, veth};
+use natfix_testkit::{ScratchNs, natfix, natfix_bin, root_setup, scratch_ns, veth};
 use serde_json::Value;
 
-/// `natfix diagnose` exit code when a problem is found (natfix::diagnose::EXIT_PROBLEMS).
+/// `natfix diagnose` exit code when a problem is found (`natfix::diagnose::EXIT_PROBLEMS`).
 const EXIT_PROBLEMS: i32 = 10;
 
 fn diagnose(netns: &str, sample: &str) -> (i32, Value) {
@@ -165,7 +165,7 @@ fn send_bad_csum(dst: [u8; 4]) -> std::io::Result<()> {
     pkt.extend_from_slice(&0x1234u16.to_be_bytes()); // wrong (and nonzero: 0 means "no checksum")
     pkt.extend_from_slice(&payload);
     let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap(),
         sin_port: 0,
         sin_addr: libc::in_addr {
             s_addr: u32::from_ne_bytes(dst),
@@ -180,7 +180,7 @@ fn send_bad_csum(dst: [u8; 4]) -> std::io::Result<()> {
             pkt.len(),
             0,
             (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap(),
         )
     };
     let err = std::io::Error::last_os_error();
@@ -193,6 +193,17 @@ fn send_bad_csum(dst: [u8; 4]) -> std::io::Result<()> {
 #[ignore = "needs root: cargo xtask test"]
 fn rising_udp_checksum_errors_are_reported() {
     root_setup();
+    let (rx, tx) = vxlan_pair();
+    let (out, pid) = diagnose_while_bad_csums_arrive(&rx, &tx);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_schema(&v);
+    assert_csum_errors_warned(&v, &rx);
+    assert_eq!(out.status.code(), Some(0), "warnings only: exit 0");
+    assert_drop_reasons(&v, pid);
+}
+
+/// A namespace with a VXLAN device on 4789 (checksums on), and its peer.
+fn vxlan_pair() -> (ScratchNs, ScratchNs) {
     let rx = scratch_ns("dgcsr");
     let tx = scratch_ns("dgcst");
     veth(&rx, "u0", "10.98.0.1/24", &tx, "p0", "10.98.0.2/24").unwrap();
@@ -215,7 +226,12 @@ fn rising_udp_checksum_errors_are_reported() {
     ])
     .unwrap();
     rx.exec(&["ip", "link", "set", "vx0", "up"]).unwrap(); // opens the UDP socket on 4789
+    (rx, tx)
+}
 
+/// `natfix diagnose --sample 2` on `rx` while `tx` sends it bad checksums:
+/// its output and pid.
+fn diagnose_while_bad_csums_arrive(rx: &ScratchNs, tx: &ScratchNs) -> (std::process::Output, u32) {
     // Bad datagrams keep arriving while diagnose samples.
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU32::new(0));
@@ -251,11 +267,13 @@ fn rising_udp_checksum_errors_are_reported() {
     stop.store(true, Ordering::Relaxed);
     sender.join().unwrap().expect("sender");
     assert!(sent.load(Ordering::Relaxed) > 10, "the sender sent");
+    (out, pid)
+}
 
-    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_schema(&v);
-    let f = one(&v, "overlay.csum-errors");
-    // No Docker ESP SAs: a warning (not the overlay problem), with no natfix fix.
+/// No Docker ESP SAs: the rising counter is a warning (not the overlay
+/// problem), with no natfix fix.
+fn assert_csum_errors_warned(v: &Value, rx: &ScratchNs) {
+    let f = one(v, "overlay.csum-errors");
     assert_eq!(f["severity"], "warning", "{f}");
     assert!(f.get("fix").is_none(), "{f}");
     let ev = evidence(f);
@@ -278,10 +296,11 @@ fn rising_udp_checksum_errors_are_reported() {
         ev.iter().any(|l| l.contains("VXLAN ports in this namespace: 4789")),
         "{ev:#?}"
     );
-    assert_eq!(out.status.code(), Some(0), "warnings only: exit 0");
+}
 
-    // Drop reasons come from tracefs when it is mounted (diagnose never mounts it).
-    let d = one(&v, "overlay.drop-reasons");
+/// Drop reasons come from tracefs when it is mounted (diagnose never mounts it).
+fn assert_drop_reasons(v: &Value, pid: u32) {
+    let d = one(v, "overlay.drop-reasons");
     let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
         .iter()
         .any(|p| std::path::Path::new(p).join("instances").is_dir());
@@ -318,13 +337,13 @@ fn seed_000_port_theft_is_reported_with_a_guard_command() {
     assert_schema(&v);
     assert_eq!(code, EXIT_PROBLEMS, "a problem: {v:#}");
 
-    let u = one(&v, "guard.unsolicited");
-    assert_eq!(u["severity"], "warning", "{u}");
+    let unsolicited = one(&v, "guard.unsolicited");
+    assert_eq!(unsolicited["severity"], "warning", "{unsolicited}");
     assert!(
-        evidence(u)
+        evidence(unsolicited)
             .iter()
             .any(|l| l.contains("198.51.100.20:7000 -> 198.51.100.10:25000 [UNREPLIED]")),
-        "the probe's entry: {u:#}"
+        "the probe's entry: {unsolicited:#}"
     );
 
     let m = one(&v, "guard.port-moved");
@@ -353,10 +372,10 @@ fn seed_000_port_theft_is_reported_with_a_guard_command() {
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .unwrap();
-    let (a, b) = range.split_once('-').unwrap();
-    let (a, b): (u16, u16) = (a.parse().unwrap(), b.parse().unwrap());
-    assert!(a <= 25000 && 25000 <= b, "{fix}");
-    if (a..=b).contains(&natfix::lab::topology::PUBLISHED_PORT) {
+    let (first, last) = range.split_once('-').unwrap();
+    let (first, last): (u16, u16) = (first.parse().unwrap(), last.parse().unwrap());
+    assert!(first <= 25000 && 25000 <= last, "{fix}");
+    if (first..=last).contains(&natfix::lab::topology::PUBLISHED_PORT) {
         assert!(
             fix.contains(&format!("--allow-port {}", natfix::lab::topology::PUBLISHED_PORT)),
             "{fix}"
@@ -370,12 +389,12 @@ fn seed_000_port_theft_is_reported_with_a_guard_command() {
     };
     att.spec().expect("fix validates");
 
-    let p = one(&v, "guard.published-ports");
+    let published = one(&v, "guard.published-ports");
     assert!(
-        evidence(p)
+        evidence(published)
             .iter()
             .any(|l| l.starts_with("udp 25500: nft ip lab_nat chain pre")),
-        "{p:#}"
+        "{published:#}"
     );
 
     // The human table says the same.

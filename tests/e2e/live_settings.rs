@@ -94,33 +94,7 @@ fn settings_flip_100_times_under_a_flow_and_a_flood() {
         let flood_to = addr(&format!("{h}:26000"));
         let flood_from = addr(&format!("{p}:9000"));
         for i in 0..100 {
-            // Even rounds: 26000 exempt; odd: not, and every fourth round dry-run.
-            let (exempt, dry) = (i % 2 == 0, i % 4 == 1);
-            let change: Vec<&str> = match (exempt, dry) {
-                (true, _) if i == 0 => vec!["--allow-port", "+26000"],
-                (true, _) if i % 4 == 2 => vec!["--allow-port", "+26000", "--dry-run", "off"],
-                (true, _) => vec!["--allow-port", "+26000"],
-                (false, true) => vec!["--allow-port", "-26000", "--dry-run", "on"],
-                (false, false) => vec!["--allow-port", "-26000"],
-            };
-            let out = set(&host, &change);
-            assert!(out.status.success(), "{hook} round {i}: {change:?}: {}", String::from_utf8_lossy(&out.stderr));
-            let reason = match (exempt, dry) {
-                (true, _) => "exempt_port",
-                (false, true) => "would_drop",
-                (false, false) => "dropped_unsolicited",
-            };
-            let before = stat(&host.name, "ls0", "guard", reason);
-            let rx = count_udp(&host, flood_to, Duration::from_millis(150)).unwrap();
-            send_udp(&peer, flood_from, flood_to, 5).unwrap();
-            let got = rx.join().unwrap().unwrap();
-            assert_eq!(stat(&host.name, "ls0", "guard", reason), before + 5, "{hook} round {i}: 5 counted {reason}");
-            assert_eq!(got, if reason == "dropped_unsolicited" { 0 } else { 5 }, "{hook} round {i}: {reason}");
-            let r = record(&host);
-            let allow: Vec<u64> = r["guard"]["allow_ports"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
-            assert_eq!(allow.contains(&26000), exempt, "{hook} round {i}: record: {r}");
-            assert_eq!(r["guard"]["dry_run"] == true, dry, "{hook} round {i}: record: {r}");
-            assert_eq!(r["state"], "pinned", "{hook} round {i}: {r}");
+            flip_round(&host, &peer, hook, i, flood_from, flood_to);
         }
         stop.store(true, Ordering::Relaxed);
         streamer.join().unwrap();
@@ -130,6 +104,38 @@ fn settings_flip_100_times_under_a_flow_and_a_flood() {
         assert_eq!(got, sent, "{hook}: the solicited flow lost nothing across 100 changes");
         assert!(natfix(&["detach", "--netns", &host.name, "--iface", "ls0"]).status.success());
     }
+}
+
+/// Round `i` of the flips: one `natfix set`, then a flood batch to
+/// `flood_to` judged by the setting now in force, and the record following.
+fn flip_round(host: &ScratchNs, peer: &ScratchNs, hook: &str, i: u32, flood_from: SocketAddr, flood_to: SocketAddr) {
+    // Even rounds: 26000 exempt; odd: not, and every fourth round dry-run.
+    let (exempt, dry) = (i.is_multiple_of(2), i % 4 == 1);
+    let change: Vec<&str> = match (exempt, dry) {
+        (true, _) if i == 0 => vec!["--allow-port", "+26000"],
+        (true, _) if i % 4 == 2 => vec!["--allow-port", "+26000", "--dry-run", "off"],
+        (true, _) => vec!["--allow-port", "+26000"],
+        (false, true) => vec!["--allow-port", "-26000", "--dry-run", "on"],
+        (false, false) => vec!["--allow-port", "-26000"],
+    };
+    let out = set(host, &change);
+    assert!(out.status.success(), "{hook} round {i}: {change:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let reason = match (exempt, dry) {
+        (true, _) => "exempt_port",
+        (false, true) => "would_drop",
+        (false, false) => "dropped_unsolicited",
+    };
+    let before = stat(&host.name, "ls0", "guard", reason);
+    let rx = count_udp(host, flood_to, Duration::from_millis(150)).unwrap();
+    send_udp(peer, flood_from, flood_to, 5).unwrap();
+    let got = rx.join().unwrap().unwrap();
+    assert_eq!(stat(&host.name, "ls0", "guard", reason), before + 5, "{hook} round {i}: 5 counted {reason}");
+    assert_eq!(got, if reason == "dropped_unsolicited" { 0 } else { 5 }, "{hook} round {i}: {reason}");
+    let r = record(host);
+    let allow: Vec<u64> = r["guard"]["allow_ports"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+    assert_eq!(allow.contains(&26000), exempt, "{hook} round {i}: record: {r}");
+    assert_eq!(r["guard"]["dry_run"] == true, dry, "{hook} round {i}: record: {r}");
+    assert_eq!(r["state"], "pinned", "{hook} round {i}: {r}");
 }
 
 #[test]

@@ -108,6 +108,7 @@ fn status_json() -> serde_json::Value {
 
 #[test]
 #[ignore = "needs root: cargo xtask test"]
+#[expect(clippy::float_cmp, reason = "the samples are counts: whole numbers, exact in f64")]
 fn scrape_is_valid_prometheus_text_and_counts_traffic() {
     root_setup();
     ensure_bpffs();

@@ -24,7 +24,7 @@ fn ip_netns_exec_attaches_in_the_foreground_and_refuses_to_pin() {
     let base = ["netns", "exec", host.name.as_str(), bin.to_str().unwrap(), "attach", "--iface", "ix0", "--guard", "20000-30000"];
 
     // --pin would pin into a bpffs that goes with the command: refused, with the way that works.
-    let out = output_within(Command::new("ip").args(base).arg("--pin"), Duration::from_secs(60));
+    let out = output_within(Command::new("ip").args(base).arg("--pin"), Duration::from_mins(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains(&format!("--netns {}", host.name)), "names the namespace: {err}");
@@ -99,7 +99,7 @@ fn log_switches_and_no_colour_in_a_pipe() {
         let mut cmd = Command::new(natfix_bin());
         cmd.env_remove("NATFIX_LOG").env_remove("RUST_LOG").envs(env.iter().copied()).args(flags);
         cmd.args(["attach", "--iface", "lg0", "--netns", &host.name, "--guard", "20000-30000", "--pin", "--replace"]);
-        let out = output_within(&mut cmd, Duration::from_secs(60));
+        let out = output_within(&mut cmd, Duration::from_mins(1));
         assert!(out.status.success(), "{flags:?} {env:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stderr).into_owned()
     };

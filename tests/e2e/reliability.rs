@@ -179,7 +179,7 @@ fn a_foreground_attach_outlives_its_namespace_name_and_detaches_cleanly() {
     assert!(!status()["attachments"].as_array().unwrap().iter().any(|a| a["pid"] == pid), "record gone");
 }
 
-/// A tc program of another owner that accepts every packet (TC_ACT_OK),
+/// A tc program of another owner that accepts every packet (`TC_ACT_OK`),
 /// attached first or last in the tcx chain of `ns`'s rl0.
 fn foreign_tc(ns: &ScratchNs, order: LinkOrder) -> aya::Ebpf {
     ns.run(move || {
@@ -238,9 +238,9 @@ fn a_corrupt_record_hides_no_other_and_is_detached() {
     let mut meta: aya::maps::Array<aya::maps::MapData, [u8; 4096]> = aya::maps::Array::try_from(aya::maps::Map::Array(data)).unwrap();
     meta.set(0, [b'{'; 4096], 0).unwrap();
     let entries = entries_of(&host);
-    let state = |iface: &str| entries.iter().find(|e| e["iface"] == iface).map(|e| e["state"].clone());
-    assert_eq!(state("rl0"), Some("corrupt".into()), "{entries:?}");
-    assert_eq!(state("rl3"), Some("pinned".into()), "{entries:?}");
+    let state_of = |iface: &str| entries.iter().find(|e| e["iface"] == iface).map(|e| e["state"].clone());
+    assert_eq!(state_of("rl0"), Some("corrupt".into()), "{entries:?}");
+    assert_eq!(state_of("rl3"), Some("pinned".into()), "{entries:?}");
     let stats = natfix(&["stats", "--json"]);
     assert!(stats.status.success(), "stats with a corrupt record: {}", String::from_utf8_lossy(&stats.stderr));
     assert!(String::from_utf8_lossy(&stats.stdout).contains("\"rl3\""));

@@ -10,9 +10,11 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    thread::JoinHandle,
     time::Duration,
 };
 
+use natfix::sys::netns::Netns;
 use natfix_testkit::{ensure_bpffs, natfix, root_setup, scratch_ns, veth};
 
 const CYCLES: usize = 100;
@@ -78,28 +80,7 @@ fn attach_upgrade_detach_cycles_lose_no_legitimate_packet() {
         })
     };
 
-    // A TCP stream of sequence bytes, peer -> host.
-    let listener = hs.run(|| Ok(TcpListener::bind("10.67.0.1:26000")?)).unwrap();
-    let tcp_rx = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut all = Vec::new();
-        conn.read_to_end(&mut all).unwrap();
-        all
-    });
-    let mut tcp = ps.run(|| Ok(TcpStream::connect("10.67.0.1:26000")?)).unwrap();
-    let tcp_tx = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut sent: u64 = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let chunk: Vec<u8> = (sent..sent + 1024).map(|i| (i % 251) as u8).collect();
-                tcp.write_all(&chunk).unwrap();
-                sent += 1024;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            sent
-        })
-    };
+    let (tcp_tx, tcp_rx) = tcp_stream(&hs, &ps, &stop);
 
     std::thread::sleep(Duration::from_millis(200));
     let base = ["--iface", "gs0", "--netns", host.name.as_str(), "--guard", "20000-30000", "--flow-source", "own"];
@@ -125,5 +106,32 @@ fn attach_upgrade_detach_cycles_lose_no_legitimate_packet() {
     assert!(gaps.is_empty(), "in order, without gaps: {gaps:?}");
     assert_eq!(got.len() as u64, sent, "every numbered datagram arrived (first {:?}, last {:?})", got.first(), got.last());
     assert_eq!(tcp_got.len() as u64, tcp_sent, "the TCP stream arrived whole");
-    assert!(tcp_got.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "and intact");
+    assert!(tcp_got.iter().enumerate().all(|(i, b)| u8::try_from(i % 251) == Ok(*b)), "and intact");
+}
+
+/// A TCP stream of sequence bytes, peer -> host, until `stop`: the sender
+/// returns how many bytes it sent, the receiver what arrived.
+fn tcp_stream(hs: &Netns, ps: &Netns, stop: &Arc<AtomicBool>) -> (JoinHandle<u64>, JoinHandle<Vec<u8>>) {
+    let listener = hs.run(|| Ok(TcpListener::bind("10.67.0.1:26000")?)).unwrap();
+    let tcp_rx = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut all = Vec::new();
+        conn.read_to_end(&mut all).unwrap();
+        all
+    });
+    let mut tcp = ps.run(|| Ok(TcpStream::connect("10.67.0.1:26000")?)).unwrap();
+    let tcp_tx = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent: u64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk: Vec<u8> = (sent..sent + 1024).map(|i| (i % 251) as u8).collect();
+                tcp.write_all(&chunk).unwrap();
+                sent += 1024;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent
+        })
+    };
+    (tcp_tx, tcp_rx)
 }

@@ -9,7 +9,11 @@ use std::{
 
 use anyhow::{Result, bail};
 
-/// The natfix binary under test: $NATFIX_BIN, else the workspace's debug build.
+/// The natfix binary under test: `$NATFIX_BIN`, else the workspace's debug build.
+///
+/// # Panics
+///
+/// If neither is set nor built.
 #[must_use]
 pub fn natfix_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("NATFIX_BIN") {
@@ -20,13 +24,18 @@ pub fn natfix_bin() -> PathBuf {
     p
 }
 
+#[must_use]
 pub fn natfix(args: &[&str]) -> Output {
-    output_within(Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn"), Duration::from_secs(120))
+    output_within(Command::new(natfix_bin()).args(args).env("NATFIX_LOG", "warn"), Duration::from_mins(2))
 }
 
 /// Runs `cmd` to completion like `Command::output`, but kills it and panics if
 /// it is still running after `limit`: a command that should have refused its
 /// input and instead attached in the foreground fails the test, not hangs it.
+///
+/// # Panics
+///
+/// If `cmd` cannot be spawned or outlives `limit`.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     // Readers on threads so a chatty child cannot block on a full pipe.
@@ -84,6 +93,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `natfix attach <args>` and waits until its record shows up in `natfix status`.
     pub fn start(args: &[&str]) -> Result<Self> {
+        use std::io::Read as _;
         let child = Command::new(natfix_bin())
             .arg("attach")
             .args(args)
@@ -97,7 +107,6 @@ impl Daemon {
         while Instant::now() < end {
             if let Some(status) = d.child.try_wait()? {
                 let mut err = String::new();
-                use std::io::Read as _;
                 d.child.stderr.take().map(|mut e| e.read_to_string(&mut err));
                 bail!("natfix attach exited early ({status}): {err}");
             }
@@ -113,7 +122,7 @@ impl Daemon {
 
     /// SIGTERM and wait; returns the exit status.
     pub fn stop(mut self) -> Result<std::process::ExitStatus> {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+        sigterm(&self.child)?;
         let end = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(s) = self.child.try_wait()? {
@@ -130,13 +139,21 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = sigterm(&self.child);
             let _ = self.child.wait();
         }
     }
 }
 
+/// SIGTERM to `child`: a foreground attach detaches on it.
+fn sigterm(child: &Child) -> Result<()> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    Ok(())
+}
+
 /// Counter value from `natfix stats --json` for (namespace, iface, reason) of program `prog`.
+#[must_use]
 pub fn stat(netns: &str, iface: &str, prog: &str, reason: &str) -> u64 {
     let out = natfix(&["stats", "--json", "--netns", netns, "--iface", iface]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();

@@ -16,7 +16,7 @@ pub fn v4_addr() -> impl Strategy<Value = Ipv4Addr> {
 }
 
 pub fn v6_addr() -> impl Strategy<Value = Ipv6Addr> {
-    prop_oneof![Just(PEER6), Just(HOST6), Just("2001:db8:ff::1".parse().unwrap()), any::<[u8; 16]>().prop_map(Ipv6Addr::from)]
+    prop_oneof![Just(PEER6), Just(HOST6), Just(Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1)), any::<[u8; 16]>().prop_map(Ipv6Addr::from)]
 }
 
 fn sport() -> impl Strategy<Value = u16> {
@@ -121,7 +121,7 @@ fn port() -> impl Strategy<Value = u16> {
 /// overlay's learned checksum deltas are per pair), sometimes any address.
 fn overlay_addr<const N: usize>() -> impl Strategy<Value = [u8; N]> {
     prop_oneof![
-        3 => (0u8..3).prop_map(|i| std::array::from_fn(|j| if j == 0 { 10 + i } else if j + 1 == N { 1 } else { 0 })),
+        3 => (0u8..3).prop_map(|i| std::array::from_fn(|j| if j == 0 { 10 + i } else { u8::from(j + 1 == N) })),
         1 => any::<[u8; N]>(),
     ]
 }
@@ -199,6 +199,10 @@ pub fn guard_v4_edge_frame() -> impl Strategy<Value = Vec<u8>> {
 
 /// Frames kept in the repository: replayed first on every run, so a frame
 /// that once exposed a difference keeps being checked. One hex frame per line.
+///
+/// # Panics
+///
+/// If the file is missing or not hex.
 pub fn corpus(name: &str) -> Vec<Vec<u8>> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -209,7 +213,8 @@ pub fn corpus(name: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// How many random frames: $NATFIX_DIFF_CASES (the fuzz run sets 1,000,000).
+/// How many random frames: `$NATFIX_DIFF_CASES` (the fuzz run sets 1,000,000).
+#[must_use]
 pub fn cases(default: u32) -> u32 {
     std::env::var("NATFIX_DIFF_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -221,6 +226,10 @@ pub const PER_FRAME_COUNTER_CHECKS: u32 = 3000;
 
 /// Writes `count` generated frames (fixed seed) as a corpus file; run by hand
 /// (`cargo test -p natfix --test guard_differential -- --ignored`) to refresh.
+///
+/// # Panics
+///
+/// If the file cannot be written.
 pub fn write_corpus(name: &str, strategy: impl Strategy<Value = Vec<u8>>, count: usize, header: &str) {
     use proptest::strategy::ValueTree as _;
     let rng = proptest::test_runner::TestRng::from_seed(proptest::test_runner::RngAlgorithm::ChaCha, &[0x5e; 32]);

@@ -1,5 +1,5 @@
 //! Runs natfix's programs on crafted packets with `BPF_PROG_TEST_RUN`: the
-//! benches and the test_run/differential tests share it.
+//! benches and the `test_run`/differential tests share it.
 
 use std::net::IpAddr;
 
@@ -22,7 +22,7 @@ pub use crate::model::overlay::OverlaySetup;
 pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const TC_ACT_SHOT: u32 = 2;
-/// TC_ACT_UNSPEC (-1): "next", natfix's pass verdict in tc.
+/// `TC_ACT_UNSPEC` (-1): "next", natfix's pass verdict in tc.
 pub const TC_NEXT: u32 = u32::MAX;
 
 /// Keeps the calling thread on one CPU (modulo the CPUs there are): per-CPU
@@ -91,6 +91,7 @@ impl GuardHarness {
     }
 
     /// Runs the ingress guard `repeat` times; returns the verdict and the mean ns per run.
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     pub fn run_ingress_repeat(&self, frame: &[u8], repeat: u32) -> Result<(u32, f64)> {
         let opts = || TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() };
         let result = match self.hook {
@@ -114,6 +115,7 @@ impl GuardHarness {
     }
 
     /// Runs the egress flow learner `repeat` times; returns the mean ns per run.
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     pub fn run_egress_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
         let p: &SchedClassifier =
             self.ebpf.program(prog_names::FLOW_EGRESS).context("no flow learner in this object")?.try_into()?;
@@ -205,7 +207,7 @@ impl OverlayHarness {
         Ok(Self { ebpf })
     }
 
-    /// Without the writer: the program's bpf_skb_store_bytes() fallback.
+    /// Without the writer: the program's `bpf_skb_store_bytes()` fallback.
     pub fn load_without_writer(setup: &OverlaySetup) -> Result<Self> {
         let mut ebpf = object::load_overlay_object(&setup.config, &setup.settings, DEFAULT_EVENTS_PER_SEC, None)?;
         object::load_program::<SchedClassifier>(&mut ebpf, prog_names::OVERLAY_TC)?;
@@ -244,6 +246,7 @@ impl OverlayHarness {
     }
 
     /// Runs `repeat` times; returns the mean ns per run.
+    #[expect(clippy::cast_precision_loss, reason = "ns of a test run, far below 2^52")]
     pub fn run_repeat(&self, frame: &[u8], repeat: u32) -> Result<f64> {
         let result = self.program()?.test_run(TestRunOptions { data_in: Some(frame), repeat, ..TestRunOptions::default() })?;
         Ok(result.duration.as_nanos() as f64)

@@ -5,7 +5,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 
 use crate::ScratchNs;
 
-/// Program ids attached through tcx at `iface` in `ns` (kernel's view, BPF_PROG_QUERY).
+/// Program ids attached through tcx at `iface` in `ns` (kernel's view, `BPF_PROG_QUERY`).
 pub fn tcx_prog_ids(ns: &ScratchNs, iface: &str, attach: TcAttachType) -> Result<Vec<u32>> {
     let iface = iface.to_owned();
     ns.run(move || {

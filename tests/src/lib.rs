@@ -21,6 +21,10 @@ pub mod plans;
 pub use natfix::lab::scratch::{ScratchNs, bind_udp, run as sh, sock, veth};
 
 /// Fails the calling test unless it runs as root.
+///
+/// # Panics
+///
+/// When not root.
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
@@ -29,8 +33,12 @@ pub fn require_root() {
 }
 
 /// Mounts bpffs when the machine has none (fresh CI machines).
+///
+/// # Panics
+///
+/// If the mount fails.
 pub fn ensure_bpffs() {
-    let ok = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| i64::from(s.filesystem_type().0) == 0xcafe_4a11);
+    let ok = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
     if !ok {
         let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("mount");
         assert!(st.success(), "cannot mount bpffs");
@@ -44,12 +52,20 @@ pub fn root_setup() {
 }
 
 /// A scratch namespace for a test (`ScratchNs::unique`), or a failed test.
+///
+/// # Panics
+///
+/// If the namespace cannot be made.
 #[must_use]
 pub fn scratch_ns(tag: &str) -> ScratchNs {
     ScratchNs::unique(tag).expect("ip netns add")
 }
 
 /// Runs `f` on a thread inside a fresh scratch namespace (deleted after).
+///
+/// # Panics
+///
+/// If the namespace cannot be made or entered.
 pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     let ns = scratch_ns("fresh");
     ns.run(move || Ok(f())).expect("run in a scratch namespace")
@@ -78,7 +94,11 @@ pub fn count_udp(
 
 /// Reports the calling test skipped, with why: it returns without having
 /// checked anything, and must not count as passed. `cargo xtask test` sets
-/// NATFIX_SKIP_LOG and lists these lines as skipped in its summary.
+/// `NATFIX_SKIP_LOG` and lists these lines as skipped in its summary.
+///
+/// # Panics
+///
+/// If `$NATFIX_SKIP_LOG` is set but cannot be written.
 pub fn skip(reason: &str) {
     use std::io::Write as _;
     let test = std::thread::current().name().unwrap_or("?").to_owned();

@@ -143,6 +143,10 @@ pub fn send_frames(iface: &str, frames: &[Vec<u8>]) -> std::io::Result<()> {
 
 /// Fills in the UDP checksum of an IPv6 frame (`udp6_with_ext`'s shape):
 /// the kernel drops IPv6 UDP with checksum 0 before conntrack sees it.
+///
+/// # Panics
+///
+/// If `frame` is too short for an IPv6 header.
 pub fn fix_udp6_checksum(frame: &mut [u8], udp_at: usize) {
     let src: [u8; 16] = frame[22..38].try_into().expect("IPv6 frame");
     let dst: [u8; 16] = frame[38..54].try_into().expect("IPv6 frame");

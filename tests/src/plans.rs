@@ -16,11 +16,15 @@ use crate::{
 };
 
 /// Builds a guard plan exactly as `natfix attach <words>` would.
+///
+/// # Panics
+///
+/// If `words` do not make a valid guard.
 #[must_use]
 pub fn plan(words: &[&str]) -> GuardPlan {
-    let mut argv = vec!["natfix", "attach", "--iface", "test0"];
-    argv.extend_from_slice(words);
-    let Command::Attach(args) = Cli::try_parse_from(argv).expect("valid words").command else {
+    let mut cmdline = vec!["natfix", "attach", "--iface", "test0"];
+    cmdline.extend_from_slice(words);
+    let Command::Attach(args) = Cli::try_parse_from(cmdline).expect("valid words").command else {
         unreachable!()
     };
     let spec = args.spec().expect("valid words");
@@ -34,18 +38,24 @@ pub const GUARD_WORDS: &[&str] = &[
     "--allow-src", "203.0.113.0/24", "--allow-src", "2001:db8:ff::/48", "--flow-source", "own",
 ];
 
-/// As GUARD_WORDS without exemptions: the programs then take their
+/// As `GUARD_WORDS` without exemptions: the programs then take their
 /// register-only IPv4 path, which exemptions switch off.
 pub const GUARD_WORDS_NO_EXEMPTIONS: &[&str] = &["--guard", "20000-30000", "--guard", "40000", "--flow-source", "own"];
 
-/// Loads the guard for `hook` with GUARD_WORDS + `extra`, with five flows
+/// Loads the guard for `hook` with `GUARD_WORDS` + `extra`, with five flows
 /// (fresh and stale IPv4, fresh IPv6, two that are also exempt), and the
 /// same state into the model.
+#[must_use]
 pub fn guard_fixture(hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u64) {
     guard_fixture_with(GUARD_WORDS, hook, extra)
 }
 
-/// guard_fixture() with `base` in place of GUARD_WORDS.
+/// `guard_fixture()` with `base` in place of `GUARD_WORDS`.
+///
+/// # Panics
+///
+/// If the guard does not load, or the flows cannot be put in.
+#[must_use]
 pub fn guard_fixture_with(base: &[&str], hook: &str, extra: &[&str]) -> (GuardHarness, GuardModel, u64) {
     let mut words = base.to_vec();
     words.extend_from_slice(&["--guard-hook", hook]);

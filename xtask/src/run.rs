@@ -115,8 +115,23 @@ const VM_KERNELS: &str = "6.1,6.12";
 
 const GUARD_VM_MODES: &str = "guard-baseline,guard-xdp,guard-tc,guard-conntrack-refused";
 
+/// Clippy over every target, warnings as errors (pedantic comes from the
+/// workspace `[lints]`), so the tree stays clean. After `setup`, since the
+/// eBPF build script needs clang; before the tests, so a lint failure costs
+/// no test run.
+fn lint() -> Result<()> {
+    let args = ["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"];
+    println!("== cargo {} ==", args.join(" "));
+    let ok = Command::new(env!("CARGO")).args(args).current_dir(workspace()).status().context("cargo clippy")?.success();
+    if !ok {
+        bail!("lint failed: fix the clippy warnings above (or #[expect] one, with a reason), then rerun `cargo xtask test`");
+    }
+    Ok(())
+}
+
 pub fn test(args: &TestArgs) -> Result<()> {
     setup()?;
+    lint()?;
     let mut totals = (0, 0);
     // Tests that could not check what they are for (a kernel or engine
     // without the feature) say so here, and count as skipped, not passed.

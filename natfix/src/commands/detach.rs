@@ -58,7 +58,7 @@ pub fn run(iface: &IfaceName, netns_spec: Option<&str>) -> Result<()> {
         .collect();
     let found = match ours.iter().find(|(_, m)| m.iface == iface.as_str()) {
         Some(hit) => Some(hit.clone()),
-        None => renamed(&ours, iface, &netns)?,
+        None => renamed(&ours, iface, &netns),
     };
     let Some((dir, meta)) = found else {
         if release_by_gone_name(spec, iface)? {
@@ -83,15 +83,15 @@ pub fn run(iface: &IfaceName, netns_spec: Option<&str>) -> Result<()> {
 }
 
 /// The attachment whose interface is now called `iface` (renamed since attach).
-fn renamed(ours: &[(PinDir, AttachmentMeta)], iface: &IfaceName, netns: &Netns) -> Result<Option<(PinDir, AttachmentMeta)>> {
+fn renamed(ours: &[(PinDir, AttachmentMeta)], iface: &IfaceName, netns: &Netns) -> Option<(PinDir, AttachmentMeta)> {
     let name = iface.clone();
     let label = netns.spec.clone();
-    let Ok(ifindex) = netns.run(move || iface::index(&name, &label)) else { return Ok(None) };
+    let Ok(ifindex) = netns.run(move || iface::index(&name, &label)) else { return None };
     let hit = ours.iter().find(|(_, m)| m.ifindex == ifindex).cloned();
     if let Some((_, m)) = &hit {
         info!("{iface} was {} when natfix attached", m.iface);
     }
-    Ok(hit)
+    hit
 }
 
 /// A foreground `natfix attach` owns the attachment: asks it to detach and

@@ -43,7 +43,7 @@ pub enum FlowSource {
     Auto,
     /// natfix's own flow table, learned on egress and seeded from conntrack.
     Own,
-    /// The kernel's conntrack table via the bpf_*_ct_lookup kfuncs.
+    /// The kernel's conntrack table via the `bpf_*_ct_lookup` kfuncs.
     Conntrack,
 }
 
@@ -87,7 +87,7 @@ impl Filtering {
 }
 
 /// Default idle time after which an own-table flow stops admitting replies.
-pub const DEFAULT_FLOW_TIMEOUT: Duration = Duration::from_secs(180);
+pub const DEFAULT_FLOW_TIMEOUT: Duration = Duration::from_mins(3);
 /// Default capacity of the own flow table.
 pub const DEFAULT_FLOW_TABLE_SIZE: u32 = 65536;
 /// Bounds of the own flow table's capacity.

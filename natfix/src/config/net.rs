@@ -159,12 +159,11 @@ pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
             Ok(p) => Ok(p),
         }
     };
-    let (first, last) = match s.split_once('-') {
-        Some((a, b)) => (port(a)?, port(b)?),
-        None => {
-            let p = port(s)?;
-            (p, p)
-        }
+    let (first, last) = if let Some((a, b)) = s.split_once('-') {
+        (port(a)?, port(b)?)
+    } else {
+        let p = port(s)?;
+        (p, p)
     };
     if first > last {
         return Err(format!("range `{s}` is reversed: write {last}-{first}"));
@@ -190,7 +189,9 @@ mod tests {
 
     #[test]
     fn port_ranges_parse_and_reject() {
-        let cases: &[(&str, Result<(u16, u16), ()>)] = &[
+        // Input and the (first, last) it parses to, or Err(()) if refused.
+        type Case = (&'static str, Result<(u16, u16), ()>);
+        let cases: &[Case] = &[
             ("20000-30000", Ok((20000, 30000))),
             ("5000", Ok((5000, 5000))),
             (" 1 - 65535 ", Ok((1, 65535))),

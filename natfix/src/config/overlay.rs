@@ -38,7 +38,7 @@ pub enum CsumBackend {
     /// global IPv6 address on the interface (IPv6 needs the tc program).
     #[default]
     Auto,
-    /// tc program only (needs the ESP GRO path: esp4_offload/esp6_offload and GRO).
+    /// tc program only (needs the ESP GRO path: `esp4_offload`/`esp6_offload` and GRO).
     Tc,
     /// nftables rule only (IPv4): repairs every path, costs least.
     Nft,

@@ -24,6 +24,9 @@ pub(super) const NLA_TYPE_MASK: u16 = 0x3fff;
 // nfnetlink (linux/netfilter/nfnetlink.h).
 pub(super) const NFGENMSG_LEN: usize = 4;
 pub(super) const NFNETLINK_V0: u8 = 0;
+// nfgen_family (linux/netfilter.h): the same numbers as AF_INET and AF_INET6.
+pub(super) const NFPROTO_IPV4: u8 = 2;
+pub(super) const NFPROTO_IPV6: u8 = 10;
 pub(super) const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 pub(super) const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 pub(super) const NFNLGRP_CONNTRACK_UPDATE: u32 = 2;
@@ -312,7 +315,7 @@ pub(super) fn nla(ty: u16, payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// CTA_TUPLE_* of one direction, nested.
+/// `CTA_TUPLE_*` of one direction, nested.
 fn tuple_attr(ty: u16, t: &CtTuple) -> Vec<u8> {
     let ip = match (t.src, t.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => [nla(CTA_IP_V4_SRC, &s.octets()), nla(CTA_IP_V4_DST, &d.octets())].concat(),
@@ -334,9 +337,9 @@ fn tuple_attr(ty: u16, t: &CtTuple) -> Vec<u8> {
     nla(ty | NLA_F_NESTED, &[nla(CTA_TUPLE_IP | NLA_F_NESTED, &ip), nla(CTA_TUPLE_PROTO | NLA_F_NESTED, &proto)].concat())
 }
 
-/// IPCTNL_MSG_CT_DELETE of the UDP entry whose original tuple is `orig`, asking for an ACK.
+/// `IPCTNL_MSG_CT_DELETE` of the UDP entry whose original tuple is `orig`, asking for an ACK.
 pub(super) fn delete_request(seq: u32, orig: &CtTuple) -> Vec<u8> {
-    let family = if orig.src.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
+    let family = if orig.src.is_ipv4() { NFPROTO_IPV4 } else { NFPROTO_IPV6 };
     let attrs = tuple_attr(CTA_TUPLE_ORIG, orig);
     let len = NLMSG_HDRLEN + NFGENMSG_LEN + attrs.len();
     let mut req = Vec::with_capacity(len);

@@ -14,7 +14,13 @@ use nix::sys::{
     time::TimeVal,
 };
 
-use super::{Body, CtEntry, CtEvent, CtEventKind, EventsLost, Message, message::*};
+use super::{
+    Body, CtEntry, CtEvent, CtEventKind, EventsLost, Message,
+    message::{
+        CT_MSG_DELETE, NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFPROTO_IPV4, NFPROTO_IPV6, NLM_F_CREATE,
+        delete_request, dump_request, errno_error, next_seq, parse_messages,
+    },
+};
 
 /// Receive buffer for one datagram. The kernel caps netlink dump skbs at
 /// 32 KiB and events are far smaller, so this never truncates in practice;
@@ -79,13 +85,13 @@ pub(super) fn recv_datagram(sock: &Socket, buf: &mut [u8]) -> io::Result<(usize,
 pub fn dump_udp() -> Result<Vec<CtEntry>> {
     // One dump per family, as `conntrack -L -f ipv4/ipv6` asks: the form every
     // kernel version serves the same way.
-    let mut entries = dump_family(libc::AF_INET as u8)?;
-    entries.extend(dump_family(libc::AF_INET6 as u8)?);
+    let mut entries = dump_family(NFPROTO_IPV4)?;
+    entries.extend(dump_family(NFPROTO_IPV6)?);
     Ok(entries)
 }
 
 /// UDP entries of one address family. UDP filtering happens here, because
-/// the kernel's CTA_FILTER support varies by version.
+/// the kernel's `CTA_FILTER` support varies by version.
 pub(super) fn dump_family(family: u8) -> Result<Vec<CtEntry>> {
     let mut sock = Socket::new(NETLINK_NETFILTER).context("cannot open a NETLINK_NETFILTER socket")?;
     sock.bind_auto().context("cannot bind the netlink socket")?;

@@ -531,15 +531,15 @@ fn seed_000_is_a_problem_with_a_guard_command() {
     let want =
         "natfix attach --iface ext --netns /run/netns/h --guard 25000-25999 --allow-port 25010 --allow-port 25500";
     assert_eq!(m.fix.as_deref(), Some(want));
-    let u = find(&r, "guard.unsolicited");
-    assert_eq!((u.severity, u.fix.as_deref()), (Severity::Warning, Some(want)), "attaching the guard reaps: {u:?}");
-    assert!(u.evidence.iter().any(|l| l.contains("`natfix reap --netns /run/netns/h --guard RANGE`")), "{u:?}");
+    let unsolicited = find(&r, "guard.unsolicited");
+    assert_eq!((unsolicited.severity, unsolicited.fix.as_deref()), (Severity::Warning, Some(want)), "attaching the guard reaps: {unsolicited:?}");
+    assert!(unsolicited.evidence.iter().any(|l| l.contains("`natfix reap --netns /run/netns/h --guard RANGE`")), "{unsolicited:?}");
     assert_eq!(find(&r, "guard.random-fully").severity, Severity::Warning);
-    let p = find(&r, "guard.published-ports");
+    let published = find(&r, "guard.published-ports");
     assert!(
-        p.summary.contains("inside the suggested guard range 25000-25999"),
+        published.summary.contains("inside the suggested guard range 25000-25999"),
         "{}",
-        p.summary
+        published.summary
     );
     assert_eq!(r.count(Severity::Problem), 1);
 }

@@ -1,4 +1,4 @@
-//! Drop reasons from the skb:kfree_skb tracepoint, through a private tracefs
+//! Drop reasons from the `skb:kfree_skb` tracepoint, through a private tracefs
 //! instance so the user's own tracing is left alone.
 
 use std::{

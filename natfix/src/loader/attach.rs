@@ -30,15 +30,15 @@ use crate::{
     sys::{features, hooks, iface, netns::Netns},
 };
 
-/// The cls_bpf priority of natfix's filters on clsact (kernels < 6.6): 1 runs first.
+/// The `cls_bpf` priority of natfix's filters on clsact (kernels < 6.6): 1 runs first.
 const CLSACT_PRIORITY: u16 = 1;
 
 /// A link this process owns: closing (dropping) it detaches the program,
 /// unless the link was pinned.
 pub(super) enum OwnedLink {
-    /// XDP and tcx bpf_links.
+    /// XDP and tcx `bpf_link`s.
     Fd(FdLink),
-    /// A cls_bpf filter on clsact (kernels < 6.6).
+    /// A `cls_bpf` filter on clsact (kernels < 6.6).
     Clsact(SchedClassifierLink),
 }
 
@@ -112,7 +112,7 @@ fn attach_here(mut plan: AttachPlan) -> Result<Attachment> {
         if let Some(g) = plan.guard.as_mut() {
             g.resolve_hook_as(old.has_program(Program::GuardTc));
         }
-        let mut att = super::upgrade::upgrade_here(&plan, iface, final_dir, &old, ifindex)?;
+        let mut att = super::upgrade::upgrade_here(&plan, iface, &final_dir, &old, ifindex)?;
         att.reap(plan.guard.as_ref());
         return Ok(att);
     }
@@ -346,7 +346,7 @@ impl Attachment {
     }
 
     /// Attaches a tc program first in its hook's chain (tcx) or at natfix's
-    /// cls_bpf priority (clsact): programs added earlier cannot decide a
+    /// `cls_bpf` priority (clsact): programs added earlier cannot decide a
     /// packet before natfix sees it.
     fn attach_tc(&mut self, program: Program, hook: Hook) -> Result<()> {
         self.ensure_clsact()?;

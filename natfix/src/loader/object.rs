@@ -120,7 +120,7 @@ fn write_guard_live(ebpf: &mut Ebpf, live: &GuardLive) -> Result<()> {
     settings::write_guard_settings(&mut Array::try_from(map_mut(ebpf, map_names::GUARD_SETTINGS)?)?, live)
 }
 
-/// Marks the local port of every flow in the own table (see flowsync::mark_port).
+/// Marks the local port of every flow in the own table (see `flowsync::mark_port`).
 pub fn mark_ports_of_table(ebpf: &mut Ebpf) -> Result<()> {
     let flows: BpfHashMap<&MapData, FlowKey, abi::FlowValue> =
         BpfHashMap::try_from(ebpf.map(map_names::GUARD_FLOWS).context("flow table missing")?)?;

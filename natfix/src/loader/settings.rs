@@ -184,7 +184,7 @@ mod tests {
         assert_eq!(live.settings(), GuardSettings { flags: abi::GUARD_S_DRY_RUN, pad: 0, flow_timeout_ns: 7 });
         let live = GuardLive { dry_run: false, allow_src: vec!["10.0.0.0/8".parse().unwrap()], ..live };
         assert_eq!(live.settings().flags, abi::GUARD_S_ALLOW_SRC);
-        let o = overlay_settings(&[4789, 4777], Some(0xD0C4E3));
-        assert_eq!((o.nr_ports, o.vxlan_ports[1], o.flags, o.reqid), (2, 4777, abi::OVERLAY_S_MATCH_REQID, 0xD0C4E3));
+        let o = overlay_settings(&[4789, 4777], Some(0x00D0_C4E3));
+        assert_eq!((o.nr_ports, o.vxlan_ports[1], o.flags, o.reqid), (2, 4777, abi::OVERLAY_S_MATCH_REQID, 0x00D0_C4E3));
     }
 }

@@ -1,5 +1,5 @@
 //! `attach --pin --replace`: swaps the programs of a pinned attachment
-//! atomically (bpf_link_update: no packet sees no program) and keeps its
+//! atomically (`bpf_link_update`: no packet sees no program) and keeps its
 //! maps, so counters and learned flows survive the upgrade.
 
 use anyhow::{Context, Result, bail};
@@ -23,7 +23,7 @@ use crate::{
     record::{AttachMode, AttachmentMeta, Hook, ProgramMeta},
 };
 
-pub(super) fn upgrade_here(plan: &AttachPlan, iface: IfaceName, pin_dir: PinDir, old: &AttachmentMeta, ifindex: u32) -> Result<Attachment> {
+pub(super) fn upgrade_here(plan: &AttachPlan, iface: IfaceName, pin_dir: &PinDir, old: &AttachmentMeta, ifindex: u32) -> Result<Attachment> {
     let planned = plan.programs();
     let mut want: Vec<_> = planned.iter().map(|(p, h)| (p.c_name(), h.name())).collect();
     let mut have: Vec<_> = old.programs.iter().map(|p| (p.name.c_name(), p.hook.name())).collect();
@@ -38,7 +38,7 @@ pub(super) fn upgrade_here(plan: &AttachPlan, iface: IfaceName, pin_dir: PinDir,
         bail!(UserError::Unsupported("--replace needs bpf_links (tcx, Linux >= 6.6); this attachment uses clsact filters".into()));
     }
     let meta = new_record(plan, &iface, ifindex, old.netns_cookie, Some(old));
-    let mut att = Attachment::load(plan, iface, pin_dir.clone(), meta, Some(&pin_dir))?;
+    let mut att = Attachment::load(plan, iface, pin_dir.clone(), meta, Some(pin_dir))?;
     if let Some(object) = att.overlay.as_mut() {
         object::install_overlay_writer(object)?;
     }

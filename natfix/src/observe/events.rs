@@ -24,7 +24,7 @@ pub struct EventRecord {
     pub src: String,
     pub dst: String,
     pub len: u32,
-    /// CLOCK_MONOTONIC_COARSE of the kernel, ns.
+    /// `CLOCK_MONOTONIC_COARSE` of the kernel, ns.
     pub ts_ns: u64,
     /// Wall-clock time of `ts_ns`, RFC 3339 (UTC, milliseconds).
     pub time: String,

@@ -1,7 +1,7 @@
 //! An attachment's state as the kernel has it, not as its record remembers:
 //! is its namespace there, its owner alive, its interface present (and
 //! under which name), is each program still attached where the record says
-//! (by its bpf_link, or on the hook), does another program run before it on
+//! (by its `bpf_link`, or on the hook), does another program run before it on
 //! the same hook, and are there natfix programs on the interface that no
 //! record accounts for.
 

@@ -29,6 +29,7 @@ pub struct CounterRow {
     pub bytes: u64,
 }
 
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's serialize_with passes a reference")]
 fn family_name<S: serde::Serializer>(family: &Family, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(family.name())
 }
@@ -122,10 +123,13 @@ pub fn collect(iface: Option<&IfaceName>, netns_inode: Option<u64>) -> Result<Ve
     Ok(out)
 }
 
+/// Packets per second by (interface, netns inode, program, reason).
+pub type Rates = std::collections::HashMap<(String, u64, &'static str, &'static str), f64>;
+
 /// Packets per second of each row since `before` (by attachment, program
 /// and reason), as `stats --watch` shows beside the totals.
 #[must_use]
-pub fn rates(before: &[AttachmentStats], now: &[AttachmentStats], elapsed: std::time::Duration) -> std::collections::HashMap<(String, u64, &'static str, &'static str), f64> {
+pub fn rates(before: &[AttachmentStats], now: &[AttachmentStats], elapsed: std::time::Duration) -> Rates {
     let secs = elapsed.as_secs_f64().max(1e-3);
     let mut out = std::collections::HashMap::new();
     for a in now {
@@ -143,7 +147,7 @@ pub fn rates(before: &[AttachmentStats], now: &[AttachmentStats], elapsed: std::
 
 /// The table `natfix stats` prints; with `rates`, packets per second beside each total.
 #[must_use]
-pub fn render_table(stats: &[AttachmentStats], rates: Option<&std::collections::HashMap<(String, u64, &'static str, &'static str), f64>>) -> String {
+pub fn render_table(stats: &[AttachmentStats], rates: Option<&Rates>) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     for a in stats {

@@ -59,8 +59,8 @@ pub fn enable_gro(iface: &str) -> Result<()> {
 }
 
 /// Whether decrypted packets may reach the overlay program as
-/// CHECKSUM_COMPLETE: only when `iface` decrypts ESP in hardware (software
-/// decryption, esp_input(), leaves CHECKSUM_NONE). Unknown counts as yes.
+/// `CHECKSUM_COMPLETE`: only when `iface` decrypts ESP in hardware (software
+/// decryption, `esp_input()`, leaves `CHECKSUM_NONE`). Unknown counts as yes.
 #[must_use]
 pub fn decrypted_may_be_csum_complete(iface: &str) -> bool {
     ethtool::netdev_feature_active(iface, "esp-hw-offload").unwrap_or_else(|e| {

@@ -9,7 +9,7 @@ use std::{
 
 use aya_obj::generated::{bpf_cmd, bpf_link_info, bpf_link_type, bpf_prog_info};
 
-/// `union bpf_attr` for the *_GET_FD_BY_ID commands.
+/// `union bpf_attr` for the `*_GET_FD_BY_ID` commands.
 #[repr(C)]
 struct GetFdByIdAttr {
     id: u32,
@@ -17,7 +17,7 @@ struct GetFdByIdAttr {
     open_flags: u32,
 }
 
-/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+/// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
 #[repr(C)]
 struct InfoByFdAttr {
     bpf_fd: u32,
@@ -70,7 +70,7 @@ pub fn link_facts(fd: BorrowedFd<'_>) -> io::Result<LinkFacts> {
     Ok(LinkFacts { id: info.id, prog_id: info.prog_id, ifindex })
 }
 
-/// The facts of link `id`; NotFound once the link is gone.
+/// The facts of link `id`; `NotFound` once the link is gone.
 pub fn link_facts_by_id(id: u32) -> io::Result<LinkFacts> {
     let fd = fd_by_id(bpf_cmd::BPF_LINK_GET_FD_BY_ID, id)?;
     link_facts(std::os::fd::AsFd::as_fd(&fd))
@@ -82,6 +82,7 @@ pub fn prog_name(id: u32) -> io::Result<String> {
     // SAFETY: bpf_prog_info is plain old data; all zeroes is a valid value.
     let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
     info_by_fd(std::os::fd::AsFd::as_fd(&fd), &mut info)?;
-    let bytes: Vec<u8> = info.name.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+    // c_char is i8 or u8 by target: take each one's byte as it is.
+    let bytes: Vec<u8> = info.name.iter().take_while(|c| **c != 0).map(|c| c.to_ne_bytes()[0]).collect();
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

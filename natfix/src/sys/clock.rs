@@ -3,14 +3,14 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// CLOCK_MONOTONIC_COARSE in ns: the clock of bpf_ktime_get_coarse_ns().
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock of `bpf_ktime_get_coarse_ns()`.
 #[must_use]
 pub fn monotonic_coarse_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE).unwrap_or(nix::sys::time::TimeSpec::new(0, 0));
     u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
-/// The wall-clock time (ns since the Unix epoch) of a CLOCK_MONOTONIC_COARSE stamp.
+/// The wall-clock time (ns since the Unix epoch) of a `CLOCK_MONOTONIC_COARSE` stamp.
 #[must_use]
 pub fn wall_ns_of_monotonic(stamp_ns: u64) -> u128 {
     let now_wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());

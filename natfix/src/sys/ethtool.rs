@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
-/// ethtool's legacy GRO ioctls (ETHTOOL_GGRO / ETHTOOL_SGRO).
+/// ethtool's legacy GRO ioctls (`ETHTOOL_GGRO` / `ETHTOOL_SGRO`).
 const ETHTOOL_GGRO: u32 = 0x2b;
 const ETHTOOL_SGRO: u32 = 0x2c;
 const ETHTOOL_GSTRINGS: u32 = 0x1b;
@@ -23,7 +23,8 @@ struct EthtoolValue {
 
 #[repr(C)]
 struct IfReq {
-    name: [libc::c_char; libc::IFNAMSIZ],
+    // char ifr_name[IFNAMSIZ]: bytes to the kernel, whatever c_char's sign.
+    name: [u8; libc::IFNAMSIZ],
     data: *mut u8,
     _pad: [u8; 16],
 }
@@ -34,7 +35,7 @@ fn ethtool_ioctl(iface: &str, buf: *mut u8) -> std::io::Result<()> {
     let sock = socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
     let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: buf, _pad: [0; 16] };
     for (dst, src) in req.name.iter_mut().zip(iface.as_bytes().iter().take(libc::IFNAMSIZ - 1)) {
-        *dst = *src as libc::c_char;
+        *dst = *src;
     }
     // SAFETY: SIOCETHTOOL reads req and reads/writes *buf, which the caller
     // sized for the command; both live for the call.

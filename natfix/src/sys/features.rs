@@ -22,7 +22,7 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
-/// CAP_NET_ADMIN and CAP_BPF (or CAP_SYS_ADMIN); CAP_SYS_ADMIN also to enter another namespace.
+/// `CAP_NET_ADMIN` and `CAP_BPF` (or `CAP_SYS_ADMIN`); `CAP_SYS_ADMIN` also to enter another namespace.
 pub fn require_privileges(enter_netns: bool) -> Result<()> {
     let caps = effective_caps();
     let has = |cap: u32| caps & (1u64 << cap) != 0;
@@ -56,7 +56,7 @@ pub fn has_tcx() -> bool {
 pub enum CtKfuncs {
     /// In vmlinux BTF: callable after natfix's object fix-up.
     Vmlinux,
-    /// Only in the nf_conntrack module's BTF: needs fd_array, which aya 0.14 cannot pass.
+    /// Only in the `nf_conntrack` module's BTF: needs `fd_array`, which aya 0.14 cannot pass.
     Module,
     /// Not in this kernel (older than 5.18, or conntrack not built).
     Absent(String),
@@ -94,8 +94,8 @@ pub fn ct_kfuncs_unavailable_reason(ct: &CtKfuncs) -> Option<String> {
     }
 }
 
-/// The kernel's CONFIG_HZ, for the data plane's jiffies windows
-/// (`bpf-headers/natfix_clock.h`): CLOCK_MONOTONIC_COARSE advances once per
+/// The kernel's `CONFIG_HZ`, for the data plane's jiffies windows
+/// (`bpf-headers/natfix_clock.h`): `CLOCK_MONOTONIC_COARSE` advances once per
 /// tick, so its resolution is 1/HZ. None if that looks implausible.
 #[must_use]
 pub fn kernel_hz() -> Option<u32> {

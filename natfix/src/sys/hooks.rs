@@ -1,5 +1,5 @@
 //! What runs on an interface's hooks, as the kernel says: XDP programs
-//! (rtnetlink), tcx programs in run order (BPF_PROG_QUERY), and cls_bpf
+//! (rtnetlink), tcx programs in run order (`BPF_PROG_QUERY`), and `cls_bpf`
 //! filters on a clsact qdisc in priority order (`tc -j filter show`). Read in
 //! the calling thread's namespace.
 

@@ -12,7 +12,7 @@ pub fn names() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The interface's index, or NotFound naming what the namespace has.
+/// The interface's index, or `NotFound` naming what the namespace has.
 pub fn index(iface: &IfaceName, netns_label: &str) -> Result<u32> {
     match nix::net::if_::if_nametoindex(iface.as_str()) {
         Ok(idx) if idx != 0 => Ok(idx),
@@ -41,7 +41,7 @@ pub fn default_route() -> Result<Option<IfaceName>> {
     Ok(default_route_in(&text).and_then(|name| name.parse().ok()))
 }
 
-/// `/proc/net/route`: Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+/// `/proc/net/route`: `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`
 fn default_route_in(text: &str) -> Option<String> {
     text.lines()
         .skip(1)

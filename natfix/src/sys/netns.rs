@@ -64,7 +64,7 @@ impl Netns {
     }
 }
 
-/// The first existing file `spec` names, or a NotFound error listing what was tried.
+/// The first existing file `spec` names, or a `NotFound` error listing what was tried.
 pub fn find_path(spec: &str, docker_dir: &Path, ip_dir: &Path) -> Result<PathBuf> {
     let candidates = candidates(spec, docker_dir, ip_dir)?;
     if let Some(found) = candidates.iter().find(|p| p.exists()) {
@@ -219,7 +219,7 @@ pub fn current_cookie() -> Option<u64> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
     let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).ok()?;
     // SAFETY: the kernel writes at most `len` bytes into `cookie`; nix has no
     // SO_NETNS_COOKIE option.
     let rc = unsafe {

@@ -11,6 +11,7 @@ const NLM_F_REQUEST: u16 = 1;
 const RTM_NEWLINK: u16 = 16;
 const RTM_GETLINK: u16 = 18;
 const IFINFOMSG_LEN: usize = 16;
+const AF_UNSPEC: u8 = 0;
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_DRV_PROG_ID: u16 = 5;
 const IFLA_XDP_SKB_PROG_ID: u16 = 6;
@@ -42,7 +43,7 @@ fn request(ifindex: u32) -> Vec<u8> {
     req.extend_from_slice(&1u32.to_ne_bytes()); // seq
     req.extend_from_slice(&0u32.to_ne_bytes()); // port id
     // struct ifinfomsg { family, pad, type, index, flags, change }
-    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    req.extend_from_slice(&[AF_UNSPEC, 0, 0, 0]);
     req.extend_from_slice(&i32::try_from(ifindex).unwrap_or(0).to_ne_bytes());
     req.extend_from_slice(&[0; 8]);
     req
@@ -67,7 +68,7 @@ fn u32_of(p: &[u8]) -> u32 {
     p.get(..4).map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// Parses an RTM_NEWLINK reply into the device's XDP programs.
+/// Parses an `RTM_NEWLINK` reply into the device's XDP programs.
 fn parse_reply(reply: &[u8]) -> io::Result<XdpProgs> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed RTM_NEWLINK reply");
     let hdr = reply.get(..NLMSG_HDRLEN).ok_or_else(bad)?;

@@ -31,7 +31,7 @@ pub struct GuardModel {
     pub endpoint_independent: bool,
     pub allow_ports: HashSet<u16>,
     pub allow_src: Vec<Cidr>,
-    /// Flow -> last seen (ns, CLOCK_MONOTONIC).
+    /// Flow -> last seen (ns, `CLOCK_MONOTONIC`).
     pub flows: HashMap<Flow, u64>,
     pub timeout_ns: u64,
 }
@@ -87,7 +87,7 @@ impl GuardModel {
         }
     }
 
-    /// Whether the packet is dropped (XDP_DROP / TC_ACT_SHOT).
+    /// Whether the packet is dropped (`XDP_DROP` / `TC_ACT_SHOT`).
     #[must_use]
     pub fn drops(&self, frame: &[u8], now: u64) -> bool {
         matches!(self.verdict(frame, now), Counter::GuardDropUnsolicited | Counter::GuardDropTooDeep)

@@ -26,7 +26,7 @@ impl OverlaySetup {
     }
 }
 
-/// Largest datagram the program recomputes (NATFIX_CSUM_MAX_LEN).
+/// Largest datagram the program recomputes (`NATFIX_CSUM_MAX_LEN`).
 pub const MAX_RECOMPUTE_LEN: usize = 256 * 64;
 
 /// The xfrm state of the skb: None for cleartext, Some(reqid) after decryption.
@@ -76,9 +76,9 @@ pub fn udp_checksum(src: IpAddr, dst: IpAddr, datagram: &[u8]) -> u16 {
     if c == 0 { 0xffff } else { c }
 }
 
-/// One CPU's learned checksum deltas (`csum_delta_*` in natfix_csum.h):
+/// One CPU's learned checksum deltas (`csum_delta_*` in `natfix_csum.h`):
 /// direct-mapped slots keyed by address pair. The model never lets a delta's
-/// window run out; tests give the program a window of 0 (off) or u32::MAX.
+/// window run out; tests give the program a window of 0 (off) or `u32::MAX`.
 #[derive(Debug, Clone)]
 pub struct DeltaCache {
     slots: Vec<Option<DeltaSlot>>,
@@ -173,11 +173,9 @@ pub fn fix_with(setup: &OverlaySetup, secpath: Secpath, frame: &[u8], cache: &mu
     let sent = u16::from_be_bytes([frame[check_at], frame[check_at + 1]]);
     let learning = sent != 0 && cfg.delta_window_jiffies != 0;
     let slot = DeltaCache::index(pkt.src, pkt.dst);
-    if learning {
-        if let Some(s) = cache.slots[slot].filter(|s| s.src == pkt.src && s.dst == pkt.dst) {
-            out[check_at..check_at + 2].copy_from_slice(&delta_apply(sent, s.delta).to_be_bytes());
-            return (Counter::OverlayRecomputedDelta, out);
-        }
+    if learning && let Some(s) = cache.slots[slot].filter(|s| s.src == pkt.src && s.dst == pkt.dst) {
+        out[check_at..check_at + 2].copy_from_slice(&delta_apply(sent, s.delta).to_be_bytes());
+        return (Counter::OverlayRecomputedDelta, out);
     }
     if udp_len > MAX_RECOMPUTE_LEN {
         return untouched(Counter::OverlayError);
