@@ -14,7 +14,7 @@ use futures_util::{Stream, StreamExt};
 
 use crate::published::Published;
 
-/// Where dockerd listens unless DOCKER_HOST names another unix socket.
+/// Where dockerd listens unless `DOCKER_HOST` names another unix socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// A request that takes longer is given up (the events stream is exempt:
 /// the timeout covers only its response head).

@@ -71,9 +71,8 @@ fn attach_upgrade_detach_cycles_lose_no_legitimate_packet() {
             loop {
                 match host_sock.recv_from(&mut buf) {
                     Ok((8, _)) => got.push(u64::from_be_bytes(buf[..8].try_into().unwrap())),
-                    Ok(_) => {}
                     Err(_) if stop.load(Ordering::Relaxed) => break,
-                    Err(_) => {}
+                    Ok(_) | Err(_) => {}
                 }
             }
             got

@@ -323,9 +323,9 @@ reqid = "0xD0C4E3"
         assert_eq!((g.allow_ports.as_slice(), g.no_allow_published, g.no_reap), (&[25500][..], false, false));
         assert_eq!(c.entries[0].spec.iface, IfaceSel::DefaultRoute);
         let g = c.entries[1].spec.guard.as_ref().unwrap();
-        assert_eq!((g.flow_source, g.filtering, g.flow_timeout), (FlowSource::Own, Filtering::EndpointIndependent, Some(Duration::from_secs(60))));
+        assert_eq!((g.flow_source, g.filtering, g.flow_timeout), (FlowSource::Own, Filtering::EndpointIndependent, Some(Duration::from_mins(1))));
         let o = c.entries[2].spec.overlay.as_ref().unwrap();
-        assert_eq!((o.vxlan_auto(), o.reqid), (true, Some(0xD0C4E3)));
+        assert_eq!((o.vxlan_auto(), o.reqid), (true, Some(0x00D0_C4E3)));
         assert!(c.entries[1].place.starts_with("natfix.toml:"), "{}", c.entries[1].place);
     }
 

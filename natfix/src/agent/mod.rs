@@ -43,7 +43,7 @@ const SLOW_RETRY: Duration = Duration::from_secs(1);
 /// Everything is checked against the kernel (and the DNAT rules read) this often.
 const FULL_PASS: Duration = Duration::from_secs(10);
 /// `/healthz` fails when the loop has not completed a pass for this long.
-const STUCK_AFTER: Duration = Duration::from_secs(60);
+const STUCK_AFTER: Duration = Duration::from_mins(1);
 
 /// What `/healthz` and `/metrics` say of the agent's entries.
 #[derive(Default)]

@@ -139,25 +139,22 @@ impl Reconciler {
         let managed = managed_for(&self.config, &entry);
         let found = records.iter().find(|(_, m)| m.netns_inode == netns.inode && m.iface == iface.as_str());
         let in_place = found.filter(|(_, m)| m.managed.as_ref().is_some_and(|g| g.structure == managed.structure) && state::check(m).state.is_effective());
-        let fresh = match in_place {
-            Some((dir, meta)) => {
-                if meta.managed.as_ref().is_none_or(|g| g.settings != managed.settings) {
-                    let change = settings_change(meta, &entry);
-                    loader::live::change_managed(dir, &netns, change, &managed)?;
-                    info!("{}: {}: settings changed in place", entry.place, entry.name());
-                }
-                if sync_published && meta.guard.is_some() {
-                    loader::live::set_published(dir, &netns, &self.docker)?;
-                }
-                false
+        let fresh = if let Some((dir, meta)) = in_place {
+            if meta.managed.as_ref().is_none_or(|g| g.settings != managed.settings) {
+                let change = settings_change(meta, &entry);
+                loader::live::change_managed(dir, &netns, change, &managed)?;
+                info!("{}: {}: settings changed in place", entry.place, entry.name());
             }
-            None => {
-                if let Some((_, m)) = found.filter(|(_, m)| m.managed.is_none() && m.pid.is_some_and(|_| !m.pinned && m.is_live())) {
-                    return Err(UserError::Conflict(format!("a foreground `natfix attach` (pid {}) holds {iface}: the agent leaves it", m.pid.unwrap_or(0))).into());
-                }
-                self.attach(&entry, netns.clone(), &iface, managed)?;
-                true
+            if sync_published && meta.guard.is_some() {
+                loader::live::set_published(dir, &netns, &self.docker)?;
             }
+            false
+        } else {
+            if let Some((_, m)) = found.filter(|(_, m)| m.managed.is_none() && m.pid.is_some_and(|_| !m.pinned && m.is_live())) {
+                return Err(UserError::Conflict(format!("a foreground `natfix attach` (pid {}) holds {iface}: the agent leaves it", m.pid.unwrap_or(0))).into());
+            }
+            self.attach(&entry, netns.clone(), &iface, managed)?;
+            true
         };
         let slot = &mut self.slots[i];
         let at = (netns.inode, iface.to_string());
@@ -239,7 +236,7 @@ impl Reconciler {
     }
 }
 
-/// The interface `sel` names in `netns`; NotFound while it does not exist.
+/// The interface `sel` names in `netns`; `NotFound` while it does not exist.
 fn resolve_iface(sel: &IfaceSel, netns: &Netns) -> Result<IfaceName> {
     let sel = sel.clone();
     let label = netns.spec.clone();
@@ -307,16 +304,13 @@ fn map_delta<T, U>(d: Delta<T>, f: impl Fn(T) -> U) -> Delta<U> {
 /// Removes an attachment the agent made: undone in its namespace, or, when
 /// the namespace is gone, its pins released.
 fn release(dir: &PinDir, meta: &AttachmentMeta) -> Result<()> {
-    match meta.find_netns() {
-        Ok(netns) => {
-            loader::detach_recorded(dir, meta, &netns)?;
-            info!("detached the agent's attachment on {} in namespace `{}`", meta.iface, meta.netns);
-        }
-        _ => {
-            let _lock = pins::ChangeLock::acquire()?;
-            dir.remove()?;
-            info!("released the agent's attachment on {} in namespace `{}` (the namespace is gone)", meta.iface, meta.netns);
-        }
+    if let Ok(netns) = meta.find_netns() {
+        loader::detach_recorded(dir, meta, &netns)?;
+        info!("detached the agent's attachment on {} in namespace `{}`", meta.iface, meta.netns);
+    } else {
+        let _lock = pins::ChangeLock::acquire()?;
+        dir.remove()?;
+        info!("released the agent's attachment on {} in namespace `{}` (the namespace is gone)", meta.iface, meta.netns);
     }
     Ok(())
 }

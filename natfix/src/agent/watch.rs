@@ -74,7 +74,7 @@ async fn signals(tx: Sender<Trigger>) -> Result<()> {
     }
 }
 
-/// The config file's directory (editors and Kubernetes ConfigMaps replace
+/// The config file's directory (editors and Kubernetes `ConfigMaps` replace
 /// the file by rename), and the namespace directories. A directory that does
 /// not exist yet is looked for again every few seconds.
 async fn files(tx: Sender<Trigger>, config: &Path) -> Result<()> {
@@ -130,7 +130,7 @@ async fn files(tx: Sender<Trigger>, config: &Path) -> Result<()> {
     }
 }
 
-/// Kubernetes updates a mounted ConfigMap by swapping its `..data` link.
+/// Kubernetes updates a mounted `ConfigMap` by swapping its `..data` link.
 fn is_configmap_swap(name: Option<&std::ffi::OsStr>) -> bool {
     name.is_some_and(|n| n == "..data")
 }
