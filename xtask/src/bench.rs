@@ -375,6 +375,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     let test_run_runs = (args.runs * 3).to_string();
     let mut rows = cargo_bench("datapath", &[("NATFIX_BENCH_RUNS", test_run_runs)])?;
     rows.extend(cargo_bench("flood", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
+    rows.extend(cargo_bench("scaling", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
     rows.extend(system_benches(args.runs)?);
     rows.extend(vm_throughput()?);
     // What the rows depend on most besides the code: the CPU, and whether
@@ -392,7 +393,8 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     );
     let commands = [
         ("test_run", "cargo bench -p natfix-testkit --bench datapath (BPF_PROG_TEST_RUN, 500,000 repeats per run)"),
-        ("flood", "cargo bench -p natfix-testkit --bench flood (1,000,000 frames per run, XDP live-frames generator)"),
+        ("flood", "cargo bench -p natfix-testkit --bench flood (NATFIX_FLOOD_PART=flood,pressure; XDP live-frames generator on CPU 0 (SCHED_FIFO), the receiving veth's threaded-NAPI kthread on CPU 1; 2 s windows, every configuration once per round)"),
+        ("scaling", "cargo bench -p natfix-testkit --bench scaling (NATFIX_SCALING_PART=own,conntrack,lru,userspace; test_run with a different flow each packet; the release binary in namespaces)"),
         ("throughput, solicited UDP", "cargo bench -p natfix-testkit --bench flood (same generator; 1,000,000-frame windows, each between two baseline windows: 30 rounds on a bare receiver, 60 each on a Docker node's netfilter with 64 B and 1,400 B frames, 30 on the bare receiver with 1,400 B frames; programs swapped between windows)"),
         ("throughput, TCP bulk", "cargo bench -p natfix-testkit --bench flood (one TCP connection; 60 rounds of 0.5 s windows, each configuration's between two baseline windows, programs swapped between windows)"),
         ("memory, latency", "cargo xtask bench (/proc/PID/status, wall clock of the release binary)"),

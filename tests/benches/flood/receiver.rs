@@ -54,6 +54,8 @@ use crate::{
 pub enum Config {
     DropAll,
     NatfixXdp,
+    /// The flooded port never had a flow: the guard's port map decides, no table lookup.
+    NatfixXdpPortWithoutFlows,
     NatfixTc,
     Iptables,
     Nft,
@@ -66,6 +68,7 @@ impl Config {
         match self {
             Self::DropAll => "XDP drop-all, no work (the least an XDP receiver does)",
             Self::NatfixXdp => "natfix XDP guard",
+            Self::NatfixXdpPortWithoutFlows => "natfix XDP guard, flooded port without flows (the port map decides, no table lookup)",
             Self::NatfixTc => "natfix tc guard",
             Self::Iptables => "seed's iptables INPUT rule",
             Self::Nft => "nftables prerouting ct state new drop",
@@ -281,7 +284,7 @@ impl Attached {
     fn count(&mut self, config: Config, rig: &Rig) -> Result<u64> {
         Ok(match config {
             Config::DropAll => bench_count(self.xdp.as_ref().context("drop-all program")?, "natfix_bench_drops"),
-            Config::NatfixXdp | Config::NatfixTc => self.guard.as_ref().context("guard")?.counters()?[Counter::GuardDropUnsolicited].packets,
+            Config::NatfixXdp | Config::NatfixXdpPortWithoutFlows | Config::NatfixTc => self.guard.as_ref().context("guard")?.counters()?[Counter::GuardDropUnsolicited].packets,
             Config::Iptables => iptables_counter(&rig.rx_ns),
             Config::Nft => nft_counter(&rig.rx_ns),
             Config::XdpFilter => self.xdp_filter.as_mut().context("xdp-filter")?.drops()?,
@@ -304,18 +307,20 @@ fn attach(config: Config, rig: &Rig) -> Result<Attached> {
                 Ok(ebpf)
             })?);
         }
-        Config::NatfixXdp | Config::NatfixTc => {
-            let hook = if config == Config::NatfixXdp { "xdp" } else { "tc" };
+        Config::NatfixXdp | Config::NatfixXdpPortWithoutFlows | Config::NatfixTc => {
+            let hook = if config == Config::NatfixTc { "tc" } else { "xdp" };
+            let flows = config != Config::NatfixXdpPortWithoutFlows;
             if config == Config::NatfixTc {
                 rig.rx_ns.exec(&["ethtool", "-K", "fr0", "gro", "on"])?;
             }
             a.guard = Some(in_ns(&rx, move || {
                 let mut guard = GuardHarness::load(&guard_plan(hook))?;
-                // The flooded port has a flow (another peer's): every packet is looked up.
+                // The flooded ports have a flow (another peer's): every packet is looked up.
                 let local = std::net::Ipv4Addr::new(198, 51, 100, 10).into();
                 let peer = std::net::Ipv4Addr::new(198, 51, 100, 99).into();
-                guard.insert_flow(&flow_key(local, 25000, Some((peer, 7000))), monotonic_ns())?;
-                guard.insert_flow(&flow_key(local, 25001, Some((peer, 7000))), monotonic_ns())?;
+                for port in [25000, 25001].into_iter().filter(|_| flows) {
+                    guard.insert_flow(&flow_key(local, port, Some((peer, 7000))), monotonic_ns())?;
+                }
                 if hook == "xdp" {
                     // Detached when the harness (its program) is dropped.
                     let p: &mut Xdp = guard.ingress_program_mut()?.try_into()?;
@@ -341,6 +346,32 @@ fn attach(config: Config, rig: &Rig) -> Result<Attached> {
     Ok(a)
 }
 
+/// Development: with `NATFIX_FLOOD_PERF=<dir>`, `perf record -e cpu-clock
+/// -g` of the receiver's CPU during each window, into `<dir>/<tag>.data`
+/// (`perf report -i ... --no-children --sort sym`): where the receiver's
+/// time goes. Stopped (SIGINT) when dropped.
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(config: Config, tag: &str) -> Self {
+        let Ok(dir) = std::env::var("NATFIX_FLOOD_PERF") else { return Self(None) };
+        let out = format!("{dir}/{tag}.data");
+        eprintln!("flood: perf record of CPU 1 for {} into {out}", config.name());
+        let child = Command::new("perf").args(["record", "-q", "-e", "cpu-clock", "-C", "1", "-g", "-o", &out]).stdin(Stdio::null()).spawn();
+        std::thread::sleep(Duration::from_millis(300)); // perf is up before the window
+        Self(child.map_err(|e| eprintln!("flood: perf: {e}")).ok())
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().try_into().unwrap_or(0)), nix::sys::signal::Signal::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Frames per generator burst (a burst is about 0.1-0.5 s).
 const BURST: u32 = 500_000;
 
@@ -359,6 +390,7 @@ pub fn measure(config: Config, host: Host, program: GenProgram, secs: f64, tag: 
     let count0 = ok(attached.count(config, &rig), what);
     let (run0, wait0) = ok(schedstat(kthread), what);
     let (stat0, drops0) = (cpu_times(), ok(ring_drops(&rig), "ethtool -S fg0"));
+    let perf = Perf::start(config, tag);
     let start = Instant::now();
     let (mut sent, mut gen_cpu) = (0u64, 0.0);
     while start.elapsed().as_secs_f64() < secs {
@@ -366,6 +398,7 @@ pub fn measure(config: Config, host: Host, program: GenProgram, secs: f64, tag: 
         sent += u64::from(BURST);
     }
     let wall = start.elapsed().as_secs_f64();
+    drop(perf);
     std::thread::sleep(Duration::from_millis(50)); // the ring drains
     let (run1, wait1) = ok(schedstat(kthread), what);
     let stat1 = cpu_times();
@@ -478,7 +511,7 @@ fn rounds_of(configs: &[Config], host: Host, program: GenProgram, rounds: usize,
 pub fn flood(rounds: usize, secs: f64) {
     const CAPACITY: &str = "flood: receiver drop capacity";
     const PER_PACKET: &str = "flood: receiver CPU per packet";
-    let mut configs = vec![Config::DropAll, Config::NatfixXdp, Config::NatfixTc, Config::Iptables, Config::Nft, Config::XdpFilter, Config::NoFilter];
+    let mut configs = vec![Config::DropAll, Config::NatfixXdp, Config::NatfixXdpPortWithoutFlows, Config::NatfixTc, Config::Iptables, Config::Nft, Config::XdpFilter, Config::NoFilter];
     if let Some(why) = split_unavailable() {
         for c in configs {
             report_skipped(CAPACITY, c.name(), &why);
@@ -488,6 +521,12 @@ pub fn flood(rounds: usize, secs: f64) {
     if let Err(e) = XdpFilter::available() {
         report_skipped(CAPACITY, Config::XdpFilter.name(), &format!("{e:#}"));
         configs.retain(|c| *c != Config::XdpFilter);
+    }
+    // Development: `NATFIX_FLOOD_ONLY=<part of a name>` measures those alone (no rows).
+    if let Ok(only) = std::env::var("NATFIX_FLOOD_ONLY") {
+        configs.retain(|c| c.name().contains(&only));
+        rounds_of(&configs, Host::Bare, GenProgram::Rig, rounds, secs, "f");
+        return;
     }
     let samples = rounds_of(&configs, Host::Bare, GenProgram::Rig, rounds, secs, "f");
     let of = |c: Config| &samples[configs.iter().position(|x| *x == c).expect("measured")];

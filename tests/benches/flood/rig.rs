@@ -76,16 +76,17 @@ fn other_flood_running() -> bool {
     })
 }
 
-/// The owner of one of the bench's namespace names is gone: `nfb<pid>-...`
-/// with a dead pid, or an old-style `nfb-gen-*`/`nfb-rx-*` (names before
-/// the pid) when no other flood bench runs.
+/// The owner of one of the benches' namespace names is gone:
+/// `nfb<pid>-<role>-...` (`gen`, `rx`: the flood's; `att`: the scaling
+/// bench's) with a dead pid, or an old-style `nfb-gen-*`/`nfb-rx-*` (names
+/// before the pid) when no other flood bench runs.
 fn left_by_dead_run(name: &str, other_flood: bool) -> bool {
     let Some(rest) = name.strip_prefix("nfb") else { return false };
     if rest.starts_with("-gen-") || rest.starts_with("-rx-") {
         return !other_flood;
     }
     rest.split_once('-')
-        .filter(|(_, role)| role.starts_with("gen-") || role.starts_with("rx-"))
+        .filter(|(_, role)| ["gen-", "rx-", "att-"].iter().any(|r| role.starts_with(r)))
         .and_then(|(pid, _)| pid.parse::<u32>().ok())
         .is_some_and(|pid| pid != std::process::id() && !alive(pid))
 }
