@@ -93,6 +93,21 @@ fn window_rates(windows: &[TrafficWindow]) -> Vec<f64> {
 /// the same data gives the same interval); the pooled ratio (all frames /
 /// all seconds of each side) is kept beside it. Rates: higher is better.
 pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], ratios: &[f64]) {
+    report_flanked_with(group, name, unit, runs, baseline_name, baseline, ratios, &json!({}));
+}
+
+/// As `report_flanked`, with more fields (`detail`).
+#[expect(clippy::too_many_arguments, reason = "a row's fields")]
+pub fn report_flanked_with(
+    group: &str,
+    name: &str,
+    unit: &str,
+    runs: &[TrafficWindow],
+    baseline_name: &str,
+    baseline: &[TrafficWindow],
+    ratios: &[f64],
+    extra: &serde_json::Value,
+) {
     let median = |v: &mut Vec<f64>| summary(v).0;
     let mut rng = SmallRng::seed_from_u64(1);
     let mut resampled: Vec<f64> = (0..2000)
@@ -109,5 +124,8 @@ pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow
     row["round_ratios"] = json!(ratios);
     row["delta"] = json!(row["median"].as_f64().unwrap_or(0.0) - row["baseline_median"].as_f64().unwrap_or(0.0));
     row["estimator"] = json!("flanked");
+    if let (Some(row), Some(extra)) = (row.as_object_mut(), extra.as_object()) {
+        row.extend(extra.clone());
+    }
     println!("{row}");
 }

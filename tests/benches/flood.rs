@@ -21,7 +21,8 @@
 //!
 //! `NATFIX_FLOOD_PART` picks parts (comma-separated; all when unset):
 //! `flood` (receiver table), `pressure` (conntrack under pressure), `stream`,
-//! `legit`. `NATFIX_BENCH_RUNS` rounds and `NATFIX_FLOOD_SECS` seconds per
+//! `legit`, `split` (the tc rows' receiver CPU per packet, `split.rs`;
+//! `NATFIX_SPLIT_ROUNDS`, `NATFIX_SPLIT_WINDOW`). `NATFIX_BENCH_RUNS` rounds and `NATFIX_FLOOD_SECS` seconds per
 //! flood window; `NATFIX_STREAM_ROUNDS` and `NATFIX_STREAM_WINDOW_MS` size
 //! the stream's; `NATFIX_LEGIT_ROUNDS`, `NATFIX_LEGIT_DOCKER_ROUNDS` (the
 //! Docker-node runs) and `NATFIX_LEGIT_WINDOW` the solicited-UDP part's.
@@ -33,6 +34,8 @@ mod common;
 mod receiver;
 #[path = "flood/rig.rs"]
 mod rig;
+#[path = "flood/split.rs"]
+mod split;
 
 use common::TrafficWindow;
 use rig::{BpfStatsOn, Generator, Rig, joined};
@@ -734,5 +737,8 @@ fn main() {
     }
     if wants("legit") {
         legit(env_u32("NATFIX_LEGIT_ROUNDS", 30) as usize, env_u32("NATFIX_LEGIT_WINDOW", LEGIT_WINDOW));
+    }
+    if wants("split") {
+        split::split(env_u32("NATFIX_SPLIT_ROUNDS", 10) as usize, env_u32("NATFIX_SPLIT_WINDOW", 2_000_000));
     }
 }

@@ -164,7 +164,7 @@ pub fn threaded_napi(rig: &Rig) -> Result<i32> {
 }
 
 /// (ns on a CPU, ns runnable but waiting) of a thread.
-fn schedstat(pid: i32) -> Result<(u64, u64)> {
+pub fn schedstat(pid: i32) -> Result<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).with_context(|| format!("the NAPI kthread {pid} is gone"))?;
     let f: Vec<u64> = text.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     Ok((f[0], f[1]))
