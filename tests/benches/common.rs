@@ -15,6 +15,22 @@ pub fn summary(v: &mut [f64]) -> (f64, f64, f64) {
 /// `baseline[i]`): ratio and delta are medians of the per-run ratios and
 /// differences, so drift of a noisy machine cancels out.
 pub fn report_paired(group: &str, name: &str, unit: &str, runs: &[f64], baseline_name: &str, baseline: &[f64], higher_is_better: bool) {
+    report_paired_with(group, name, unit, runs, baseline_name, baseline, higher_is_better, &json!({}));
+}
+
+/// As `report_paired`, with more fields (`detail`: what the rows' windows
+/// showed about the measurement, rendered in a column of its own).
+#[expect(clippy::too_many_arguments, reason = "a row's fields")]
+pub fn report_paired_with(
+    group: &str,
+    name: &str,
+    unit: &str,
+    runs: &[f64],
+    baseline_name: &str,
+    baseline: &[f64],
+    higher_is_better: bool,
+    extra: &serde_json::Value,
+) {
     let mut ratios: Vec<f64> = runs.iter().zip(baseline).map(|(r, b)| r / b).collect();
     let mut deltas: Vec<f64> = runs.iter().zip(baseline).map(|(r, b)| r - b).collect();
     let (ratio, _, _) = summary(&mut ratios);
@@ -23,6 +39,9 @@ pub fn report_paired(group: &str, name: &str, unit: &str, runs: &[f64], baseline
     row["ratio"] = json!(ratio);
     row["delta"] = json!(delta);
     row["paired"] = json!(true);
+    if let (Some(row), Some(extra)) = (row.as_object_mut(), extra.as_object()) {
+        row.extend(extra.clone());
+    }
     println!("{row}");
 }
 
@@ -74,6 +93,21 @@ fn window_rates(windows: &[TrafficWindow]) -> Vec<f64> {
 /// the same data gives the same interval); the pooled ratio (all frames /
 /// all seconds of each side) is kept beside it. Rates: higher is better.
 pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow], baseline_name: &str, baseline: &[TrafficWindow], ratios: &[f64]) {
+    report_flanked_with(group, name, unit, runs, baseline_name, baseline, ratios, &json!({}));
+}
+
+/// As `report_flanked`, with more fields (`detail`).
+#[expect(clippy::too_many_arguments, reason = "a row's fields")]
+pub fn report_flanked_with(
+    group: &str,
+    name: &str,
+    unit: &str,
+    runs: &[TrafficWindow],
+    baseline_name: &str,
+    baseline: &[TrafficWindow],
+    ratios: &[f64],
+    extra: &serde_json::Value,
+) {
     let median = |v: &mut Vec<f64>| summary(v).0;
     let mut rng = SmallRng::seed_from_u64(1);
     let mut resampled: Vec<f64> = (0..2000)
@@ -90,5 +124,8 @@ pub fn report_flanked(group: &str, name: &str, unit: &str, runs: &[TrafficWindow
     row["round_ratios"] = json!(ratios);
     row["delta"] = json!(row["median"].as_f64().unwrap_or(0.0) - row["baseline_median"].as_f64().unwrap_or(0.0));
     row["estimator"] = json!("flanked");
+    if let (Some(row), Some(extra)) = (row.as_object_mut(), extra.as_object()) {
+        row.extend(extra.clone());
+    }
     println!("{row}");
 }

@@ -197,5 +197,13 @@ fn overlay_subjects() -> Vec<Subject> {
             subjects.push((format!("overlay {mode}: {size} B"), false, frame.clone(), Box::new(move |f, r| h.run_repeat(f, r).unwrap())));
         }
     }
+
+    // What every other packet on the underlay costs the overlay fix: UDP
+    // that is not VXLAN (counted `not_vxlan`), as attached (secpath gate on).
+    for size in [64usize, 1450] {
+        let frame = packet::udp4(PEER, 7000, HOST, 25000, &vec![0u8; size - 42]);
+        let h = gated.clone();
+        subjects.push((format!("overlay out-of-scope (UDP, not VXLAN): {size} B"), false, frame, Box::new(move |f, r| h.run_repeat(f, r).unwrap())));
+    }
     subjects
 }

@@ -1,10 +1,13 @@
-//! Flood drop rate: unsolicited UDP into a guarded veth, for natfix XDP,
-//! natfix tc, the seed's iptables INPUT rule, an nftables prerouting rule and
-//! no filter, in the same run. The generator is `BPF_PROG_TEST_RUN` in XDP
-//! live-frames mode (an `XDP_TX` program on the sending veth), the mechanism
-//! xdp-trafficgen uses; the receiving veth carries an XDP program in every
-//! variant (veth needs one to receive XDP-transmitted frames).
-//! Rate = packets the filter disposed of / time until its counter settled.
+//! Flood: unsolicited UDP into a guarded veth, measured at the receiver
+//! (`receiver`): the receive path runs in the receiving veth's threaded-NAPI
+//! kthread on a CPU of its own, the generator on another; every
+//! configuration's drop capacity per receiver CPU and CPU time per packet
+//! against the seed's iptables INPUT rule in the same run (natfix's XDP and
+//! tc guards, an nftables prerouting rule, xdp-filter, XDP drop-all, no
+//! filter), then the same flood from 100,000 distinct flows on a Docker
+//! node's netfilter (conntrack under pressure). The generator is
+//! `BPF_PROG_TEST_RUN` in XDP live-frames mode (an `XDP_TX` program on the
+//! sending veth), the mechanism xdp-trafficgen uses (`rig::Generator`).
 //!
 //! Then legitimate traffic through the same rig (group "throughput"): the
 //! frames are replies of a flow in the guard's table, read by an application;
@@ -15,79 +18,46 @@
 //! a Docker node's netfilter (the XDP guard; the tc configurations with 64-byte
 //! and 1,400-byte frames), then 1,400-byte frames on the bare receiver.
 //! Before those, bulk TCP through the same configurations (`stream_windows`).
-//! `NATFIX_FLOOD_PART=flood|stream|legit` runs one part; `NATFIX_STREAM_ROUNDS`
-//! and `NATFIX_STREAM_WINDOW_MS` size the stream's; `NATFIX_LEGIT_ROUNDS`,
-//! `NATFIX_LEGIT_DOCKER_ROUNDS` (the Docker-node runs) and
-//! `NATFIX_LEGIT_WINDOW` the solicited-UDP part's.
+//!
+//! `NATFIX_FLOOD_PART` picks parts (comma-separated; all when unset):
+//! `flood` (receiver table), `pressure` (conntrack under pressure), `stream`,
+//! `legit`, `split` (the tc rows' receiver CPU per packet, `split.rs`;
+//! `NATFIX_SPLIT_ROUNDS`, `NATFIX_SPLIT_WINDOW`). `NATFIX_BENCH_RUNS` rounds and `NATFIX_FLOOD_SECS` seconds per
+//! flood window; `NATFIX_STREAM_ROUNDS` and `NATFIX_STREAM_WINDOW_MS` size
+//! the stream's; `NATFIX_LEGIT_ROUNDS`, `NATFIX_LEGIT_DOCKER_ROUNDS` (the
+//! Docker-node runs) and `NATFIX_LEGIT_WINDOW` the solicited-UDP part's.
+//! Every run first removes what runs that died left behind
+//! (`rig::sweep_leftovers`).
 
+#![expect(clippy::cast_precision_loss, reason = "packet counts, nanoseconds and rates of a bench run, far below 2^52")]
 
 mod common;
+#[path = "flood/receiver.rs"]
+mod receiver;
+#[path = "flood/rig.rs"]
+mod rig;
+#[path = "flood/split.rs"]
+mod split;
 
 use common::TrafficWindow;
+use rig::{BpfStatsOn, Generator, Rig, joined};
 
 use std::{
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
-use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId, xdp::XdpLink, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode};
+use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId, xdp::XdpLink, Xdp, XdpMode};
 use natfix::{
     abi::Counter,
-    config::{AttachSpec, IfaceSel, OverlaySpec},
-    lab::scratch::{ScratchNs, bind_udp, run, sock, veth},
-    loader::{self, AttachPlan, object::load_program},
-    observe::stats,
-    sys::netns::Netns,
+    lab::scratch::{ScratchNs, bind_udp, sock},
+    loader::{self, object::load_program},
 };
-use natfix_ebpf::rig;
-use natfix_testkit::{
-    harness::{GuardHarness, OverlayHarness, flow_key, monotonic_ns, pin_to_cpu},
-    packet,
-};
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
+use natfix_ebpf::rig as rig_programs;
+use natfix_testkit::harness::{GuardHarness, OverlayHarness, flow_key, monotonic_ns, pin_to_cpu};
 
 fn env_u32(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Variant {
-    Ceiling,
-    NoFilter,
-    NatfixXdp,
-    NatfixTc,
-    IptablesInput,
-    NftPrerouting,
-}
-
-impl Variant {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Ceiling => "XDP drop-all, no work (the most this rig can measure)",
-            Self::NoFilter => "no filter (packets reach UDP, no socket)",
-            Self::NatfixXdp => "natfix guard, XDP",
-            Self::NatfixTc => "natfix guard, tc",
-            Self::IptablesInput => "seed's iptables INPUT rule",
-            Self::NftPrerouting => "nftables prerouting ct state new drop",
-        }
-    }
-}
-
-struct Rig {
-    gen_ns: ScratchNs,
-    rx_ns: ScratchNs,
-    frame: Vec<u8>,
-    gen_ifindex: u32,
 }
 
 /// UDP payload of the flood's and the worst-case legit frames: 64-byte frames.
@@ -96,44 +66,10 @@ const SMALL_PAYLOAD: usize = 18;
 /// overlay's own (VXLAN in ESP) and of bulk UDP.
 const LARGE_PAYLOAD: usize = 1400 - 42;
 
-fn rig(tag: &str) -> Rig {
-    rig_with(tag, SMALL_PAYLOAD)
-}
-
-fn rig_with(tag: &str, payload: usize) -> Rig {
-    let gen_ns = ScratchNs::create(&format!("nfb-gen-{tag}")).unwrap();
-    let rx_ns = ScratchNs::create(&format!("nfb-rx-{tag}")).unwrap();
-    veth(&gen_ns, "fg0", "198.51.100.20/24", &rx_ns, "fr0", "198.51.100.10/24").unwrap();
-    let show: serde_json::Value = serde_json::from_str(&rx_ns.exec(&["ip", "-j", "link", "show", "fr0"]).unwrap()).unwrap();
-    let mac: Vec<u8> = show[0]["address"].as_str().unwrap().split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
-    let gshow: serde_json::Value = serde_json::from_str(&gen_ns.exec(&["ip", "-j", "link", "show", "fg0"]).unwrap()).unwrap();
-    let mut frame = packet::udp4(Ipv4Addr::new(198, 51, 100, 20), 7000, Ipv4Addr::new(198, 51, 100, 10), 25000, &vec![0u8; payload]);
-    packet::set_dst_mac(&mut frame, mac.try_into().unwrap());
-    Rig { gen_ns, rx_ns, frame, gen_ifindex: u32::try_from(gshow[0]["ifindex"].as_u64().unwrap()).unwrap() }
-}
-
-/// `program` of the bench object, native XDP on the receiver (kept alive by the returned object).
-fn receiver_xdp(ns: &Netns, program: &'static str) -> aya::Ebpf {
-    ns.run(move || {
-        let mut ebpf = aya::Ebpf::load(rig::OBJECT)?;
-        let p: &mut Xdp = ebpf.program_mut(program).unwrap().try_into()?;
-        p.load()?;
-        p.attach("fr0", XdpMode::Driver)?;
-        Ok(ebpf)
-    })
-    .unwrap()
-}
-
 /// The total of one of the bench object's per-CPU frame counts.
 fn bench_count(ebpf: &aya::Ebpf, map: &str) -> u64 {
     let map: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = aya::maps::PerCpuArray::try_from(ebpf.map(map).unwrap()).unwrap();
     map.get(&0, 0).unwrap().iter().sum()
-}
-
-/// Sends `n` copies of the frame out of the generator's veth, from CPU 0
-/// (where the receiving veth's softirq then runs too).
-fn generate(rig: &Rig, n: u32) {
-    Generator::start(rig).seconds_for(n);
 }
 
 fn snmp_udp_noports(ns: &ScratchNs) -> u64 {
@@ -154,86 +90,9 @@ fn iptables_counter(ns: &ScratchNs) -> u64 {
     out.lines().filter(|l| l.contains("DROP")).filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok()).sum()
 }
 
-/// One measurement: handled packets per second.
-#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
-fn measure(v: Variant, n: u32, tag: &str) -> (f64, f64) {
-    let rig = rig(tag);
-    let rx = rig.rx_ns.netns().unwrap();
-    let mut keep: Vec<aya::Ebpf> = Vec::new();
-    let mut attachment = None;
-    match v {
-        Variant::NatfixXdp | Variant::NatfixTc => {
-            if v == Variant::NatfixTc {
-                keep.push(receiver_xdp(&rx, rig::EMPTY_XDP));
-            }
-            attachment = Some(guard_attachment(&rx, if v == Variant::NatfixXdp { "xdp" } else { "tc" }));
-        }
-        Variant::IptablesInput => {
-            keep.push(receiver_xdp(&rx, rig::EMPTY_XDP));
-            rig.rx_ns
-                .exec(&["iptables", "-A", "INPUT", "-p", "udp", "--dport", "20000:30000", "-m", "state", "!", "--state", "RELATED,ESTABLISHED", "-j", "DROP"])
-                .unwrap();
-        }
-        Variant::NftPrerouting => {
-            keep.push(receiver_xdp(&rx, rig::EMPTY_XDP));
-            rig.rx_ns
-                .nft("table ip bench {\n chain pre {\n type filter hook prerouting priority -150;\n udp dport 20000-30000 ct state new counter drop\n }\n}\n")
-                .unwrap();
-        }
-        Variant::NoFilter => keep.push(receiver_xdp(&rx, rig::EMPTY_XDP)),
-        Variant::Ceiling => keep.push(receiver_xdp(&rx, rig::DROP_XDP)),
-    }
-    let count = |att: &Option<loader::Attachment>| -> u64 {
-        match v {
-            Variant::NatfixXdp | Variant::NatfixTc => {
-                let a = att.as_ref().unwrap();
-                stats::read_counters(&a.pin_dir, &a.meta).unwrap().iter().filter(|r| r.reason == "dropped_unsolicited").map(|r| r.packets).sum()
-            }
-            Variant::IptablesInput => iptables_counter(&rig.rx_ns),
-            Variant::NftPrerouting => nft_counter(&rig.rx_ns),
-            Variant::NoFilter => snmp_udp_noports(&rig.rx_ns),
-            Variant::Ceiling => bench_count(&keep[0], "natfix_bench_drops"),
-        }
-    };
-    let before = count(&attachment);
-    let start = Instant::now();
-    generate(&rig, n);
-    // Wait for the receiver to settle: the last change marks the end.
-    let mut last = count(&attachment);
-    let mut end = start.elapsed();
-    loop {
-        std::thread::sleep(Duration::from_millis(20));
-        let now = count(&attachment);
-        if now == last {
-            break;
-        }
-        last = now;
-        end = start.elapsed();
-    }
-    let handled = last - before;
-    if let Some(a) = attachment {
-        a.detach().unwrap();
-    }
-    drop(keep);
-    let _ = run(&["true"]);
-    (handled as f64 / end.as_secs_f64(), handled as f64 / f64::from(n))
-}
-
 /// The guard of every natfix variant: ports 20000-30000, own flow table.
 fn guard_plan(hook: &str) -> loader::GuardPlan {
     natfix_testkit::plans::plan(&["--guard", "20000-30000", "--guard-hook", hook, "--flow-source", "own"])
-}
-
-fn guard_attachment(rx: &Netns, hook: &str) -> loader::Attachment {
-    let spec = AttachSpec {
-        iface: IfaceSel::Name("fr0".parse().unwrap()),
-        netns: None,
-        guard: None,
-        overlay: None,
-        events_per_sec: 0,
-    };
-    let plan = AttachPlan { guard: Some(guard_plan(hook)), ..AttachPlan::new(&AttachSpec { overlay: Some(OverlaySpec::default()), ..spec }, rx.clone(), false, false).unwrap() };
-    loader::attach(AttachPlan { overlay: None, ..plan }).unwrap()
 }
 
 /// Solicited traffic: rates in alternating windows of `window` frames, with
@@ -322,58 +181,9 @@ enum Window {
 /// and policy as natfix's overlay table (`overlay::install_nft`).
 const EMPTY_NFT: &str = "table ip natfix_bench_empty {\n chain prerouting {\n  type filter hook prerouting priority -150; policy accept;\n }\n}\n";
 
-/// A generator thread in the generator's namespace, pinned to CPU 0, its
-/// program loaded once: each request sends that many frames and answers with
-/// the seconds the `test_run` took.
-struct Generator {
-    requests: std::sync::mpsc::Sender<u32>,
-    seconds: std::sync::mpsc::Receiver<f64>,
-}
-
-impl Generator {
-    fn start(rig: &Rig) -> Self {
-        let (requests, jobs) = std::sync::mpsc::channel::<u32>();
-        let (answer, seconds) = std::sync::mpsc::channel();
-        let (frame, ifindex, netns) = (rig.frame.clone(), rig.gen_ifindex, rig.gen_ns.netns().unwrap());
-        std::thread::spawn(move || {
-            netns.run(move || {
-                pin_to_cpu(0).unwrap();
-                let mut ebpf = aya::Ebpf::load(rig::OBJECT)?;
-                let p: &mut Xdp = ebpf.program_mut(rig::GEN_XDP).unwrap().try_into()?;
-                p.load()?;
-                let md = XdpMd { data_end: u32::try_from(frame.len())?, ingress_ifindex: ifindex, ..XdpMd::default() };
-                // SAFETY: XdpMd is repr(C) plain integers.
-                let ctx = unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
-                for n in jobs {
-                    let t = Instant::now();
-                    p.test_run(TestRunOptions {
-                        data_in: Some(&frame),
-                        ctx_in: Some(ctx),
-                        repeat: n,
-                        attrs: TestRunAttrs::new().xdp_live_frames(64),
-                        ..TestRunOptions::default()
-                    })?;
-                    let wall = t.elapsed().as_secs_f64();
-                    if answer.send(wall).is_err() {
-                        break;
-                    }
-                }
-                Ok(())
-            })
-        });
-        Self { requests, seconds }
-    }
-
-    /// Seconds one burst of `n` frames took.
-    fn seconds_for(&self, n: u32) -> f64 {
-        self.requests.send(n).unwrap();
-        self.seconds.recv().expect("generator thread failed")
-    }
-}
-
 /// The bench object's counting pass-all XDP program, loaded and attached to fr0.
 fn attach_counting_xdp(base: &mut aya::Ebpf) -> XdpLink {
-    let e: &mut Xdp = base.program_mut(rig::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+    let e: &mut Xdp = base.program_mut(rig_programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
     e.load().unwrap();
     let id = e.attach("fr0", XdpMode::Driver).unwrap();
     e.take_link(id).unwrap()
@@ -402,7 +212,7 @@ impl TcSubjects {
         let p = match w {
             Window::Natfix => self.guard.ingress_program_mut().unwrap(),
             Window::Overlay | Window::OverlayTc => self.overlay.program_mut().unwrap(),
-            Window::EmptyTc => self.base.program_mut(rig::EMPTY_TC).unwrap(),
+            Window::EmptyTc => self.base.program_mut(rig_programs::EMPTY_TC).unwrap(),
             Window::Baseline | Window::OverlayNft | Window::EmptyNft | Window::GenericXdp => unreachable!("these windows attach no tc program"),
         };
         p.try_into().unwrap()
@@ -456,7 +266,7 @@ impl TcSubjects {
         match (w, hook) {
             (Window::Baseline | Window::OverlayNft | Window::EmptyNft, _) => {}
             (Window::Natfix, "xdp") => {
-                let counting_xdp = self.base.program_mut(rig::COUNT_PASS_XDP).unwrap().try_into().unwrap();
+                let counting_xdp = self.base.program_mut(rig_programs::COUNT_PASS_XDP).unwrap().try_into().unwrap();
                 *xdp_link = Some(move_xdp_link(counting_xdp, xdp_link.take().unwrap()));
             }
             (Window::GenericXdp, _) => {
@@ -511,7 +321,7 @@ enum Host {
 /// With `live`, also each program's own time per run on these frames (`live_costs`).
 fn legit_windows(hook: &'static str, host: Host, payload: usize, configs: &'static [Window], rounds: usize, window: u32, live: bool) -> LegitRates {
     let tag = format!("l{hook}{}{}", if host == Host::DockerNode { "d" } else { "" }, if payload == SMALL_PAYLOAD { "" } else { "L" });
-    let rig = rig_with(&tag, payload);
+    let rig = Rig::new(&tag, payload);
     if host == Host::DockerNode {
         rig.rx_ns.nft(include_str!("data/docker-node.nft")).unwrap();
     }
@@ -519,7 +329,6 @@ fn legit_windows(hook: &'static str, host: Host, payload: usize, configs: &'stat
     rig.rx_ns.netns().unwrap().run(move || Ok(legit_in_receiver(&rig, hook, configs, rounds, window, live))).unwrap()
 }
 
-#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: u32, live: bool) -> LegitRates {
     use std::sync::{Arc, atomic::{AtomicBool, AtomicU64, Ordering}};
 
@@ -554,14 +363,14 @@ fn legit_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, w
     // The veth needs an XDP program to take XDP_TX frames: a counting pass-all
     // one is the XDP baseline, and stays under the tc guard. A window counts
     // the frames that reached the receiver (a full veth ring drops some).
-    let mut base = aya::Ebpf::load(rig::OBJECT).unwrap();
+    let mut base = aya::Ebpf::load(rig_programs::OBJECT).unwrap();
     let mut xdp_link = Some(attach_counting_xdp(&mut base));
-    load_program::<SchedClassifier>(&mut base, rig::EMPTY_TC).unwrap();
+    load_program::<SchedClassifier>(&mut base, rig_programs::EMPTY_TC).unwrap();
     let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: false, guard_xdp: None };
     let passes = |base: &aya::Ebpf| bench_count(base, "natfix_bench_passes");
     let solicited = |guard: &GuardHarness| guard.counters().unwrap()[Counter::GuardPassSolicited].packets;
     let before_all = passes(&s.base) + solicited(&s.guard);
-    let generator = Generator::start(rig);
+    let mut generator = Generator::start(rig);
     generator.seconds_for(window); // warm-up: neighbour tables, caches
     let mut rates = LegitRates::new(0.0);
     let fr0 = nix::net::if_::if_nametoindex("fr0").unwrap();
@@ -641,11 +450,10 @@ fn flanked_sequence(configs: &[Window], rounds: usize) -> Vec<Window> {
 /// The tc configurations run with no XDP program at all (native XDP on veth
 /// gives up that aggregation); the XDP guard against the counting XDP program.
 fn stream_windows(hook: &'static str, configs: &'static [Window], rounds: usize, window: Duration) -> LegitRates {
-    let rig = rig(&format!("s{hook}"));
+    let rig = Rig::new(&format!("s{hook}"), SMALL_PAYLOAD);
     rig.rx_ns.netns().unwrap().run(move || Ok(stream_in_receiver(&rig, hook, configs, rounds, window))).unwrap()
 }
 
-#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, window: Duration) -> LegitRates {
     use std::{
         io::{Read as _, Write as _},
@@ -667,10 +475,10 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
             }
         })
     };
-    let sender = {
+    let mut sender = Some({
         let (done, netns) = (done.clone(), rig.gen_ns.netns().unwrap());
         std::thread::spawn(move || {
-            netns.run(move || {
+            rig::in_ns(&netns, move || {
                 pin_to_cpu(0)?;
                 let mut conn = std::net::TcpStream::connect(sock("198.51.100.10", 5201))?;
                 let buf = vec![0u8; 1 << 17];
@@ -680,11 +488,11 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
                 Ok(())
             })
         })
-    };
+    });
 
-    let mut base = aya::Ebpf::load(rig::OBJECT).unwrap();
+    let mut base = aya::Ebpf::load(rig_programs::OBJECT).unwrap();
     let mut xdp_link = (hook == "xdp").then(|| attach_counting_xdp(&mut base));
-    load_program::<SchedClassifier>(&mut base, rig::EMPTY_TC).unwrap();
+    load_program::<SchedClassifier>(&mut base, rig_programs::EMPTY_TC).unwrap();
     let guard = GuardHarness::load(&guard_plan(hook)).unwrap();
     let guard_xdp = (hook == "tc").then(|| GuardHarness::load(&guard_plan("xdp")).unwrap());
     let mut s = TcSubjects { guard, overlay: overlay_as_attached(), base, with_learner: true, guard_xdp };
@@ -696,10 +504,15 @@ fn stream_in_receiver(rig: &Rig, hook: &str, configs: &[Window], rounds: usize, 
         std::thread::sleep(window);
         let gbit = (got.load(Ordering::Relaxed) - before) as f64 * 8.0 / 1e9;
         rates.push(w, TrafficWindow { frames: gbit, secs: start.elapsed().as_secs_f64() });
+        // A sender that stopped says why now, not after the windows it left empty.
+        if sender.as_ref().is_some_and(std::thread::JoinHandle::is_finished) {
+            joined(sender.take().expect("checked"), "the TCP sender");
+            panic!("the TCP sender stopped before the windows ended");
+        }
     });
     rates.live_ns = live_costs(&mut s, hook, fr0, &mut xdp_link, || std::thread::sleep(window));
     done.store(true, Ordering::Release);
-    sender.join().unwrap().unwrap();
+    joined(sender.take().expect("joined only here"), "the TCP sender");
     reader.join().unwrap();
     // natfix's programs saw the stream and left it alone: out of the guard's
     // scope (TCP), not VXLAN for the overlay fix.
@@ -732,7 +545,6 @@ fn run_stats(p: &aya::programs::Program) -> (u64, u64) {
 /// slow every window. `traffic` runs one window's worth. Separates natfix's
 /// per-packet share from the hook's, which the throughput ratios lump
 /// together. Keyed by row label.
-#[expect(clippy::cast_precision_loss, reason = "packet counts and ns for rates, far below 2^52")]
 fn live_costs(
     s: &mut TcSubjects,
     hook: &str,
@@ -740,22 +552,20 @@ fn live_costs(
     xdp_link: &mut Option<XdpLink>,
     mut traffic: impl FnMut(),
 ) -> std::collections::HashMap<&'static str, Vec<f64>> {
-    const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    let before = std::fs::read_to_string(STATS).unwrap();
-    std::fs::write(STATS, "1").unwrap();
+    let stats_on = BpfStatsOn::enable();
     let configs: &[Window] = if hook == "xdp" { &XDP } else { &[Window::EmptyTc, Window::Natfix, Window::OverlayTc] };
     let mut live: std::collections::HashMap<&'static str, Vec<f64>> = std::collections::HashMap::new();
     s.rotate(&rotation_sequence(configs, 10), hook, fr0, xdp_link, |s, w| {
         // Each program the window runs, by row label, with its stats.
         let stats = |s: &TcSubjects| -> Vec<(&'static str, (u64, u64))> {
             let programs = match (w, hook) {
-                (Window::Baseline, _) => vec![("counting XDP", s.base.program(rig::COUNT_PASS_XDP).unwrap())],
+                (Window::Baseline, _) => vec![("counting XDP", s.base.program(rig_programs::COUNT_PASS_XDP).unwrap())],
                 (Window::Natfix, _) => vec![
                     (if hook == "xdp" { "guard XDP" } else { "guard tc" }, s.guard.ingress_program().unwrap()),
                     ("flow learner", s.guard.egress_program().unwrap()),
                 ],
                 (Window::OverlayTc, _) => vec![("overlay tc", s.overlay.loaded_program().unwrap())],
-                _ => vec![("empty tc", s.base.program(rig::EMPTY_TC).unwrap())],
+                _ => vec![("empty tc", s.base.program(rig_programs::EMPTY_TC).unwrap())],
             };
             programs.into_iter().map(|(label, p)| (label, run_stats(p))).collect()
         };
@@ -767,9 +577,12 @@ fn live_costs(
             }
         }
     });
-    std::fs::write(STATS, before.trim()).unwrap();
+    drop(stats_on);
     live
 }
+
+/// How the Docker-node rows name their receiver.
+const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
 
 /// Bulk TCP through each configuration: the throughput target.
 fn stream(rounds: usize, window: Duration) {
@@ -802,27 +615,7 @@ fn stream(rounds: usize, window: Duration) {
     }
 }
 
-fn flood(runs: usize, n: u32) {
-    let variants = [Variant::Ceiling, Variant::NoFilter, Variant::NatfixXdp, Variant::NatfixTc, Variant::IptablesInput, Variant::NftPrerouting];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    let mut reached: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
-    for r in 0..runs {
-        for (i, v) in variants.iter().enumerate() {
-            let (rate, frac) = measure(*v, n, &format!("{r}{i}"));
-            rates[i].push(rate);
-            reached[i].push(frac);
-        }
-    }
-    let base = variants.iter().position(|v| *v == Variant::IptablesInput).unwrap();
-    // Round r of every variant ran back to back: pair them.
-    for (i, v) in variants.iter().enumerate() {
-        let (f, _, _) = common::summary(&mut reached[i]);
-        common::report_paired("flood", &format!("{} ({:.0}% of {n} frames counted)", v.name(), f * 100.0), "packets/s", &rates[i], Variant::IptablesInput.name(), &rates[base], true);
-    }
-}
-
 fn legit(rounds: usize, window: u32) {
-    const DOCKER: &str = "on a Docker node (conntrack and Docker's NAT rules, benches/data/docker-node.nft)";
     let baselines = [("xdp", "natfix's XDP guard", "a counting pass-all XDP program on the same veth"), ("tc", "natfix's tc guard", "no tc program (the counting XDP program under both)")];
     for (hook, name, baseline) in baselines {
         let configs: &'static [Window] = if hook == "xdp" { &XDP } else { &ALL_TC };
@@ -930,16 +723,24 @@ const STREAM_TC: [Window; 8] = [
 const OPERATOR_TC: [Window; 5] = [Window::Baseline, Window::Natfix, Window::Overlay, Window::OverlayNft, Window::EmptyNft];
 
 fn main() {
+    rig::sweep_leftovers();
     let runs = env_u32("NATFIX_BENCH_RUNS", 3) as usize;
-    let n = env_u32("NATFIX_FLOOD_PACKETS", 1_000_000);
-    let part = std::env::var("NATFIX_FLOOD_PART").unwrap_or_default();
-    if part.is_empty() || part == "flood" {
-        flood(runs, n);
+    let secs = std::env::var("NATFIX_FLOOD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(2.0);
+    let parts = std::env::var("NATFIX_FLOOD_PART").unwrap_or_default();
+    let wants = |part: &str| parts.is_empty() || parts.split(',').any(|p| p.trim() == part);
+    if wants("flood") {
+        receiver::flood(runs, secs);
     }
-    if part.is_empty() || part == "stream" {
+    if wants("pressure") {
+        receiver::pressure(runs, secs);
+    }
+    if wants("stream") {
         stream(env_u32("NATFIX_STREAM_ROUNDS", 60) as usize, Duration::from_millis(env_u32("NATFIX_STREAM_WINDOW_MS", 500).into()));
     }
-    if part.is_empty() || part == "legit" {
+    if wants("legit") {
         legit(env_u32("NATFIX_LEGIT_ROUNDS", 30) as usize, env_u32("NATFIX_LEGIT_WINDOW", LEGIT_WINDOW));
+    }
+    if wants("split") {
+        split::split(env_u32("NATFIX_SPLIT_ROUNDS", 10) as usize, env_u32("NATFIX_SPLIT_WINDOW", 2_000_000));
     }
 }
