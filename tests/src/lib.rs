@@ -10,6 +10,7 @@
 //! test` runs them with `--include-ignored`, and `require_root` fails them
 //! loudly if that is done without root.
 
+pub mod agent;
 pub mod cli;
 pub mod frames;
 pub mod harness;

@@ -140,7 +140,9 @@ impl Reconciler {
         let found = records.iter().find(|(_, m)| m.netns_inode == netns.inode && m.iface == iface.as_str());
         let in_place = found.filter(|(_, m)| m.managed.as_ref().is_some_and(|g| g.structure == managed.structure) && state::check(m).state.is_effective());
         let fresh = if let Some((dir, meta)) = in_place {
-            if meta.managed.as_ref().is_none_or(|g| g.settings != managed.settings) {
+            // Settings changed, or the record is another config's (a moved
+            // file, or an agent that died): taken over with this one's.
+            if meta.managed.as_ref().is_none_or(|g| g.settings != managed.settings || g.config != managed.config) {
                 let change = settings_change(meta, &entry);
                 loader::live::change_managed(dir, &netns, change, &managed)?;
                 info!("{}: {}: settings changed in place", entry.place, entry.name());
