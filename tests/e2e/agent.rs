@@ -1,4 +1,4 @@
-//! `natfix agent` in namespaces (Docker's part is in docker_agent.rs): it
+//! `natfix agent` in namespaces (Docker's part is in `docker_agent.rs`): it
 //! attaches what its config lists, waits for what does not exist yet,
 //! attaches again when a namespace is recreated, changes settings in place
 //! on reload without losing a packet, keeps running attachments through a
