@@ -12,6 +12,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod docker;
 pub mod frames;
 pub mod harness;
 pub mod kernel_view;

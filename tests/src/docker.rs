@@ -1,0 +1,101 @@
+//! A real Docker engine for the tests that are about Docker's behaviour (its
+//! NAT rules, namespaces, published ports): whether one answers, a tiny
+//! local image to run containers from, and containers removed on drop.
+
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{Context, Result, bail};
+
+use crate::sh;
+
+/// The image the tests' containers run: busybox, imported from the host's
+/// static binary (no registry is reachable here).
+pub const BUSYBOX: &str = "natfix-test-busybox:latest";
+
+/// `docker ARGS`, its stdout.
+///
+/// # Errors
+///
+/// When docker fails (its stderr is in the message).
+pub fn docker(args: &[&str]) -> Result<String> {
+    let mut cmd = vec!["docker"];
+    cmd.extend_from_slice(args);
+    sh(&cmd)
+}
+
+/// Why the Docker tests cannot run here, if they cannot.
+#[must_use]
+pub fn unavailable() -> Option<String> {
+    if docker(&["version", "--format", "{{.Server.Version}}"]).is_err() {
+        let why = std::env::var("NATFIX_DOCKER_UNAVAILABLE").unwrap_or_else(|_| "cargo xtask test starts one".into());
+        return Some(format!("dockerd is not answering on /var/run/docker.sock ({why})"));
+    }
+    None
+}
+
+/// Tests of one binary that change Docker's global state (swarm, containers
+/// publishing ports) take turns.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Imports [`BUSYBOX`] unless it exists: `/bin/busybox` (Debian's
+/// busybox-static) and the applet links the tests use.
+///
+/// # Errors
+///
+/// When busybox-static is not installed or the import fails.
+pub fn ensure_busybox() -> Result<&'static str> {
+    if docker(&["image", "inspect", BUSYBOX]).is_ok() {
+        return Ok(BUSYBOX);
+    }
+    let busybox = std::path::Path::new("/bin/busybox");
+    if !busybox.exists() {
+        bail!("/bin/busybox is missing (apt-get install busybox-static; cargo xtask deps does)");
+    }
+    let root = std::env::temp_dir().join(format!("natfix-busybox-{}", std::process::id()));
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::copy(busybox, root.join("bin/busybox"))?;
+    for applet in ["sh", "sleep", "nc", "ip"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
+    }
+    let out = sh(&["sh", "-c", &format!("tar -C {} -c . | docker import - {BUSYBOX}", root.display())]);
+    let _ = std::fs::remove_dir_all(&root);
+    out.context("docker import")?;
+    Ok(BUSYBOX)
+}
+
+/// A container, removed (with its volumes) on drop.
+pub struct Container {
+    pub id: String,
+}
+
+impl Container {
+    /// `docker run -d ARGS`.
+    ///
+    /// # Errors
+    ///
+    /// When docker refuses.
+    pub fn run(args: &[&str]) -> Result<Self> {
+        let mut all = vec!["run", "-d"];
+        all.extend_from_slice(args);
+        let id = docker(&all)?.trim().to_owned();
+        Ok(Self { id })
+    }
+
+    /// Its init process (to enter its namespaces).
+    ///
+    /// # Errors
+    ///
+    /// When docker cannot say.
+    pub fn pid(&self) -> Result<u32> {
+        Ok(docker(&["inspect", "-f", "{{.State.Pid}}", &self.id])?.trim().parse()?)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = docker(&["rm", "-f", "-v", &self.id]);
+    }
+}
