@@ -26,6 +26,9 @@ pub struct BenchArgs {
     /// this file instead of running anything: for one part run on its own.
     #[arg(long)]
     pub rows: Option<std::path::PathBuf>,
+    /// Run only these parts (comma-separated): datapath, flood, scaling, system, agent, vm.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// A benchmark binary's JSON lines.
@@ -43,7 +46,7 @@ fn cargo_bench(name: &str, env: &[(&str, String)]) -> Result<Vec<Value>> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
 }
 
-fn sh(args: &[&str]) -> Result<String> {
+pub fn sh(args: &[&str]) -> Result<String> {
     let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("{args:?}"))?;
     if !out.status.success() {
         bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -56,7 +59,7 @@ fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn row(group: &str, name: &str, unit: &str, runs: Vec<f64>, baseline: &str, base: Vec<f64>, higher_is_better: bool) -> Value {
+pub fn row(group: &str, name: &str, unit: &str, runs: Vec<f64>, baseline: &str, base: Vec<f64>, higher_is_better: bool) -> Value {
     let n = runs.len();
     let (med, min, max) = summary(runs);
     let (bmed, _, _) = summary(base);
@@ -184,8 +187,14 @@ fn target(group: &str, name: &str) -> Option<(&'static str, RowFilter)> {
     if legit_traffic {
         return Some((">= 97% of baseline", Box::new(move |v| ratio(v) >= 0.97)));
     }
-    if name.starts_with("idle RSS") {
+    if name.starts_with("idle RSS") || name == "`natfix agent`, 4 attachments, idle RSS" {
         return Some(("<= 20 MB", Box::new(move |v| median(v) <= 20.0)));
+    }
+    if name.starts_with("`natfix agent` reload changing 4") {
+        return Some(("<= 200 ms", Box::new(move |v| median(v) <= 200.0)));
+    }
+    if name.starts_with("`natfix agent` attaching again") {
+        return Some(("<= 2 s", Box::new(move |v| median(v) <= 2000.0)));
     }
     None
 }
@@ -431,11 +440,26 @@ fn run_all(args: &BenchArgs) -> Result<Vec<Value>> {
     // test_run rows take well under a second per run: three times the runs
     // narrow their medians, which sit within a few ns of their targets.
     let test_run_runs = (args.runs * 3).to_string();
-    let mut rows = cargo_bench("datapath", &[("NATFIX_BENCH_RUNS", test_run_runs)])?;
-    rows.extend(cargo_bench("flood", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
-    rows.extend(cargo_bench("scaling", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
-    rows.extend(system_benches(args.runs)?);
-    rows.extend(vm_throughput()?);
+    let part = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
+    let mut rows = Vec::new();
+    if part("datapath") {
+        rows.extend(cargo_bench("datapath", &[("NATFIX_BENCH_RUNS", test_run_runs)])?);
+    }
+    if part("flood") {
+        rows.extend(cargo_bench("flood", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
+    }
+    if part("scaling") {
+        rows.extend(cargo_bench("scaling", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
+    }
+    if part("system") {
+        rows.extend(system_benches(args.runs)?);
+    }
+    if part("agent") {
+        rows.extend(crate::bench_agent::agent_benches(args.runs, row)?);
+    }
+    if part("vm") {
+        rows.extend(vm_throughput()?);
+    }
     Ok(rows)
 }
 

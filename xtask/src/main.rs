@@ -1,6 +1,7 @@
 //! `cargo xtask`: set-up, tests, VM kernel tests and benchmarks for natfix.
 
 mod bench;
+mod bench_agent;
 mod deps;
 mod run;
 mod vm;

@@ -183,13 +183,22 @@ pub fn test(args: &TestArgs) -> Result<()> {
 
 /// What natfix (or its tests) could leave on the host, read before the tests
 /// so that only what they added counts.
+///
+/// A host that is not fresh (a developer's, or a CI runner shared with an
+/// interrupted run) may already hold some: those are named, not counted.
 struct HostState {
     clsact: Vec<String>,
+    natfix: Vec<String>,
 }
 
 impl HostState {
     fn read() -> Result<Self> {
-        Ok(Self { clsact: clsact_qdiscs()? })
+        let clsact = clsact_qdiscs()?;
+        let natfix = natfix_state()?;
+        for s in &natfix {
+            println!("already on the host before the tests (not counted): {s}");
+        }
+        Ok(Self { clsact, natfix })
     }
 }
 
@@ -198,9 +207,17 @@ fn clsact_qdiscs() -> Result<Vec<String>> {
     Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("clsact")).map(str::to_owned).collect())
 }
 
-/// natfix state left after the tests: pins, loaded programs, nftables
-/// tables, clsact qdiscs, and the tests' scratch namespaces.
+/// natfix state the tests added and left: what `natfix_state` finds that was
+/// not there before, and new clsact qdiscs.
 fn leftovers(before: &HostState) -> Result<Vec<String>> {
+    let mut left: Vec<String> = natfix_state()?.into_iter().filter(|s| !before.natfix.contains(s)).collect();
+    left.extend(clsact_qdiscs()?.into_iter().filter(|q| !before.clsact.contains(q)).map(|q| format!("qdisc {q}")));
+    Ok(left)
+}
+
+/// Pins, loaded programs, nftables tables and scratch namespaces of natfix
+/// or its tests, now.
+fn natfix_state() -> Result<Vec<String>> {
     let mut left = Vec::new();
     let root = std::path::Path::new("/sys/fs/bpf/natfix");
     for ns in std::fs::read_dir(root).into_iter().flatten().flatten() {
@@ -218,7 +235,6 @@ fn leftovers(before: &HostState) -> Result<Vec<String>> {
     }
     let tables = Command::new("nft").args(["list", "tables"]).output().context("nft list tables")?;
     left.extend(String::from_utf8_lossy(&tables.stdout).lines().filter(|l| l.contains("natfix")).map(|l| format!("nftables {l}")));
-    left.extend(clsact_qdiscs()?.into_iter().filter(|q| !before.clsact.contains(q)).map(|q| format!("qdisc {q}")));
     for ns in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         let name = ns.file_name().to_string_lossy().into_owned();
         if name.starts_with("nft-") || name.starts_with("natfix-lab") || name.starts_with("nfb") {

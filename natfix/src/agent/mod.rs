@@ -54,6 +54,10 @@ struct Health {
 
 pub fn run(path: &Path) -> Result<()> {
     let config = config::load(path).map_err(UserError::Usage)?;
+    // One malloc arena: the agent's threads (one per namespace entered) would
+    // each keep one, holding the memory of every BTF parse for good.
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     features::require_privileges(true)?;
     pins::require_bpffs()?;
     let health = Arc::new(Mutex::new(Health::default()));
@@ -75,10 +79,10 @@ pub fn run(path: &Path) -> Result<()> {
         })?
     };
     info!("natfix agent: {} entries from {}", config.entries.len(), path.display());
-    let pin = config.pin;
     let mut rec = Reconciler::new(config);
     run_loop(&mut rec, &rx, path, &health);
-    if pin {
+    // The config in force now says (a reload may have changed it).
+    if rec.pins() {
         rec.leave_attached();
         info!("stopping; the attachments stay (pin = true)");
     } else {
@@ -95,11 +99,16 @@ fn run_loop(rec: &mut Reconciler, rx: &mpsc::Receiver<Trigger>, path: &Path, hea
     let mut fast_until = Instant::now() + FAST_FOR;
     let mut last_full = Instant::now();
     let mut full = true;
+    // When the config was last read again, until the pass after it is done.
+    let mut reloaded: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let waiting = rec.pass(full);
         if full {
             last_full = started;
+        }
+        if let Some(at) = reloaded.take() {
+            info!("reload applied in {:.1} ms", at.elapsed().as_secs_f64() * 1000.0);
         }
         if let Ok(mut h) = health.lock() {
             h.last_pass = Some(Instant::now());
@@ -121,7 +130,10 @@ fn run_loop(rec: &mut Reconciler, rx: &mpsc::Receiver<Trigger>, path: &Path, hea
             match next {
                 Ok(Trigger::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Ok(Trigger::Reload(why)) => {
-                    reload(rec, path, why);
+                    let at = Instant::now();
+                    if reload(rec, path, why) {
+                        reloaded = Some(at);
+                    }
                     fast_until = Instant::now() + FAST_FOR;
                     full = true;
                 }
@@ -148,7 +160,7 @@ fn run_loop(rec: &mut Reconciler, rx: &mpsc::Receiver<Trigger>, path: &Path, hea
 }
 
 /// Reads the config again; a bad one is refused and everything stays.
-fn reload(rec: &mut Reconciler, path: &Path, why: &str) {
+fn reload(rec: &mut Reconciler, path: &Path, why: &str) -> bool {
     match config::load(path) {
         Ok(new) => {
             info!("reloading {} ({why}): {} entries", path.display(), new.entries.len());
@@ -156,8 +168,12 @@ fn reload(rec: &mut Reconciler, path: &Path, why: &str) {
                 warn!("{}: a new `metrics` address takes effect at the agent's next start", path.display());
             }
             rec.set_config(new);
+            true
         }
-        Err(e) => error!("config not reloaded ({why}), the running attachments stay: {e}"),
+        Err(e) => {
+            error!("config not reloaded ({why}), the running attachments stay: {e}");
+            false
+        }
     }
 }
 

@@ -49,13 +49,15 @@ pub struct Reconciler {
     slots: Vec<Slot>,
     /// What Docker publishes (empty without Docker).
     docker: Published,
+    /// A program was loaded since the heap was last trimmed.
+    trim_due: bool,
 }
 
 impl Reconciler {
     #[must_use]
     pub fn new(config: AgentConfig) -> Self {
         let slots = config.entries.iter().cloned().map(|entry| Slot { entry, status: Status::Waiting("not tried yet".into()), at: None, follower: None }).collect();
-        Self { config, slots, docker: Published::default() }
+        Self { config, slots, docker: Published::default(), trim_due: false }
     }
 
     /// Takes a new config: entries kept as they were keep their state.
@@ -76,6 +78,12 @@ impl Reconciler {
             }
         }
         self.config = config;
+    }
+
+    /// Whether the attachments stay when the agent stops.
+    #[must_use]
+    pub fn pins(&self) -> bool {
+        self.config.pin
     }
 
     #[must_use]
@@ -108,6 +116,11 @@ impl Reconciler {
             self.note(i, status);
         }
         self.release_unconfigured();
+        if std::mem::take(&mut self.trim_due) {
+            // A load parses the kernel's BTF (megabytes): give the freed heap
+            // back before idling. SAFETY: malloc_trim only releases free memory.
+            unsafe { libc::malloc_trim(0) };
+        }
         self.slots.iter().any(|s| s.status != Status::Attached)
     }
 
@@ -140,11 +153,13 @@ impl Reconciler {
         let found = records.iter().find(|(_, m)| m.netns_inode == netns.inode && m.iface == iface.as_str());
         let in_place = found.filter(|(_, m)| m.managed.as_ref().is_some_and(|g| g.structure == managed.structure) && state::check(m).state.is_effective());
         let fresh = if let Some((dir, meta)) = in_place {
-            // Settings changed, or the record is another config's (a moved
-            // file, or an agent that died): taken over with this one's.
-            if meta.managed.as_ref().is_none_or(|g| g.settings != managed.settings || g.config != managed.config) {
+            // Settings changed, changed behind the agent's back (`natfix
+            // set`), or the record is another config's (a moved file, an
+            // agent that died): the config is put in force.
+            let stale = meta.managed.as_ref().is_none_or(|g| g.settings != managed.settings || g.config != managed.config);
+            if stale || drifted(meta, &entry) {
                 let change = settings_change(meta, &entry);
-                loader::live::change_managed(dir, &netns, change, &managed)?;
+                loader::live::change_managed(dir, &netns, change, &managed, &self.docker)?;
                 info!("{}: {}: settings changed in place", entry.place, entry.name());
             }
             if sync_published && meta.guard.is_some() {
@@ -155,6 +170,7 @@ impl Reconciler {
             if let Some((_, m)) = found.filter(|(_, m)| m.managed.is_none() && m.pid.is_some_and(|_| !m.pinned && m.is_live())) {
                 return Err(UserError::Conflict(format!("a foreground `natfix attach` (pid {}) holds {iface}: the agent leaves it", m.pid.unwrap_or(0))).into());
             }
+            self.trim_due = true;
             self.attach(&entry, netns.clone(), &iface, managed)?;
             true
         };
@@ -288,6 +304,27 @@ fn settings_change(meta: &AttachmentMeta, entry: &AgentEntry) -> SettingsChange 
         change.reqid = Some(want.reqid);
     }
     change
+}
+
+/// Whether the record's settings differ from what `entry` asks for.
+fn drifted(meta: &AttachmentMeta, entry: &AgentEntry) -> bool {
+    let same_set = |a: &[u16], b: &[u16]| a.iter().all(|x| b.contains(x)) && b.iter().all(|x| a.contains(x));
+    let guard = match (&meta.guard, &entry.spec.guard) {
+        (Some(have), Some(want)) => {
+            have.ranges != want.range_texts()
+                || !same_set(&have.allow_ports, &want.allow_ports)
+                || !deltas(&have.allow_src, &want.allow_src).is_empty()
+                || have.dry_run != want.dry_run
+        }
+        (None, None) => false,
+        _ => true,
+    };
+    let overlay = match (&meta.overlay, &entry.spec.overlay) {
+        (Some(have), Some(want)) => have.vxlan_auto != want.vxlan_auto() || (!want.vxlan_auto() && have.vxlan_ports != want.vxlan_ports) || have.reqid != want.reqid,
+        (None, None) => false,
+        _ => true,
+    };
+    guard || overlay || meta.events_per_sec.is_some_and(|e| e != entry.spec.events_per_sec)
 }
 
 fn deltas<T: Clone + PartialEq>(have: &[T], want: &[T]) -> Vec<Delta<T>> {

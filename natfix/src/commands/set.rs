@@ -26,6 +26,9 @@ pub fn run(iface: &IfaceName, netns_spec: Option<&str>, change: SettingsChange, 
             meta.netns_flag()
         )));
     }
+    if let Some(m) = &meta.managed {
+        tracing::warn!("{iface} is kept by natfix agent ({}): it puts its config back when it next checks; change the config instead", m.config);
+    }
     let now = loader::live::change(&dir, &netns, change)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&now)?);

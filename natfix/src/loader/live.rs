@@ -25,15 +25,16 @@ use crate::{
 
 /// Applies `change` to the attachment recorded in `dir`; returns the new record.
 pub fn change(dir: &PinDir, netns: &Netns, change: SettingsChange) -> Result<AttachmentMeta> {
-    change_with(dir, netns, change, None)
+    change_with(dir, netns, change, None, None)
 }
 
-/// `change`, for the agent: also records what it now asks for.
-pub fn change_managed(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: &Managed) -> Result<AttachmentMeta> {
-    change_with(dir, netns, change, Some(managed.clone()))
+/// `change`, for the agent: also records what it now asks for; `docker` is
+/// what Docker publishes, which the agent follows (else it is asked).
+pub fn change_managed(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: &Managed, docker: &Published) -> Result<AttachmentMeta> {
+    change_with(dir, netns, change, Some(managed.clone()), Some(docker.clone()))
 }
 
-fn change_with(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: Option<Managed>) -> Result<AttachmentMeta> {
+fn change_with(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: Option<Managed>, docker: Option<Published>) -> Result<AttachmentMeta> {
     let dir = dir.clone();
     let ns = netns.clone();
     netns.run(move || {
@@ -42,11 +43,11 @@ fn change_with(dir: &PinDir, netns: &Netns, change: SettingsChange, managed: Opt
         if managed.is_some() {
             meta.managed = managed;
         }
-        change_here(&dir, &ns, meta, &change)
+        change_here(&dir, &ns, meta, &change, docker.as_ref())
     })
 }
 
-fn change_here(dir: &PinDir, netns: &Netns, mut meta: AttachmentMeta, change: &SettingsChange) -> Result<AttachmentMeta> {
+fn change_here(dir: &PinDir, netns: &Netns, mut meta: AttachmentMeta, change: &SettingsChange, docker: Option<&Published>) -> Result<AttachmentMeta> {
     let usage = |e: String| anyhow::Error::from(UserError::Usage(e));
     let guard_next = match (&meta.guard, change.touches_guard()) {
         (None, true) => bail!(UserError::Usage(format!("{} has no guard to change (attach with --guard)", meta.iface))),
@@ -59,12 +60,12 @@ fn change_here(dir: &PinDir, netns: &Netns, mut meta: AttachmentMeta, change: &S
         _ => None,
     };
     let before = meta.clone();
-    let applied = apply(dir, netns, &mut meta, guard_next.as_ref(), overlay_next.as_ref(), change.events_per_sec);
+    let applied = apply(dir, netns, &mut meta, guard_next.as_ref(), overlay_next.as_ref(), change.events_per_sec, docker);
     if let Err(e) = applied {
         warn!("{e:#}: putting the previous settings back");
         let timeout = flow_timeout_now(dir)?;
         let guard_before = before.guard.as_ref().map(|g| guard_spec(g, timeout)).transpose()?;
-        let restore = apply(dir, netns, &mut before.clone(), guard_before.as_ref(), before.overlay.as_ref().map(overlay_spec).as_ref(), before.events_per_sec);
+        let restore = apply(dir, netns, &mut before.clone(), guard_before.as_ref(), before.overlay.as_ref().map(overlay_spec).as_ref(), before.events_per_sec, docker);
         if let Err(r) = restore {
             warn!("could not put every previous setting back: {r:#}");
         }
@@ -100,7 +101,15 @@ fn reap(meta: &mut AttachmentMeta) {
 }
 
 /// Writes the settings into the maps (and the nft table), and into `meta`.
-fn apply(dir: &PinDir, netns: &Netns, meta: &mut AttachmentMeta, guard: Option<&GuardSpec>, overlay: Option<&OverlaySpec>, events: Option<u32>) -> Result<()> {
+fn apply(
+    dir: &PinDir,
+    netns: &Netns,
+    meta: &mut AttachmentMeta,
+    guard: Option<&GuardSpec>,
+    overlay: Option<&OverlaySpec>,
+    events: Option<u32>,
+    docker: Option<&Published>,
+) -> Result<()> {
     if let (Some(next), Some(g)) = (guard, meta.guard.as_mut()) {
         let own = g.flow_source == ResolvedFlowSource::Own;
         let eif = g.filtering == crate::config::Filtering::EndpointIndependent;
@@ -109,7 +118,7 @@ fn apply(dir: &PinDir, netns: &Netns, meta: &mut AttachmentMeta, guard: Option<&
         } else if next.range_texts() == g.ranges {
             g.published.clone()
         } else {
-            published_inside(&next.ranges)
+            published_inside(&next.ranges, docker)
         };
         apply_guard(dir, netns, next, published.clone(), own, eif)?;
         g.published = published;
@@ -180,10 +189,15 @@ fn apply_guard(dir: &PinDir, netns: &Netns, next: &GuardSpec, published: Vec<u16
 
 /// The published ports inside `ranges`, read now (the namespace's DNAT
 /// rules, in the calling thread's namespace, and Docker's).
-fn published_inside(ranges: &[PortRange]) -> Vec<u16> {
+fn published_inside(ranges: &[PortRange], docker: Option<&Published>) -> Vec<u16> {
     let mut all = Published::kernel_here();
-    if let Some(docker) = crate::docker::published_now(std::time::Duration::from_secs(2)) {
-        all.merge(&docker);
+    match docker {
+        Some(d) => all.merge(d),
+        None => {
+            if let Some(d) = crate::docker::published_now(std::time::Duration::from_secs(2)) {
+                all.merge(&d);
+            }
+        }
     }
     all.inside(ranges)
 }
