@@ -11,7 +11,12 @@ use crate::config::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "natfix", version, about = "eBPF data-plane fixes for container hosts behind NAT")]
+#[command(
+    name = "natfix",
+    // The commit too (natfix/build.rs): which build a node runs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NATFIX_COMMIT"), ")"),
+    about = "eBPF data-plane fixes for container hosts behind NAT"
+)]
 pub struct Cli {
     /// Log filter, e.g. `debug` or `natfix=trace` [default: RUST_LOG, else info].
     #[arg(long, global = true, env = "NATFIX_LOG")]
