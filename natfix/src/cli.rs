@@ -55,6 +55,22 @@ pub enum Command {
     Set(SetArgs),
     /// Delete the conntrack entries unsolicited UDP already created to guarded ports (attach does it too).
     Reap(ReapArgs),
+    /// Print a shell completion script (e.g. `natfix completions bash > /etc/bash_completion.d/natfix`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): natfix(1), or a command's, e.g. `natfix man attach | man -l -`.
+    Man {
+        /// The command whose page to print (natfix-COMMAND(1)).
+        command: Option<String>,
+    },
+}
+
+/// The command line's definition, for what renders it (completions, man pages).
+#[must_use]
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Debug, Clone, Args)]

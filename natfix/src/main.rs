@@ -62,6 +62,8 @@ fn run(command: &Command) -> anyhow::Result<u8> {
             };
             commands::reap::run(r.netns.as_deref(), &req, r.json)?;
         }
+        Command::Completions { shell } => commands::completions::completions(natfix::cli::command(), *shell, &mut std::io::stdout())?,
+        Command::Man { command } => commands::completions::man(natfix::cli::command(), command.as_deref(), &mut std::io::stdout())?,
     }
     Ok(0)
 }
