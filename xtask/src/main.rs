@@ -2,6 +2,8 @@
 
 mod bench;
 mod deps;
+mod docker;
+mod image;
 mod run;
 mod vm;
 
@@ -27,6 +29,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Boot a Debian kernel in qemu and run a scenario inside it.
     Vm(vm::VmArgs),
+    /// Build the runtime image natfix:latest (deploy/Dockerfile) from a release build.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -36,5 +40,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => run::test(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Vm(args) => vm::run(&args),
+        Cmd::Image => image::build(),
     }
 }
