@@ -11,7 +11,12 @@ use crate::config::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "natfix", version, about = "eBPF data-plane fixes for container hosts behind NAT")]
+#[command(
+    name = "natfix",
+    // The commit too (natfix/build.rs): which build a node runs.
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NATFIX_COMMIT"), ")"),
+    about = "eBPF data-plane fixes for container hosts behind NAT"
+)]
 pub struct Cli {
     /// Log filter, e.g. `debug` or `natfix=trace` [default: RUST_LOG, else info].
     #[expect(clippy::doc_markdown, reason = "clap shows this doc verbatim as --help text")]
@@ -66,6 +71,22 @@ pub enum Command {
         #[arg(long, default_value = crate::commands::health::DEFAULT_ADDR)]
         addr: std::net::SocketAddr,
     },
+    /// Print a shell completion script (e.g. `natfix completions bash > /etc/bash_completion.d/natfix`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): natfix(1), or a command's, e.g. `natfix man attach | man -l -`.
+    Man {
+        /// The command whose page to print (natfix-COMMAND(1)).
+        command: Option<String>,
+    },
+}
+
+/// The command line's definition, for what renders it (completions, man pages).
+#[must_use]
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
 }
 
 #[derive(Debug, Clone, Args)]

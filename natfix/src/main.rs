@@ -67,6 +67,8 @@ fn run(command: &Command) -> anyhow::Result<u8> {
         }
         Command::Agent { config } => natfix::agent::run(config)?,
         Command::Health { addr } => commands::health::run(*addr)?,
+        Command::Completions { shell } => commands::completions::completions(natfix::cli::command(), *shell, &mut std::io::stdout())?,
+        Command::Man { command } => commands::completions::man(natfix::cli::command(), command.as_deref(), &mut std::io::stdout())?,
     }
     Ok(0)
 }

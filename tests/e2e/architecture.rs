@@ -124,15 +124,24 @@ fn the_module_graph_has_no_cycle() {
     assert!(find_cycle(&broken).is_some(), "{broken:?}");
 }
 
+/// The one command below the CLI that takes clap's types: it renders the
+/// CLI's definition itself (completion scripts, man pages), handed to it by
+/// `main` from `cli::command()`. It still does not import `cli`.
+const RENDERS_THE_CLI: &str = "commands/completions.rs";
+
 #[test]
 fn only_the_cli_knows_clap() {
     for (module, path, text) in product_files() {
+        let renders_cli = path.ends_with(RENDERS_THE_CLI);
         if module == "cli" || module == "main" {
             continue;
         }
-        assert!(!text.contains("clap::") && !text.contains("use clap"), "{} uses clap: only cli.rs and main.rs may", path.display());
+        if !renders_cli {
+            assert!(!text.contains("clap::") && !text.contains("use clap"), "{} uses clap: only cli.rs and main.rs may", path.display());
+        }
         assert!(!text.contains("crate::cli"), "{} imports the CLI", path.display());
     }
+    assert!(src().join(RENDERS_THE_CLI).exists(), "{RENDERS_THE_CLI} moved: update the exception");
 }
 
 /// Strips string and char literals and comments, so braces in them do not count.

@@ -26,6 +26,13 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "/usr/bin/promtool"),
     ("iputils-ping", "/usr/bin/ping"),
     ("socat", "/usr/bin/socat"),
+    // The runtime image and its tests: the engine, Compose to check
+    // deploy/compose.yml, mmdebstrap for a base image where no registry is.
+    ("docker.io", "/usr/sbin/dockerd"),
+    ("docker-compose", "/usr/bin/docker-compose"),
+    ("mmdebstrap", "/usr/bin/mmdebstrap"),
+    // systemd-analyze verify checks deploy/natfix.service.
+    ("systemd", "/usr/bin/systemd-analyze"),
 ];
 
 pub fn install() -> Result<()> {

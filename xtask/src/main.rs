@@ -3,6 +3,8 @@
 mod bench;
 mod bench_agent;
 mod deps;
+mod docker;
+mod image;
 mod run;
 mod vm;
 
@@ -28,6 +30,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Boot a Debian kernel in qemu and run a scenario inside it.
     Vm(vm::VmArgs),
+    /// Build the runtime image natfix:latest (deploy/Dockerfile) from a release build.
+    Image,
 }
 
 fn main() -> Result<()> {
@@ -37,5 +41,6 @@ fn main() -> Result<()> {
         Cmd::Test(args) => run::test(&args),
         Cmd::Bench(args) => bench::bench(&args),
         Cmd::Vm(args) => vm::run(&args),
+        Cmd::Image => image::build(),
     }
 }

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::deps;
+use crate::{deps, docker, image};
 
 #[derive(clap::Args)]
 pub struct TestArgs {
@@ -132,6 +132,8 @@ fn lint() -> Result<()> {
 pub fn test(args: &TestArgs) -> Result<()> {
     setup()?;
     lint()?;
+    // Stopped when the tests are done, if started here.
+    let (_engine, docker_unavailable) = docker_for_tests();
     let mut totals = (0, 0);
     // Tests that could not check what they are for (a kernel or engine
     // without the feature) say so here, and count as skipped, not passed.
@@ -146,6 +148,7 @@ pub fn test(args: &TestArgs) -> Result<()> {
             // The differential tests become the fuzz run: a million frames per program.
             .env("NATFIX_DIFF_CASES", "1000000")
             .env("NATFIX_SKIP_LOG", &skip_log)
+            .envs(docker_unavailable.map(|why| ("NATFIX_DOCKER_UNAVAILABLE", why)))
             .current_dir(workspace()),
         &mut totals,
     )?;
@@ -179,6 +182,19 @@ pub fn test(args: &TestArgs) -> Result<()> {
         bail!("the tests left natfix state on the host (see above)");
     }
     Ok(())
+}
+
+/// An engine and the image for the Docker tests (`tests/e2e/docker_image.rs`);
+/// else why not, which those tests report as their reason to skip.
+fn docker_for_tests() -> (Option<docker::Engine>, Option<String>) {
+    let engine = match docker::Engine::ensure() {
+        Ok(engine) => engine,
+        Err(e) => return (None, Some(format!("{e:#}"))),
+    };
+    match image::build() {
+        Ok(()) => (Some(engine), None),
+        Err(e) => (Some(engine), Some(format!("cargo xtask image failed: {e:#}"))),
+    }
 }
 
 /// What natfix (or its tests) could leave on the host, read before the tests
@@ -235,6 +251,10 @@ fn natfix_state() -> Result<Vec<String>> {
     }
     let tables = Command::new("nft").args(["list", "tables"]).output().context("nft list tables")?;
     left.extend(String::from_utf8_lossy(&tables.stdout).lines().filter(|l| l.contains("natfix")).map(|l| format!("nftables {l}")));
+    // The Docker tests' containers (tests/e2e/docker_image.rs), when an engine answers.
+    if let Ok(out) = Command::new("docker").args(["ps", "-a", "--filter", "name=natfix-test-", "--format", "{{.Names}}"]).output() {
+        left.extend(String::from_utf8_lossy(&out.stdout).lines().map(|c| format!("container {c}")));
+    }
     for ns in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         let name = ns.file_name().to_string_lossy().into_owned();
         if name.starts_with("nft-") || name.starts_with("natfix-lab") || name.starts_with("nfb") {

@@ -2,6 +2,7 @@
 //! and returns what `main` turns into an exit code.
 
 pub mod attach;
+pub mod completions;
 pub mod detach;
 pub mod diagnose;
 pub mod health;

@@ -115,10 +115,11 @@ pub fn render_many(items: &[(&AttachmentMeta, &[CounterRow])], configured: &[Con
         }
         registry.register(Box::new(up))?;
     }
-    let build_info = IntGaugeVec::new(Opts::new("natfix_build_info", "Always 1; labelled with the natfix version."), &[
-        "version",
-    ])?;
-    build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    let build_info = IntGaugeVec::new(
+        Opts::new("natfix_build_info", "Always 1; labelled with the natfix version and the commit it was built from."),
+        &["version", "commit"],
+    )?;
+    build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("NATFIX_COMMIT")]).set(1);
     for collector in [packets, bytes, reaped] {
         registry.register(Box::new(collector))?;
     }
@@ -377,7 +378,7 @@ mod tests {
             r#"natfix_attached{hook="xdp",iface="eth0",mode="native",netns="host",program="natfix_guard_xdp"} 1"#,
             r#"natfix_attached{hook="tc-egress",iface="eth0",mode="tcx",netns="host",program="natfix_flow_egress"} 1"#,
             r#"natfix_conntrack_reaped_total{iface="eth0",netns="host"} 3"#,
-            &format!(r#"natfix_build_info{{version="{}"}} 1"#, env!("CARGO_PKG_VERSION")),
+            &format!(r#"natfix_build_info{{commit="{}",version="{}"}} 1"#, env!("NATFIX_COMMIT"), env!("CARGO_PKG_VERSION")),
         ] {
             assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
         }

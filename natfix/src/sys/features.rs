@@ -38,7 +38,7 @@ pub fn require_privileges(enter_netns: bool) -> Result<()> {
     }
     if !missing.is_empty() {
         bail!(UserError::Privilege(format!(
-            "missing {}: run as root, or in a container with --privileged (or --cap-add NET_ADMIN,BPF,SYS_ADMIN)",
+            "missing {}: run as root, or in a container with --cap-add NET_ADMIN --cap-add SYS_ADMIN (README.md, \"Deploy\")",
             missing.join(", ")
         )));
     }
