@@ -49,6 +49,13 @@ const OBJECTS: &[BpfObject] = &[
         defines: &[],
         rig: false,
     },
+    // `natfix trace`: BTF tracepoint programs (drops, transmits, socket deliveries).
+    BpfObject {
+        name: "trace",
+        sources: &["trace_tp"],
+        defines: &[],
+        rig: false,
+    },
     // Test rig: empty programs (the baseline of every benchmark ratio), the
     // flood generator and the counting sinks.
     BpfObject {

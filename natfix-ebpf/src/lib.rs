@@ -2,6 +2,7 @@
 //! `build.rs`) and `#[repr(C)]` mirrors of the ABI in `bpf-headers/natfix_abi.h`.
 
 pub mod abi;
+mod trace_abi;
 
 /// Object bytes, aligned for aya's ELF parser.
 pub mod objects {
@@ -58,4 +59,21 @@ pub mod maps {
     pub const EVENTS_PER_SEC: &str = "natfix_events_per_sec";
     pub const HZ: &str = "natfix_hz";
     pub const OVERLAY_WRITER: &str = "overlay_writer";
+}
+
+/// `natfix trace`'s tracepoint programs (`trace_tp.bpf.c`), their maps, and
+/// the mirror of `natfix_trace_abi.h`.
+pub mod trace {
+    pub use crate::trace_abi::*;
+
+    pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trace.bpf.o"));
+    /// (program, tracepoint) pairs; the last one is missing before Linux 6.3.
+    pub const PROGRAMS: [(&str, &str); 3] = [
+        ("natfix_trace_drop", "kfree_skb"),
+        ("natfix_trace_xmit", "net_dev_start_xmit"),
+        ("natfix_trace_deliver", "sk_data_ready"),
+    ];
+    pub const FILTER_MAP: &str = "natfix_trace_filter";
+    pub const FLOWS_MAP: &str = "natfix_trace_flows";
+    pub const EVENTS_MAP: &str = "natfix_trace_events";
 }
