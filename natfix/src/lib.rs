@@ -19,5 +19,6 @@ pub mod overlay;
 pub mod pins;
 pub mod record;
 pub mod sys;
+pub mod trace;
 
 pub use natfix_ebpf::abi;
