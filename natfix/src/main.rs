@@ -52,6 +52,7 @@ fn run(command: &Command) -> anyhow::Result<u8> {
             }
         }
         Command::Monitor(m) => commands::monitor::run(m.iface.as_ref(), m.netns.as_deref(), m.json, m.count)?,
+        Command::Trace(t) => commands::trace::run(&t.spec())?,
     }
     Ok(0)
 }

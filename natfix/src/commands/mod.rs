@@ -8,6 +8,7 @@ pub mod lab;
 pub mod monitor;
 pub mod status;
 pub mod stats;
+pub mod trace;
 
 use anyhow::Result;
 use tracing::info;
