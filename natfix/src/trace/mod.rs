@@ -94,6 +94,8 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// the timeout passed, or [`STOP`] was set; returns their paths.
 pub fn run(opts: &TraceOptions) -> Result<Vec<Path>> {
     let mut session = Session::start(opts)?;
+    let ids: Vec<String> = session.prog_ids().iter().map(|(tp, id)| format!("{tp} {id}")).collect();
+    tracing::info!("tracepoint programs attached (ids: {})", ids.join(", "));
     tracing::info!(
         "tracing `{}` in {} namespaces ({}); stop with Ctrl-C",
         opts.filter,

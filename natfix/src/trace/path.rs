@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use natfix_ebpf::trace::{KIND_DELIVER, KIND_DROP, TraceEvent};
+use natfix_ebpf::trace::{KIND_DELIVER, KIND_DROP, KIND_XMIT, TraceEvent};
 
 use super::{
     drops::Kallsyms,
@@ -34,6 +34,8 @@ use crate::conntrack::{CtEntry, CtEventKind};
 const RUN_GAP_NS: u64 = 50_000_000;
 /// Events of one skb further apart than this belong to different packets.
 const GROUP_GAP_NS: u64 = 1_000_000_000;
+/// A copy of a packet (a new skb) appears in the next namespace within this.
+const HOP_NS: u64 = 5_000_000;
 /// A natfix event this close to a drop on its interface is that drop's cause.
 const OWN_MATCH_NS: u64 = 100_000_000;
 
@@ -164,18 +166,43 @@ impl Assembly<'_, '_> {
         let mut events: Vec<&TraceEvent> = self.obs.bpf.iter().map(|b| &b.ev).collect();
         events.sort_by_key(|e| e.ts_ns);
         let mut open: HashMap<u64, usize> = HashMap::new();
-        for ev in events {
+        let traced: HashSet<u64> = self.ctx.namespaces.iter().map(|n| n.inode).collect();
+        // Other namespaces' packets may match too: not what was asked for.
+        for ev in events.into_iter().filter(|e| e.netns == 0 || traced.contains(&u64::from(e.netns))) {
             let Some(flow) = Tuple::from_bpf(&ev.tuple).and_then(|t| self.flows.lookup(&t)) else { continue };
-            let joins = open.get(&ev.skb).filter(|&&i| {
-                let g = &self.groups[i];
-                let last = g.events[g.events.len() - 1];
-                g.flow.0 == flow.0 && !matches!(last.kind, KIND_DROP | KIND_DELIVER) && ev.ts_ns - last.ts_ns < GROUP_GAP_NS
-            });
+            let joins = open.get(&ev.skb).filter(|&&i| continues(&self.groups[i], flow, ev));
             if let Some(&i) = joins {
                 self.groups[i].events.push(ev);
             } else {
                 open.insert(ev.skb, self.groups.len());
                 self.groups.push(Group { flow, events: vec![ev] });
+            }
+        }
+        self.join_copies();
+    }
+
+    /// A veth with XDP (and other paths) may copy the skb: a group that
+    /// starts in another namespace right after a group of its flow was sent
+    /// out is that packet, continued.
+    fn join_copies(&mut self) {
+        let mut i = 1;
+        while i < self.groups.len() {
+            let g = &self.groups[i];
+            let first = g.events[0];
+            let before = (0..i).rev().find(|&j| {
+                let f = &self.groups[j];
+                let last = f.events[f.events.len() - 1];
+                f.flow == g.flow
+                    && last.kind == KIND_XMIT
+                    && first.ts_ns.saturating_sub(last.ts_ns) < HOP_NS
+                    && !f.events.iter().any(|e| e.netns == first.netns)
+            });
+            if let Some(j) = before {
+                let moved = std::mem::take(&mut self.groups[i].events);
+                self.groups[j].events.extend(moved);
+                self.groups.remove(i);
+            } else {
+                i += 1;
             }
         }
     }
@@ -240,11 +267,13 @@ impl Assembly<'_, '_> {
         for (i, o) in self.obs.own.iter().enumerate() {
             let Some(tuple) = super::own::event_tuple(&o.rec) else { continue };
             let Some((flow, dir)) = self.flows.lookup(&tuple) else { continue };
+            // Dropped by natfix at tc (the kernel saw the drop), or at XDP right after it left its last hop.
             let near = |p: &Packet| {
                 p.group.is_some_and(|g| {
-                    self.groups[g].events.iter().any(|e| {
-                        e.kind == KIND_DROP && e.dev_name() == o.rec.iface && e.ts_ns.abs_diff(o.rec.ts_ns) < OWN_MATCH_NS
-                    })
+                    let events = &self.groups[g].events;
+                    let dropped = events.iter().any(|e| e.kind == KIND_DROP && e.dev_name() == o.rec.iface && e.ts_ns.abs_diff(o.rec.ts_ns) < OWN_MATCH_NS);
+                    let last = events[events.len() - 1];
+                    dropped || (last.kind == KIND_XMIT && last.ts_ns.abs_diff(o.rec.ts_ns) < OWN_MATCH_NS)
                 })
             };
             match self.packets.iter().position(|p| p.flow == flow && p.dir == Some(dir) && near(p)) {
@@ -284,13 +313,12 @@ impl Assembly<'_, '_> {
     fn path(&self, p: &Packet, answers: bool, used_ct: &mut HashSet<(usize, usize, bool)>) -> Path {
         let segments = self.segments(p);
         let mut steps = Vec::new();
-        if segments.is_empty() {
-            steps.extend(self.own_steps_alone(p));
-        }
         for (k, seg) in segments.iter().enumerate() {
             let last = k + 1 == segments.len();
             steps.extend(self.segment_steps(p, seg, last, used_ct));
         }
+        // natfix's verdicts no kernel drop shows (XDP: the packet never became an skb) end the path.
+        steps.extend(self.own_steps_unplaced(p));
         Path { reply: answers, dir_reply: p.dir == Some(Dir::Reply), tuple: self.first_tuple(p), steps }
     }
 
@@ -415,8 +443,14 @@ impl<'o> Assembly<'_, 'o> {
             .collect()
     }
 
-    fn own_steps_alone(&self, p: &Packet) -> Vec<Step> {
-        p.own.iter().map(|&i| self.own_step(&self.obs.own[i])).collect()
+    fn own_steps_unplaced(&self, p: &Packet) -> Vec<Step> {
+        let drops: Vec<&TraceEvent> = p.group.map_or_else(Vec::new, |g| self.groups[g].events.iter().copied().filter(|e| e.kind == KIND_DROP).collect());
+        p.own
+            .iter()
+            .map(|&i| &self.obs.own[i])
+            .filter(|o| !drops.iter().any(|d| d.dev_name() == o.rec.iface))
+            .map(|o| self.own_step(o))
+            .collect()
     }
 
     fn own_step(&self, o: &super::obs::OwnObs) -> Step {
@@ -428,12 +462,26 @@ impl<'o> Assembly<'_, 'o> {
     }
 }
 
+/// Whether `ev` is the same packet as `g` (skb addresses are reused at
+/// once): same flow and direction, not after its end, not long after, and
+/// not back in a namespace it already left.
+fn continues(g: &Group<'_>, flow: (usize, Dir), ev: &TraceEvent) -> bool {
+    let last = g.events[g.events.len() - 1];
+    let left_before = g.events.iter().any(|e| e.netns == ev.netns) && last.netns != ev.netns;
+    let repeated = g.events.iter().any(|e| e.netns == ev.netns && e.kind == ev.kind && e.ifindex == ev.ifindex);
+    g.flow == flow
+        && !matches!(last.kind, KIND_DROP | KIND_DELIVER)
+        && ev.ts_ns.saturating_sub(last.ts_ns) < GROUP_GAP_NS
+        && !left_before
+        && !repeated
+}
+
 /// The routing decision of a namespace without chains after prerouting, from what happened next.
 fn derived_route(label: &str, events: &[&TraceEvent]) -> Option<Step> {
     let first = events.first()?;
     match first.kind {
         KIND_DELIVER => Some(Step::new(label, Kind::Route, "routing: local delivery")),
-        natfix_ebpf::trace::KIND_XMIT => {
+        KIND_XMIT => {
             let dev = first.dev_name();
             Some(Step::new(label, Kind::Route, format!("routing: forward, out via {dev}")).dev(Some(dev)))
         }
