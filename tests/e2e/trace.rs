@@ -449,3 +449,133 @@ fn sigterm_and_sigkill_leave_nothing_installed() {
     }
     assert_nothing_left(pid, &ids, &[&a, &b]);
 }
+
+/// Docker's daemon: answering already, or started here (then stopped on drop).
+struct DockerEngine {
+    started: Option<Child>,
+}
+
+fn docker(args: &[&str]) -> std::io::Result<std::process::Output> {
+    Command::new("docker").args(args).output()
+}
+
+impl DockerEngine {
+    fn get() -> Result<Self, String> {
+        let answers = || docker(&["version", "--format", "{{.Server.Version}}"]).is_ok_and(|o| o.status.success());
+        if answers() {
+            return Ok(Self { started: None });
+        }
+        if Command::new("dockerd").arg("--version").output().is_err() {
+            return Err("no Docker engine (apt-get install docker.io)".into());
+        }
+        let child = Command::new("dockerd").stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| format!("cannot start dockerd: {e}"))?;
+        let engine = Self { started: Some(child) };
+        let end = Instant::now() + Duration::from_secs(30);
+        while !answers() {
+            if Instant::now() > end {
+                return Err("dockerd did not answer on /var/run/docker.sock within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(engine)
+    }
+}
+
+impl Drop for DockerEngine {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.started {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)), nix::sys::signal::Signal::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A container from an image imported from a local busybox (no registry),
+/// publishing 1812/udp; removed, with its image, on drop.
+struct Container {
+    id: String,
+    image: String,
+}
+
+impl Container {
+    fn run() -> Result<Self, String> {
+        let image = format!("natfix-trace-bb:{}", std::process::id());
+        let root = std::env::temp_dir().join(format!("natfix-trace-rootfs-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("bin")).map_err(|e| e.to_string())?;
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).map_err(|e| format!("no static busybox to build an image from: {e}"))?;
+        let script = format!("tar -C {} -c . | docker import --change 'CMD [\"/bin/busybox\",\"sleep\",\"120\"]' - {image}", root.display());
+        let imported = Command::new("sh").args(["-c", &script]).output().map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&root);
+        if !imported.status.success() {
+            return Err(format!("docker import failed: {}", String::from_utf8_lossy(&imported.stderr).trim()));
+        }
+        let run = docker(&["run", "-d", "--rm", "-p", "1812:1812/udp", &image]).map_err(|e| e.to_string())?;
+        let id = String::from_utf8_lossy(&run.stdout).trim().to_owned();
+        let c = Self { id, image };
+        if !run.status.success() {
+            return Err(format!("docker run -p 1812:1812/udp failed: {}", String::from_utf8_lossy(&run.stderr).trim()));
+        }
+        Ok(c)
+    }
+
+    fn inspect(&self, format: &str) -> String {
+        docker(&["inspect", "-f", format, &self.id]).map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        if !self.id.is_empty() {
+            let _ = docker(&["rm", "-f", &self.id]);
+        }
+        let _ = docker(&["rmi", "-f", &self.image]);
+    }
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn with_a_real_docker_engine_the_trace_names_dockers_chains() {
+    root_setup();
+    let engine = match DockerEngine::get() {
+        Ok(e) => e,
+        Err(why) => return natfix_testkit::skip(&why),
+    };
+    let container = match Container::run() {
+        Ok(c) => c,
+        Err(why) => return natfix_testkit::skip(&why),
+    };
+    let (sandbox, ip) = (container.inspect("{{.NetworkSettings.SandboxKey}}"), container.inspect("{{.NetworkSettings.IPAddress}}"));
+    // An external peer: a namespace on a veth to this (Docker's) namespace, on a /30 of its own.
+    let ext = scratch_ns("trdk");
+    let host_if = format!("nfxdk{}", std::process::id() % 100_000);
+    natfix::lab::scratch::run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", "dk0", "netns", &ext.name]).unwrap();
+    let _cleanup = DeleteLink(host_if.clone());
+    natfix::lab::scratch::run(&["ip", "addr", "add", "10.254.77.1/30", "dev", &host_if]).unwrap();
+    natfix::lab::scratch::run(&["ip", "link", "set", &host_if, "up"]).unwrap();
+    ext.exec(&["ip", "addr", "add", "10.254.77.2/30", "dev", "dk0"]).unwrap();
+    ext.exec(&["ip", "link", "set", "dk0", "up"]).unwrap();
+
+    let trace = Trace::start(&["--netns", "self", "--netns", &sandbox, "--netns", &ext.name, "--timeout", "20", "--json", "udp", "and", "port", "1812"]);
+    send_one(&ext, "10.254.77.2:41812", "10.254.77.1:1812");
+    let out = trace.finish();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let s = &out.steps;
+    let dnat = find(s, 0, "Docker's DNAT in nat/DOCKER", |s| {
+        s["kind"] == "rule" && s["table"] == "nat" && s["chain"] == "DOCKER" && text(s).contains(&format!("{ip}:1812")) && s["verdict"] == "accept"
+    });
+    let user = find(s, dnat, "FORWARD -> DOCKER-USER", |s| s["chain"] == "FORWARD" && s["verdict"] == "jump DOCKER-USER");
+    let iso = find(s, user, "-> DOCKER-ISOLATION-STAGE-1", |s| s["chain"] == "FORWARD" && s["verdict"] == "jump DOCKER-ISOLATION-STAGE-1");
+    let accept = find(s, iso, "filter/DOCKER accepts", |s| s["table"] == "filter" && s["chain"] == "DOCKER" && s["verdict"] == "accept");
+    find(s, accept, "into the container's namespace", |s| s["netns"] == sandbox.as_str() && s["tuple"]["dst"] == format!("{ip}:1812").as_str());
+    drop(container);
+    drop(engine);
+}
+
+/// Deletes a link of natfix's own namespace on drop.
+struct DeleteLink(String);
+
+impl Drop for DeleteLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+    }
+}

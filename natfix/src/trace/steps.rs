@@ -152,7 +152,8 @@ fn message_step(ns: &NsView, m: &TraceMsg, base: &Base) -> Option<Step> {
         s.program = Some("overlay");
         s
     } else if policy {
-        let text = format!("{family} {} {} ({} {}): policy {verdict}", m.table, m.chain, base.hook, base.prio);
+        let tag = if iptables { ", iptables-nft" } else { "" };
+        let text = format!("{family} {} {} ({} {}{tag}): policy {verdict}", m.table, m.chain, base.hook, base.prio);
         Step::new(&ns.label, Kind::Policy, text)
     } else {
         let shown = rule.and_then(|r| r.iptables.clone().or_else(|| Some(r.text.clone())));
@@ -292,7 +293,7 @@ mod tests {
         let steps = run_steps(&ns, &[&ours, &pre, &dnat, &fwd]);
         assert_eq!(steps.entry.unwrap().text, "arrived on ext");
         let lines: Vec<&str> = steps.body.iter().map(|s| s.text.as_str()).collect();
-        assert_eq!(lines[0], "ip nat PREROUTING (prerouting -100): policy accept");
+        assert_eq!(lines[0], "ip nat PREROUTING (prerouting -100, iptables-nft): policy accept");
         // Named and shaped as iptables-nft makes its tables.
         assert_eq!(lines[1], "ip nat DOCKER (prerouting -100, iptables-nft): udp dport 1812 dnat to 172.20.0.4:1812 => accept");
         assert_eq!(lines[2], "routing: forward, out via br0");
