@@ -214,44 +214,48 @@ static __always_inline void fill(struct natfix_trace_event *e, struct sk_buff *s
 	e->nf_trace = marked(skb);
 }
 
+/* The event of a packet that passed the checks: filled here, after them,
+ * so the common path (no mark) does not even clear it. */
+/* `owner`: the sending device (XMIT), the receiving socket (DELIVER), none (DROP). */
+static __noinline int emit(struct sk_buff *skb, void *owner, __u32 kind, __u64 location, __u32 reason)
+{
+	struct natfix_trace_event e = {};
+	struct net_device *dev = 0;
+	struct sock *sk = 0;
+
+	read_tuple(skb, &e.tuple);
+	if (kind == NATFIX_TRACE_DROP && !marked(skb) && !wanted(&e.tuple))
+		return 0;
+	fill(&e, skb, kind);
+	e.location = location;
+	e.reason = reason;
+	if (kind == NATFIX_TRACE_XMIT)
+		dev = owner;
+	else if (kind == NATFIX_TRACE_DELIVER)
+		sk = owner;
+	else
+		dev = skb->dev, sk = skb->sk;
+	if (dev)
+		set_dev(&e, dev);
+	else if (sk)
+		e.netns = sk->__sk_common.skc_net.net->ns.inum;
+	bpf_ringbuf_output(&natfix_trace_events, &e, sizeof(e), 0);
+	return 0;
+}
+
 SEC("tp_btf/kfree_skb")
 int BPF_PROG(natfix_trace_drop, struct sk_buff *skb, void *location, unsigned int reason)
 {
-	struct natfix_trace_event e = {};
-	struct net_device *dev;
-	struct sock *sk;
-
-	if (read_tuple(skb, &e.tuple) && !marked(skb))
-		return 0;
-	if (!marked(skb) && !wanted(&e.tuple))
-		return 0;
-	fill(&e, skb, NATFIX_TRACE_DROP);
-	e.location = (__u64)location;
-	e.reason = reason;
-	dev = skb->dev;
-	if (dev) {
-		set_dev(&e, dev);
-	} else {
-		sk = skb->sk;
-		if (sk)
-			e.netns = sk->__sk_common.skc_net.net->ns.inum;
-	}
-	bpf_ringbuf_output(&natfix_trace_events, &e, sizeof(e), 0);
-	return 0;
+	/* Drops are rare: every one is read (unmarked ones against the filter). */
+	return emit(skb, 0, NATFIX_TRACE_DROP, (__u64)location, reason);
 }
 
 SEC("tp_btf/net_dev_start_xmit")
 int BPF_PROG(natfix_trace_xmit, struct sk_buff *skb, struct net_device *dev)
 {
-	struct natfix_trace_event e = {};
-
 	if (!marked(skb))
 		return 0;
-	read_tuple(skb, &e.tuple);
-	fill(&e, skb, NATFIX_TRACE_XMIT);
-	set_dev(&e, dev);
-	bpf_ringbuf_output(&natfix_trace_events, &e, sizeof(e), 0);
-	return 0;
+	return emit(skb, dev, NATFIX_TRACE_XMIT, 0, 0);
 }
 
 /* UDP calls sk_data_ready right after queueing a datagram at the tail of
@@ -260,14 +264,9 @@ int BPF_PROG(natfix_trace_xmit, struct sk_buff *skb, struct net_device *dev)
 SEC("tp_btf/sk_data_ready")
 int BPF_PROG(natfix_trace_deliver, struct sock *sk)
 {
-	struct natfix_trace_event e = {};
 	struct sk_buff *skb = sk->sk_receive_queue.prev;
 
 	if (!skb || (void *)skb == (void *)&sk->sk_receive_queue || !marked(skb))
 		return 0;
-	read_tuple(skb, &e.tuple);
-	fill(&e, skb, NATFIX_TRACE_DELIVER);
-	e.netns = sk->__sk_common.skc_net.net->ns.inum;
-	bpf_ringbuf_output(&natfix_trace_events, &e, sizeof(e), 0);
-	return 0;
+	return emit(skb, sk, NATFIX_TRACE_DELIVER, 0, 0);
 }

@@ -289,7 +289,8 @@ mod tests {
         let reasons = drop_reason_names();
         let ours: Vec<_> = probes.drain().into_iter().filter(|e| u64::from(e.netns) == inode || e.netns == 0).collect();
         let kinds: Vec<(u32, String)> = ours.iter().map(|e| (e.kind, reasons.get(&e.reason).cloned().unwrap_or_default())).collect();
-        assert!(ours.iter().any(|e| e.kind == abi::KIND_XMIT && e.dev_name() == "lo"), "{kinds:?}");
+        let devs: Vec<(u32, String, u32, u32)> = ours.iter().map(|e| (e.kind, e.dev_name(), e.ifindex, e.netns)).collect();
+        assert!(ours.iter().any(|e| e.kind == abi::KIND_XMIT && e.dev_name() == "lo"), "{devs:?}");
         assert!(kinds.iter().any(|(k, r)| *k == abi::KIND_DROP && r == "NO_SOCKET"), "{kinds:?}");
         if probes.deliveries {
             assert!(ours.iter().any(|e| e.kind == abi::KIND_DELIVER && u64::from(e.netns) == inode), "{kinds:?}");

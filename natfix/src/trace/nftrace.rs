@@ -81,6 +81,8 @@ pub struct Received {
     pub traces: Vec<TraceMsg>,
     /// A ruleset commit happened (rule texts may be stale).
     pub new_generation: bool,
+    /// The socket overran (ENOBUFS): messages before these were lost.
+    pub lost: bool,
 }
 
 fn attrs(mut b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
@@ -197,16 +199,15 @@ impl TraceSocket {
     }
 
     /// The next datagram's messages; None when nothing is waiting. An
-    /// overrun (ENOBUFS) is reported as an error naming the loss.
+    /// overrun (ENOBUFS) comes back as `lost`.
     pub fn try_recv(&mut self) -> Result<Option<Received>> {
         let mut space = &mut self.buf[..];
         match self.sock.recv_from(&mut space, 0) {
             Ok((n, from)) if from.port_number() == 0 => Ok(Some(parse_datagram(&self.buf[..n.min(self.buf.len())]))),
             Ok(_) => Ok(Some(Received::default())),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                anyhow::bail!("nftables trace messages were lost (socket overrun): the filter marks too many packets")
-            }
+            // Messages were lost; the socket goes on with the next ones.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => Ok(Some(Received { lost: true, ..Received::default() })),
             Err(e) => Err(anyhow::Error::new(e).context("cannot read nftables trace messages")),
         }
     }

@@ -29,6 +29,10 @@ use crate::{
     sys::netns::Netns,
 };
 
+/// Observations kept at most; beyond, what arrives is read and dropped
+/// (a filter that matches a flood must not exhaust memory).
+const MAX_OBSERVATIONS: usize = 200_000;
+
 /// Ruleset re-reads after a commit are at most this frequent.
 const RULES_REFRESH: Duration = Duration::from_millis(200);
 
@@ -40,6 +44,7 @@ struct Traced {
     /// Held for its side effect: the marking table lives as long as this.
     mark: MarkTable,
     rules_stale: Option<Instant>,
+    lost_reported: bool,
 }
 
 pub struct Session {
@@ -53,6 +58,7 @@ pub struct Session {
     syms: Kallsyms,
     learned: HashSet<Tuple>,
     started: Instant,
+    full_reported: bool,
 }
 
 fn monotonic_ns() -> u64 {
@@ -84,6 +90,9 @@ fn trace_namespace(label: String, netns: &Netns, filter: &Filter, iface: Option<
         let mark = MarkTable::install(&MarkPlan::new(&filter, iface.as_deref(), rules.uses_conntrack))?;
         let mut rules = rules;
         rules.merge(RuleSet::load()?);
+        // The ruleset commits the table made are read already: no re-read for them.
+        let mut socket = socket;
+        while let Ok(Some(_)) = socket.try_recv() {}
         Ok((socket, ct, mark, rules, ifnames()))
     })
     .with_context(|| format!("cannot trace namespace `{label}`"))?;
@@ -91,7 +100,7 @@ fn trace_namespace(label: String, netns: &Netns, filter: &Filter, iface: Option<
         c.set_nonblocking(true)?;
     }
     let view = NsView { label, inode, rules, ifnames: names };
-    Ok(Traced { netns: ns, view, socket, ct, mark, rules_stale: None })
+    Ok(Traced { netns: ns, view, socket, ct, mark, rules_stale: None, lost_reported: false })
 }
 
 impl Session {
@@ -117,6 +126,7 @@ impl Session {
             syms: Kallsyms::load(),
             learned: HashSet::new(),
             started: Instant::now(),
+            full_reported: false,
         })
     }
 
@@ -158,6 +168,10 @@ impl Session {
         if rc < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
             return Err(anyhow::Error::new(std::io::Error::last_os_error()).context("poll failed"));
         }
+        if self.observed() >= MAX_OBSERVATIONS {
+            self.discard();
+            return Ok(());
+        }
         self.read_traces()?;
         self.read_conntrack();
         for ev in self.probes.drain() {
@@ -174,11 +188,31 @@ impl Session {
         Ok(())
     }
 
+    /// Empties every source, keeping nothing.
+    fn discard(&mut self) {
+        if !self.full_reported {
+            self.full_reported = true;
+            tracing::warn!("{MAX_OBSERVATIONS} observations kept: later ones are dropped (narrow the filter)");
+        }
+        for t in &mut self.traced {
+            while let Ok(Some(_)) = t.socket.try_recv() {}
+            while let Some(Ok(Some(_))) = t.ct.as_mut().map(CtEventStream::try_recv) {}
+        }
+        self.probes.drain();
+        for a in &mut self.own {
+            a.drain();
+        }
+    }
+
     fn read_traces(&mut self) -> Result<()> {
         for (ns, t) in self.traced.iter_mut().enumerate() {
             while let Some(got) = t.socket.try_recv().with_context(|| format!("namespace `{}`", t.view.label))? {
                 if got.new_generation && t.rules_stale.is_none() {
                     t.rules_stale = Some(Instant::now());
+                }
+                if got.lost && !t.lost_reported {
+                    t.lost_reported = true;
+                    tracing::warn!("namespace `{}`: nftables trace messages were lost (the filter marks more packets than natfix reads): some paths miss rules", t.view.label);
                 }
                 let t_ns = monotonic_ns();
                 for msg in got.traces {
