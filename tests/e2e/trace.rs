@@ -579,3 +579,20 @@ impl Drop for DeleteLink {
         let _ = Command::new("ip").args(["link", "del", &self.0]).output();
     }
 }
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn a_directional_filter_still_follows_the_reply() {
+    root_setup();
+    let (a, b) = pair("trdir");
+    let server = echo(&b, "10.88.0.2:5800", 6);
+    let trace = Trace::start(&["--netns", &a.name, "--netns", &b.name, "--timeout", "20", "--json", "udp", "and", "dst", "port", "5800"]);
+    assert_eq!(ask(&a, "10.88.0.1:41800", "10.88.0.2:5800", 1).len(), 1);
+    let out = trace.finish();
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let s = &out.steps;
+    let req = find(s, 0, "the request delivered in b", |s| s["netns"] == b.name.as_str() && s["kind"] == "deliver" && s["direction"] == "request");
+    let sent = find(s, req, "b answers", |s| s["netns"] == b.name.as_str() && s["kind"] == "send" && s["direction"] == "reply");
+    find(s, sent, "the answer delivered in a", |s| s["netns"] == a.name.as_str() && s["kind"] == "deliver" && s["tuple"]["src"] == "10.88.0.2:5800");
+    server.join().unwrap().unwrap();
+}

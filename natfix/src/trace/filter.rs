@@ -139,6 +139,9 @@ impl Filter {
         if self.alternatives().is_empty() {
             return Err(usage(&format!("`{}` can match no packet", self.text)));
         }
+        if self.both_ways().len() > MAX_RULES {
+            return Err(usage(&format!("`{}` needs {} rules with its replies; at most {MAX_RULES}", self.text, self.both_ways().len())));
+        }
         Ok(())
     }
 
@@ -176,27 +179,41 @@ impl Filter {
         alts
     }
 
-    /// Rule bodies (before `meta nftrace set 1`) matching the packet's own headers.
-    #[must_use]
-    pub fn nft_packet_rules(&self) -> Vec<String> {
-        self.alternatives().iter().map(|a| self.nft_alt(a, None)).collect()
+    /// The alternatives, and the same turned around: the replies of the
+    /// filter's packets (a `dst port 53` filter's answers come from port 53),
+    /// which a namespace without conntrack can only recognise so.
+    fn both_ways(&self) -> Vec<Alt> {
+        let mut alts = self.alternatives();
+        let turned: Vec<Alt> = alts.iter().map(|a| Alt { src: a.dst, dst: a.src, sport: a.dport, dport: a.sport }).collect();
+        for t in turned {
+            if !alts.contains(&t) {
+                alts.push(t);
+            }
+        }
+        alts
     }
 
-    /// Rule bodies matching a packet whose conntrack entry's original or
-    /// reply tuple matches (NAT'd packets, replies).
+    /// Rule bodies (before `meta nftrace set 1`) matching the packet's own
+    /// headers: the filter's packets and their replies.
     #[must_use]
-    pub fn nft_ct_rules(&self) -> Vec<String> {
+    pub fn nft_packet_rules(&self) -> Vec<String> {
+        self.both_ways().iter().map(|a| self.nft_alt(a, None)).collect()
+    }
+
+    /// Rule bodies matching a packet whose conntrack entry's `dir`
+    /// (`original` or `reply`) tuple matches: a reply of a flow whose
+    /// request matched, a NAT'd request whose translated side matches.
+    #[must_use]
+    pub fn nft_ct_rules(&self, dir: &str) -> Vec<String> {
         let protos: Vec<Option<u8>> = match self.proto {
             // `ct ... proto-dst` needs one protocol for its type.
             None if !self.ports.is_empty() => vec![Some(IPPROTO_UDP), Some(IPPROTO_TCP)],
             p => vec![p],
         };
         let mut out = Vec::new();
-        for dir in ["original", "reply"] {
-            for a in self.alternatives() {
-                for p in &protos {
-                    out.push(self.nft_alt(&a, Some((dir, *p))));
-                }
+        for a in self.alternatives() {
+            for p in &protos {
+                out.push(self.nft_alt(&a, Some((dir, *p))));
             }
         }
         out
@@ -234,10 +251,10 @@ impl Filter {
         s.trim_end().to_owned()
     }
 
-    /// The tracepoint programs' rules (one per alternative, at most `MAX_RULES`).
+    /// The tracepoint programs' rules (one per alternative and its reply, at most `MAX_RULES`).
     #[must_use]
     pub fn bpf_rules(&self) -> Vec<TraceRule> {
-        self.alternatives()
+        self.both_ways()
             .iter()
             .take(MAX_RULES)
             .map(|a| {
@@ -385,6 +402,7 @@ mod tests {
             ("host 10.0.0.1 and host fd00::1", "IPv4 and IPv6"),
             ("icmp and port 5", "no ports"),
             ("port 1 and port 2 and port 3 and port 4", "at most 3"),
+            ("src net 10.0.0.0/8 and net 10.1.0.0/16 and host 10.1.2.3 and port 5", "at most 8"),
             ("src port 1 and src port 2", "can match no packet"),
             ("ether host 00:11:22:33:44:55", "cannot parse"),
             ("udp and", "missing a primitive"),
@@ -400,23 +418,23 @@ mod tests {
     fn nft_rules_spell_out_each_side() {
         let f = Filter::parse("udp and port 1812").unwrap();
         assert_eq!(f.nft_packet_rules(), ["meta l4proto udp th sport 1812", "meta l4proto udp th dport 1812"]);
-        let ct = f.nft_ct_rules();
-        assert_eq!(ct.len(), 4);
-        assert_eq!(ct[0], "meta l4proto udp ct original proto-src 1812");
-        assert_eq!(ct[3], "meta l4proto udp ct reply proto-dst 1812");
+        let ct = f.nft_ct_rules("original");
+        assert_eq!(ct, ["meta l4proto udp ct original proto-src 1812", "meta l4proto udp ct original proto-dst 1812"]);
+        assert_eq!(f.nft_ct_rules("reply")[1], "meta l4proto udp ct reply proto-dst 1812");
         let f = Filter::parse("src net 10.1.2.3/8 and port 53").unwrap();
         assert_eq!(f.nft_packet_rules()[0], "meta l4proto { tcp, udp, sctp } ip saddr 10.0.0.0/8 th sport 53");
         // Without a protocol, the conntrack rules take UDP and TCP in turn.
-        assert!(f.nft_ct_rules().iter().any(|r| r.starts_with("meta l4proto tcp ct original ip saddr 10.0.0.0/8")));
+        assert!(f.nft_ct_rules("original").iter().any(|r| r.starts_with("meta l4proto tcp ct original ip saddr 10.0.0.0/8")));
         assert_eq!(Filter::parse("ip6").unwrap().nft_packet_rules(), ["meta nfproto ipv6"]);
-        assert_eq!(Filter::parse("dst host fd00::5").unwrap().nft_packet_rules(), ["ip6 daddr fd00::5"]);
+        // Directional filters mark their replies too.
+        assert_eq!(Filter::parse("dst host fd00::5").unwrap().nft_packet_rules(), ["ip6 daddr fd00::5", "ip6 saddr fd00::5"]);
     }
 
     #[test]
     fn bpf_rules_carry_masks_and_network_order() {
         let f = Filter::parse("udp and src net 10.0.0.0/12 and dst port 1812").unwrap();
         let rules = f.bpf_rules();
-        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.len(), 2, "the filter and its replies");
         let r = rules[0];
         assert_eq!((r.proto, r.family, r.dport, r.sport), (17, 4, 1812u16.to_be(), 0));
         assert_eq!(&r.smask[..3], &[0xff, 0xf0, 0]);

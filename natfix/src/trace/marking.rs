@@ -3,17 +3,22 @@
 //! mark whenever a packet crosses into another namespace.
 //!
 //! ```text
-//! table inet natfix_trace_<pid> {            # flags owner
-//!   chain pre    { prerouting -350: FILTER's rules; flows learned from conntrack }
-//!   chain out    { output -350:     the same }
-//!   chain pre_ct { prerouting -150: flows whose conntrack tuples match FILTER }
-//!   chain out_ct { output -150:     the same }
+//! table inet natfix_trace_<pid> {                  # flags owner
+//!   chain pre { prerouting P: FILTER's rules; learned flows;
+//!               ct direction reply jump ct_reply; ct status dnat jump ct_dnat }
+//!   chain out { output P: the same }
+//!   chain ct_reply { replies of flows whose original tuple matches FILTER }
+//!   chain ct_dnat  { DNAT'd requests whose translated (reply) tuple matches }
 //! }
 //! ```
-//! -350 is after defragmentation (-400) and before raw, conntrack, NAT and
-//! filter, so every other chain of the hook is traced. The conntrack chains
-//! catch NAT'd packets and replies; they exist only where conntrack already
-//! runs (natfix would otherwise turn it on for every packet there).
+//! One base chain per hook, and each rule fails on its first or second
+//! expression for other traffic: what every packet of the namespace pays.
+//! The conntrack rules exist only where conntrack already runs (natfix would
+//! otherwise turn it on for every packet there), and need P = -151 (after
+//! conntrack, before mangle and DNAT); elsewhere P = -350 (after
+//! defragmentation, before raw), so every other chain of the hook is traced.
+//! In a namespace with conntrack, rules of priority below -151 (the raw
+//! table) are not traced: a drop there still shows, with its drop reason.
 //!
 //! The table is made by an `nft -i` child that natfix holds by its stdin:
 //! `flags owner` ties the table to that nft's netlink socket, so the kernel
@@ -38,7 +43,10 @@ pub const TABLE_PREFIX: &str = "natfix_trace_";
 pub struct MarkPlan {
     pub table: String,
     pub packet_rules: Vec<String>,
-    pub ct_rules: Vec<String>,
+    /// Rules on the conntrack entry's original tuple (for replies) and its
+    /// reply tuple (for DNAT'd requests); empty where conntrack does not run.
+    pub ct_original: Vec<String>,
+    pub ct_reply: Vec<String>,
     /// `--iface`: only packets entering (prerouting) or leaving (output) through it.
     pub iface: Option<String>,
 }
@@ -46,35 +54,47 @@ pub struct MarkPlan {
 impl MarkPlan {
     #[must_use]
     pub fn new(filter: &Filter, iface: Option<&str>, with_ct: bool) -> Self {
+        // With --iface, flows are followed from what was traced on it (learned flows), not by FILTER.
+        let ct = with_ct && iface.is_none();
         Self {
             table: format!("{TABLE_PREFIX}{}", std::process::id()),
             packet_rules: filter.nft_packet_rules(),
-            // With --iface, flows are followed from what was traced on it (learned flows), not by FILTER.
-            ct_rules: if with_ct && iface.is_none() { filter.nft_ct_rules() } else { Vec::new() },
+            ct_original: if ct { filter.nft_ct_rules("original") } else { Vec::new() },
+            ct_reply: if ct { filter.nft_ct_rules("reply") } else { Vec::new() },
             iface: iface.map(str::to_owned),
         }
+    }
+
+    /// The base chains' priority (see the module documentation).
+    #[must_use]
+    pub fn priority(&self) -> i32 {
+        if self.ct_original.is_empty() { -350 } else { -151 }
     }
 
     /// The nft commands that build the table, one per line.
     #[must_use]
     pub fn script(&self) -> String {
         let t = format!("inet {}", self.table);
-        let mut s = format!("add table {t} {{ flags owner; }}\n");
-        let quoted = |i: &str| format!("\"{}\"", i.replace('"', ""));
-        let chains = [("pre", "prerouting", -350, &self.packet_rules, "iifname"), ("out", "output", -350, &self.packet_rules, "oifname")];
-        for (chain, hook, prio, rules, dev) in chains {
-            let _ = writeln!(s, "add chain {t} {chain} {{ type filter hook {hook} priority {prio}; }}");
-            let dev = self.iface.as_deref().map_or(String::new(), |i| format!("{dev} {} ", quoted(i)));
-            for r in rules {
-                let _ = writeln!(s, "add rule {t} {chain} {dev}{r} meta nftrace set 1");
-            }
-        }
-        if !self.ct_rules.is_empty() {
-            for (chain, hook) in [("pre_ct", "prerouting"), ("out_ct", "output")] {
-                let _ = writeln!(s, "add chain {t} {chain} {{ type filter hook {hook} priority -150; }}");
-                for r in &self.ct_rules {
+        let mut s = String::new();
+        let _ = writeln!(s, "add table {t} {{ flags owner; }}");
+        for (chain, rules) in [("ct_reply", &self.ct_original), ("ct_dnat", &self.ct_reply)] {
+            if !rules.is_empty() {
+                let _ = writeln!(s, "add chain {t} {chain}");
+                for r in rules {
                     let _ = writeln!(s, "add rule {t} {chain} {r} meta nftrace set 1");
                 }
+            }
+        }
+        let quoted = |i: &str| format!("\"{}\"", i.replace('"', ""));
+        for (chain, hook, dev) in [("pre", "prerouting", "iifname"), ("out", "output", "oifname")] {
+            let _ = writeln!(s, "add chain {t} {chain} {{ type filter hook {hook} priority {}; }}", self.priority());
+            let dev = self.iface.as_deref().map_or(String::new(), |i| format!("{dev} {} ", quoted(i)));
+            for r in &self.packet_rules {
+                let _ = writeln!(s, "add rule {t} {chain} {dev}{r} meta nftrace set 1");
+            }
+            if !self.ct_original.is_empty() {
+                let _ = writeln!(s, "add rule {t} {chain} ct direction reply jump ct_reply");
+                let _ = writeln!(s, "add rule {t} {chain} ct status dnat jump ct_dnat");
             }
         }
         let _ = writeln!(s, "add set {t} flows4 {{ type ipv4_addr . inet_proto . inet_service . ipv4_addr . inet_service; }}");
@@ -204,13 +224,19 @@ mod tests {
         let f = Filter::parse("udp and port 1812").unwrap();
         let s = MarkPlan { table: "natfix_trace_1".into(), ..MarkPlan::new(&f, None, true) }.script();
         assert!(s.starts_with("add table inet natfix_trace_1 { flags owner; }\n"));
-        assert!(s.contains("add chain inet natfix_trace_1 pre { type filter hook prerouting priority -350; }"));
+        assert!(s.contains("add chain inet natfix_trace_1 pre { type filter hook prerouting priority -151; }"));
         assert!(s.contains("add rule inet natfix_trace_1 out meta l4proto udp th dport 1812 meta nftrace set 1"));
-        assert!(s.contains("add rule inet natfix_trace_1 pre_ct meta l4proto udp ct reply proto-src 1812 meta nftrace set 1"));
+        assert!(s.contains("add rule inet natfix_trace_1 pre ct direction reply jump ct_reply"));
+        assert!(s.contains("add rule inet natfix_trace_1 ct_reply meta l4proto udp ct original proto-src 1812 meta nftrace set 1"));
+        assert!(s.contains("add rule inet natfix_trace_1 ct_dnat meta l4proto udp ct reply proto-dst 1812 meta nftrace set 1"));
+        // The jump targets exist before the jumps.
+        assert!(s.find("add chain inet natfix_trace_1 ct_reply").unwrap() < s.find("jump ct_reply").unwrap());
         let s = MarkPlan::new(&f, Some("eth0"), true).script();
         assert!(s.contains("pre iifname \"eth0\" meta l4proto udp th sport 1812"));
         assert!(s.contains("out oifname \"eth0\" meta l4proto udp"));
-        assert!(!s.contains("pre_ct"), "--iface follows learned flows only");
-        assert!(!MarkPlan::new(&f, None, false).script().contains("_ct"));
+        assert!(!s.contains("ct_reply"), "--iface follows learned flows only");
+        let bare = MarkPlan::new(&f, None, false);
+        assert_eq!(bare.priority(), -350);
+        assert!(!bare.script().contains("ct "));
     }
 }
