@@ -60,7 +60,7 @@ const OBJECTS: &[BpfObject] = &[
     // flood generator and the counting sinks.
     BpfObject {
         name: "rig",
-        sources: &["rig_empty", "rig_traffic"],
+        sources: &["rig_empty", "rig_traffic", "rig_tp_empty"],
         defines: &[],
         rig: true,
     },

@@ -33,6 +33,9 @@ pub mod rig {
     pub const DROP_XDP: &str = "rig_drop_xdp";
     pub const COUNT_PASS_XDP: &str = "rig_count_pass_xdp";
     pub const ACCEPT_TC: &str = "rig_accept_tc";
+    /// Empty programs on natfix trace's tracepoints (program, tracepoint).
+    pub const EMPTY_TP: [(&str, &str); 3] =
+        [("rig_empty_tp_drop", "kfree_skb"), ("rig_empty_tp_xmit", "net_dev_start_xmit"), ("rig_empty_tp_deliver", "sk_data_ready")];
 }
 
 /// Program names (C function names) as aya looks them up.
