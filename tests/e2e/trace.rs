@@ -301,6 +301,11 @@ fn seed_000_the_probe_takes_the_port_and_natfixs_guard_gives_it_back() {
     let moved = why["ct"]["reply"]["dst"].as_str().unwrap().to_owned();
     find(s, punch, "the punch leaves on the other port", |s| s["kind"] == "xmit" && s["dev"] == HOST_EXT_IF && s["tuple"]["src"] == moved.as_str());
     assert_nothing_left(pid, &ids, &[&t.container, &t.host, &t.remote]);
+    // diagnose names the trace that shows this.
+    let diag = Command::new(natfix_bin()).args(["diagnose", "--netns", &h, "--json", "--sample", "1"]).env("NATFIX_LOG", "warn").output().unwrap();
+    let report: Value = serde_json::from_slice(&diag.stdout).unwrap();
+    let finding = report["findings"].as_array().unwrap().iter().find(|f| f["check"] == "guard.port-moved").unwrap();
+    assert_eq!(finding["trace"], "natfix trace --count 2 'udp and host 198.51.100.20 and port 25000'", "{finding}");
 
     // natfix's guard: the probe is dropped in XDP, the punch keeps 25000.
     t.host.exec(&["conntrack", "-F"]).unwrap();

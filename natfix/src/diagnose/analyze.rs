@@ -196,7 +196,7 @@ pub fn analyze(facts: &Facts) -> Report {
     findings.push(drops_finding(&facts.drops, facts.target.window));
     findings.extend(guard_findings(t, ns));
     findings.push(attachments_finding(&facts.attachments));
-    Report { findings }
+    super::trace_hint::with_trace_hints(Report { findings }, facts)
 }
 
 /// natfix's own attachments: do they still protect what they were made for?
