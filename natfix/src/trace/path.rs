@@ -415,9 +415,14 @@ impl<'o> Assembly<'_, 'o> {
             }
             out.push(steps::bpf_step(&label, e, self.ctx.reasons, self.ctx.syms));
         }
-        let ended = seg.events.iter().any(|e| matches!(e.kind, KIND_DROP | KIND_DELIVER));
-        if last && !ended && run.as_ref().is_some_and(|r| r.local_in && !r.dropped) {
-            out.push(Step::new(&label, Kind::Deliver, "delivered locally (no drop seen; no socket event: UDP encapsulation, or a kernel without sock:sk_data_ready)"));
+        let left = seg.events.iter().any(|e| matches!(e.kind, KIND_DROP | KIND_DELIVER | KIND_XMIT));
+        let arrived = run.as_ref().is_some_and(|r| !r.dropped && r.entry.as_ref().is_some_and(|e| e.kind == Kind::Arrive));
+        if last && !left && arrived && !run.as_ref().is_some_and(|r| r.forwarded) {
+            out.push(Step::new(
+                &label,
+                Kind::Deliver,
+                "delivered: no drop seen (taken by a UDP encapsulation socket such as VXLAN's, or queued on a kernel without sock:sk_data_ready)",
+            ));
         }
         out
     }

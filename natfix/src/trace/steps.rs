@@ -86,6 +86,11 @@ pub fn run_steps(ns: &NsView, msgs: &[&TraceMsg]) -> RunSteps {
             continue;
         }
         if let Some(step) = message_step(ns, m, &base) {
+            // A rule that rewrote is followed by its chain's policy: not "left alone".
+            let rewrote = |s: &Step| s.kind == Kind::Natfix && s.table == step.table && s.handle.is_some();
+            if step.kind == Kind::Natfix && step.handle.is_none() && out.body.iter().any(rewrote) {
+                continue;
+            }
             out.dropped |= step.verdict.as_deref() == Some("drop");
             out.body.push(step);
         }
