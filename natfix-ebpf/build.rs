@@ -49,11 +49,18 @@ const OBJECTS: &[BpfObject] = &[
         defines: &[],
         rig: false,
     },
+    // `natfix trace`: BTF tracepoint programs (drops, transmits, socket deliveries).
+    BpfObject {
+        name: "trace",
+        sources: &["trace_tp"],
+        defines: &[],
+        rig: false,
+    },
     // Test rig: empty programs (the baseline of every benchmark ratio), the
     // flood generator and the counting sinks.
     BpfObject {
         name: "rig",
-        sources: &["rig_empty", "rig_traffic"],
+        sources: &["rig_empty", "rig_traffic", "rig_tp_empty"],
         defines: &[],
         rig: true,
     },

@@ -2,6 +2,7 @@
 //! `build.rs`) and `#[repr(C)]` mirrors of the ABI in `bpf-headers/natfix_abi.h`.
 
 pub mod abi;
+mod trace_abi;
 
 /// Object bytes, aligned for aya's ELF parser.
 pub mod objects {
@@ -32,6 +33,9 @@ pub mod rig {
     pub const DROP_XDP: &str = "rig_drop_xdp";
     pub const COUNT_PASS_XDP: &str = "rig_count_pass_xdp";
     pub const ACCEPT_TC: &str = "rig_accept_tc";
+    /// Empty programs on natfix trace's tracepoints (program, tracepoint).
+    pub const EMPTY_TP: [(&str, &str); 3] =
+        [("rig_empty_tp_drop", "kfree_skb"), ("rig_empty_tp_xmit", "net_dev_start_xmit"), ("rig_empty_tp_deliver", "sk_data_ready")];
 }
 
 /// Program names (C function names) as aya looks them up.
@@ -60,4 +64,21 @@ pub mod maps {
     pub const OVERLAY_SETTINGS: &str = "overlay_settings";
     pub const HZ: &str = "natfix_hz";
     pub const OVERLAY_WRITER: &str = "overlay_writer";
+}
+
+/// `natfix trace`'s tracepoint programs (`trace_tp.bpf.c`), their maps, and
+/// the mirror of `natfix_trace_abi.h`.
+pub mod trace {
+    pub use crate::trace_abi::*;
+
+    pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/trace.bpf.o"));
+    /// (program, tracepoint) pairs; the last one is missing before Linux 6.3.
+    pub const PROGRAMS: [(&str, &str); 3] = [
+        ("natfix_trace_drop", "kfree_skb"),
+        ("natfix_trace_xmit", "net_dev_start_xmit"),
+        ("natfix_trace_deliver", "sk_data_ready"),
+    ];
+    pub const FILTER_MAP: &str = "natfix_trace_filter";
+    pub const FLOWS_MAP: &str = "natfix_trace_flows";
+    pub const EVENTS_MAP: &str = "natfix_trace_events";
 }

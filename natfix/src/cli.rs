@@ -6,8 +6,9 @@ use std::{net::SocketAddr, time::Duration};
 use clap::{Args, Parser, Subcommand, ValueEnum, builder::PossibleValue};
 
 use crate::config::{
-    AttachSpec, Cidr, CsumBackend, CsumMode, DEFAULT_EVENTS_PER_SEC, Delta, Filtering, FlowSource, GuardHook, GuardSpec,
-    IfaceName, IfaceSel, OverlaySpec, Port, PortRange, SettingsChange, XdpMode, parse_port_range,
+    AttachSpec, Cidr, CsumBackend, CsumMode, DEFAULT_EVENTS_PER_SEC, DEFAULT_TRACE_COUNT, DEFAULT_TRACE_TIMEOUT_SECS, Delta,
+    Filtering, FlowSource, GuardHook, GuardSpec, IfaceName, IfaceSel, OverlaySpec, Port, PortRange, SettingsChange, TraceSpec,
+    XdpMode, parse_port_range,
 };
 
 #[derive(Debug, Parser)]
@@ -81,6 +82,8 @@ pub enum Command {
         /// The command whose page to print (natfix-COMMAND(1)).
         command: Option<String>,
     },
+    /// Follow packets matching FILTER, and their replies, hook by hook through every traced namespace.
+    Trace(TraceArgs),
 }
 
 /// The command line's definition, for what renders it (completions, man pages).
@@ -213,6 +216,55 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 
 fn parse_reqid_or_any(s: &str) -> Result<Option<u32>, String> {
     if s == "any" { Ok(None) } else { parse_u32_any_base(s).map(Some) }
+
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(after_help = TRACE_HELP)]
+pub struct TraceArgs {
+    /// Trace in this namespace (repeatable; the forms of attach's --netns, `self` for natfix's own).
+    /// Default: natfix's own, every Docker namespace and every `ip netns` namespace.
+    #[arg(long)]
+    pub netns: Vec<String>,
+    /// Only packets entering or leaving a traced namespace through this interface start a trace.
+    #[arg(long, value_parser = parse_iface)]
+    pub iface: Option<IfaceName>,
+    /// Stop after N packets (their replies not counted).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TRACE_COUNT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+    /// Stop after S seconds.
+    #[arg(long, value_name = "S", default_value_t = DEFAULT_TRACE_TIMEOUT_SECS, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// One JSON object per step (schema in the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Which packets, pcap-filter style, e.g. `udp and port 1812` (see below).
+    #[arg(value_name = "FILTER", required = true, num_args = 1..)]
+    pub filter: Vec<String>,
+}
+
+const TRACE_HELP: &str = "FILTER: primitives joined by `and` (or `&&`): udp, tcp, sctp, icmp, icmp6, ip, ip6, \
+[src|dst] host ADDR, [src|dst] net CIDR, [src|dst] port N (IPv4 or IPv6); at most 3 primitives without src/dst. \
+Not supported: or, not, parentheses, portrange, ether, vlan.
+
+Prints, per packet and its reply: natfix's verdicts, every nftables/iptables-nft rule that matched (nftables \
+tracing), conntrack's entry, NAT mapping and de-NAT, the routing decision, and where it ended (sent out of a \
+device, delivered to a socket, or dropped with the kernel's drop reason). Exit codes: 0 traced, 2 bad usage, \
+3 no packet matched before --timeout (or an unknown namespace or interface), 4 missing privileges, 5 the \
+kernel lacks a feature (BTF, tracepoints, nftables tracing).";
+
+impl TraceArgs {
+    #[must_use]
+    pub fn spec(&self) -> TraceSpec {
+        TraceSpec {
+            filter: self.filter.join(" "),
+            netns: self.netns.clone(),
+            iface: self.iface.clone(),
+            count: self.count,
+            timeout: Duration::from_secs(self.timeout),
+            json: self.json,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

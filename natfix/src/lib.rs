@@ -24,5 +24,6 @@ pub mod published;
 pub mod reap;
 pub mod record;
 pub mod sys;
+pub mod trace;
 
 pub use natfix_ebpf::abi;

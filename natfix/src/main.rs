@@ -69,6 +69,7 @@ fn run(command: &Command) -> anyhow::Result<u8> {
         Command::Health { addr } => commands::health::run(*addr)?,
         Command::Completions { shell } => commands::completions::completions(natfix::cli::command(), *shell, &mut std::io::stdout())?,
         Command::Man { command } => commands::completions::man(natfix::cli::command(), command.as_deref(), &mut std::io::stdout())?,
+        Command::Trace(t) => commands::trace::run(&t.spec())?,
     }
     Ok(0)
 }

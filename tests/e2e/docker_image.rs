@@ -16,23 +16,20 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use natfix::{lab::scratch::bind_udp, sys::netns::Netns};
-use natfix_testkit::{ScratchNs, natfix, root_setup, scratch_ns, sh, skip, sock};
+use natfix_testkit::{
+    ScratchNs,
+    docker::{self, docker},
+    natfix, root_setup, scratch_ns, sh, skip, sock,
+};
 
 const IMAGE: &str = "natfix:latest";
 const GUARDED: u16 = 25000;
 const PEER_PORT: u16 = 7000;
 
-fn docker(args: &[&str]) -> Result<String> {
-    let mut cmd = vec!["docker"];
-    cmd.extend_from_slice(args);
-    sh(&cmd)
-}
-
-/// Why the Docker tests cannot run here, if they cannot.
+/// Why these tests cannot run here: no engine, or no natfix image.
 fn unavailable() -> Option<String> {
-    if docker(&["version", "--format", "{{.Server.Version}}"]).is_err() {
-        let why = std::env::var("NATFIX_DOCKER_UNAVAILABLE").unwrap_or_else(|_| "cargo xtask test starts one".into());
-        return Some(format!("dockerd is not answering on /var/run/docker.sock ({why})"));
+    if let Some(why) = docker::unavailable() {
+        return Some(why);
     }
     if docker(&["image", "inspect", IMAGE]).is_err() {
         let why = std::env::var("NATFIX_DOCKER_UNAVAILABLE").unwrap_or_else(|_| "build it with `cargo xtask image`".into());

@@ -26,6 +26,9 @@
 #   natfix-cleartext  no ESP, natfix's overlay fix on A and B: it must leave cleartext VXLAN alone
 #   baseline-4777     no fix, VXLAN on port 4777 (swarm's --data-path-port)
 #   natfix-port-4777  VXLAN on 4777, `natfix attach --overlay-fix` naming no port (auto finds it)
+#   trace         `natfix trace --netns B 'udp and port 4789'` during one ping A -> B, without a fix
+#                 (its path ends in a UDP_CSUM drop in B) and with natfix's overlay fix on B
+#                 (natfix's rewrite, no drop)
 
 . "${SCENARIO_DIR:-/scenarios}/lib.sh"
 
@@ -300,6 +303,48 @@ run_throughput() {
         "$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')" "$(json_lines "$ERRORS")"
 }
 
+# trace_once TAG -> JSON: `natfix trace` of decrypted VXLAN in B during one ping A -> B.
+trace_once() {
+    _out=/tmp/trace.$1.out
+    _err=/tmp/trace.$1.err
+    NATFIX_LOG=info natfix trace --netns B --timeout 90 --json udp and port "$VXLAN_PORT" > "$_out" 2> "$_err" &
+    _pid=$!
+    # Under TCG, setting up takes seconds: ping once it traces.
+    _i=0
+    while ! grep -q 'tracing `' "$_err" 2> /dev/null && kill -0 "$_pid" 2> /dev/null && [ "$_i" -lt 600 ]; do
+        _i=$((_i + 1))
+        sleep 0.2
+    done
+    in_ns A ping -c 1 -W 3 -s "$SMALL" "$B_OVL" > /dev/null 2>&1
+    wait "$_pid"
+    _rc=$?
+    printf '{"exit":%s,"steps":%s,"udp_csum_drop":%s,"natfix_rewrote":%s,"delivered":%s,"last_step":%s,"stderr":%s}' \
+        "$_rc" "$(grep -c '"step"' "$_out")" \
+        "$(json_bool grep -q '"kind":"drop".*"reason":"UDP_CSUM"' "$_out")" \
+        "$(json_bool grep -q '"kind":"natfix".*rewrote.*"program":"overlay"' "$_out")" \
+        "$(json_bool grep -q '"kind":"deliver"' "$_out")" \
+        "$(json_str "$(tail -n 1 "$_out")")" "$(json_str "$(plain_tail 600 "$(cat "$_err")")")"
+}
+
+# Seed 001 traced: the decrypted VXLAN packet dies in UDP receive (UDP_CSUM) without a fix;
+# with natfix's overlay fix (auto: the nftables rule) natfix rewrites it and nothing drops it.
+run_trace() {
+    t0=$(uptime_s)
+    reset_all
+    setup_underlay
+    setup_xfrm
+    setup_vxlan udpcsum
+    without=$(trace_once nofix)
+    attach=$(natfix_on B vethB --overlay-fix)
+    with=$(trace_once fix)
+    detach=$(natfix_off B vethB)
+    left=$(in_ns B nft list tables 2> /dev/null | grep -c natfix_trace)
+    printf '{"scenario":"esp-nat","mode":"trace","kernel":"%s","without_fix":%s,"with_fix":%s,' "$(uname -r)" "$without" "$with"
+    printf '"natfix":{"b":%s},"natfix_detach":{"b":%s},"trace_tables_left":%s,' "$attach" "$detach" "${left:-0}"
+    printf '"timing_s":{"total":%s},"errors":%s}' \
+        "$(awk -v a="$t0" -v b="$(uptime_s)" 'BEGIN { printf "%.2f", b - a }')" "$(json_lines "$ERRORS")"
+}
+
 # `natfix lab --scenario overlay` as a user runs it on a kernel with ESP: the
 # native path of the demo (its own namespaces, in a private mount namespace).
 run_lab() {
@@ -345,6 +390,10 @@ run_mode() {
             ;;
         lab)
             run_lab
+            return
+            ;;
+        trace)
+            run_trace
             return
             ;;
         *)

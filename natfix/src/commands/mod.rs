@@ -12,6 +12,7 @@ pub mod reap;
 pub mod set;
 pub mod status;
 pub mod stats;
+pub mod trace;
 
 use anyhow::Result;
 use tracing::info;

@@ -6,11 +6,13 @@ mod change;
 mod guard;
 mod net;
 mod overlay;
+mod trace;
 
 pub use change::*;
 pub use guard::*;
 pub use net::*;
 pub use overlay::*;
+pub use trace::*;
 
 /// Default budget of sampled events per CPU per second (`--events-rate`).
 pub const DEFAULT_EVENTS_PER_SEC: u32 = 20;

@@ -82,7 +82,7 @@ pub fn analyze(facts: &Facts) -> Report {
     let guarded = facts.attachments.as_ref().is_ok_and(|l| l.iter().any(|a| a.guard && a.effective));
     findings.extend(guard_findings(t, ns, guarded));
     findings.push(attachments_finding(&facts.attachments));
-    Report { findings }
+    super::trace_hint::with_trace_hints(Report { findings }, facts)
 }
 
 /// natfix's own attachments: do they still protect what they were made for?

@@ -40,8 +40,10 @@
 //! ]}
 //! ```
 //! `severity` is `info`, `warning` or `problem`; `fix` is absent when no
-//! natfix command fixes the finding. Findings come in the order of the table
-//! above; new checks and new keys may be added, existing ones keep their meaning.
+//! natfix command fixes the finding; `trace` (on the port-moved and checksum
+//! findings) is the `natfix trace` command that shows the problem packet by
+//! packet. Findings come in the order of the table above; new checks and new
+//! keys may be added, existing ones keep their meaning.
 //!
 //! # Exit codes
 //!
@@ -58,6 +60,7 @@ mod parse;
 mod report;
 #[cfg(test)]
 mod tests;
+mod trace_hint;
 mod tracefs;
 
 pub use analyze::analyze;

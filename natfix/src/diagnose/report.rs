@@ -35,6 +35,9 @@ pub struct Finding {
     pub evidence: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+    /// The `natfix trace` command that shows the problem packet by packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 impl Finding {
@@ -45,6 +48,7 @@ impl Finding {
             summary: summary.into(),
             evidence: Vec::new(),
             fix: None,
+            trace: None,
         }
     }
 
@@ -95,6 +99,9 @@ pub fn render_table(report: &Report) -> String {
         }
         if let Some(fix) = &f.fix {
             let _ = writeln!(s, "{pad}fix: {fix}");
+        }
+        if let Some(trace) = &f.trace {
+            let _ = writeln!(s, "{pad}trace: {trace}");
         }
     }
     let _ = writeln!(

@@ -611,11 +611,14 @@ fn json_follows_the_documented_schema() {
     assert_eq!(v.as_object().unwrap().keys().collect::<Vec<_>>(), ["findings"]);
     for f in v["findings"].as_array().unwrap() {
         let keys: BTreeSet<&str> = f.as_object().unwrap().keys().map(String::as_str).collect();
-        let want: BTreeSet<&str> = if f.get("fix").is_some() {
+        let mut want: BTreeSet<&str> = if f.get("fix").is_some() {
             BTreeSet::from(["check", "severity", "summary", "evidence", "fix"])
         } else {
             BTreeSet::from(["check", "severity", "summary", "evidence"])
         };
+        if f.get("trace").is_some() {
+            want.insert("trace");
+        }
         assert_eq!(keys, want, "{f}");
         assert!(["info", "warning", "problem"].contains(&f["severity"].as_str().unwrap()));
     }
