@@ -388,18 +388,18 @@ fn run_host(host: Host, rounds: usize, window: u32) {
     let on = if host == Host::DockerNode { "a Docker node's netfilter" } else { "a bare receiver (no netfilter: the marking table turns the hooks on)" };
     for w in SUBJECTS {
         let name = format!("64-byte UDP read by an application on {on}: {}", window_name(w));
-        common::report_flanked("throughput", &name, "packets/s", &m.of(w), "no trace", &m.of(Window::Baseline), &m.flanked(w));
+        common::report_flanked("trace", &name, "packets/s", &m.of(w), "no trace", &m.of(Window::Baseline), &m.flanked(w));
     }
     for (tp, ours, empty) in costs.into_iter().filter(|(_, o, e)| !o.is_empty() && !e.is_empty()) {
         let name = format!("natfix trace's program on {tp}, own time per run on the traffic above ({on}; bpf_stats)");
-        common::report_paired("live cost", &name, "ns/run", &ours, &format!("an empty program on {tp}"), &empty, false);
+        common::report_paired("trace", &name, "ns/run", &ours, &format!("an empty program on {tp}"), &empty, false);
     }
     // What a traced packet costs beyond an untraced one: 1/rate difference.
     let base = m.of(Window::Baseline).iter().map(|w| w.frames / w.secs).collect::<Vec<f64>>();
     let (base_rate, _, _) = common::summary(&mut base.clone());
     let mut per_packet: Vec<f64> = traced.flanked(Window::Trace).iter().map(|r| (1.0 / r - 1.0) * 1e9 / base_rate).collect();
     let (med, min, max) = common::summary(&mut per_packet);
-    let row = serde_json::json!({"group": "trace cost", "name": format!("time per traced packet beyond an untraced one (filter matching every frame; {on})"), "unit": "ns/packet", "runs": per_packet.len(), "median": med, "min": min, "max": max, "higher_is_better": false});
+    let row = serde_json::json!({"group": "trace", "name": format!("time per traced packet beyond an untraced one (filter matching every frame; {on})"), "unit": "ns/packet", "runs": per_packet.len(), "median": med, "min": min, "max": max, "higher_is_better": false});
     println!("{row}");
     drop(rig);
 }

@@ -201,19 +201,7 @@ fn reload_changes_settings_in_place_losing_nothing_and_refuses_a_bad_config() {
     assert_eq!(xdp_prog_id(&host, "h0").unwrap(), prog, "changed in place: the same program");
     assert!(agent.log().contains("settings changed in place"), "{}", agent.log());
 
-    // An out-of-band `natfix set` on a kept attachment is warned about, and
-    // the agent puts its config back at its next full pass (every 10 s).
-    let set = natfix_testkit::natfix(&["set", "--netns", &host.name, "--iface", "h0", "--allow-port", "+20500"]);
-    assert!(set.status.success(), "{}", String::from_utf8_lossy(&set.stderr));
-    assert!(String::from_utf8_lossy(&set.stderr).contains("kept by natfix agent"), "warned: {}", String::from_utf8_lossy(&set.stderr));
-    assert!(reaches(&host, &peer, 103, 20500), "the set took effect");
-    let end = Instant::now() + Duration::from_secs(15);
-    while records().iter().find(|r| r["netns"] == host.name.as_str()).is_some_and(|r| r["guard"]["allow_ports"].as_array().is_some_and(|a| !a.is_empty())) {
-        assert!(Instant::now() < end, "config not put back: {}", agent.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(!reaches(&host, &peer, 103, 20500), "guarded again as the config says");
-    assert_eq!(xdp_prog_id(&host, "h0").unwrap(), prog, "put back in place: the same program");
+    out_of_band_set_is_put_back(&agent, &host, &peer, prog);
 
     // A bad config is refused; the attachment stays as it was.
     agent.reload("[[attach]]\nguard = \"30000-20000\"\n").unwrap();
@@ -235,6 +223,22 @@ fn reload_changes_settings_in_place_losing_nothing_and_refuses_a_bad_config() {
     }
     assert!(reaches(&host, &peer, 103, 20500));
     assert!(agent.stop().unwrap().success());
+}
+
+/// An out-of-band `natfix set` on a kept attachment is warned about, and
+/// the agent puts its config back at its next full pass (every 10 s).
+fn out_of_band_set_is_put_back(agent: &AgentProc, host: &ScratchNs, peer: &ScratchNs, prog: Option<u64>) {
+    let changed = natfix_testkit::natfix(&["set", "--netns", &host.name, "--iface", "h0", "--allow-port", "+20500"]);
+    assert!(changed.status.success(), "{}", String::from_utf8_lossy(&changed.stderr));
+    assert!(String::from_utf8_lossy(&changed.stderr).contains("kept by natfix agent"), "warned: {}", String::from_utf8_lossy(&changed.stderr));
+    assert!(reaches(host, peer, 103, 20500), "the set took effect");
+    let end = Instant::now() + Duration::from_secs(15);
+    while records().iter().find(|r| r["netns"] == host.name.as_str()).is_some_and(|r| r["guard"]["allow_ports"].as_array().is_some_and(|a| !a.is_empty())) {
+        assert!(Instant::now() < end, "config not put back: {}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!reaches(host, peer, 103, 20500), "guarded again as the config says");
+    assert_eq!(xdp_prog_id(host, "h0").unwrap(), prog, "put back in place: the same program");
 }
 
 #[test]

@@ -26,7 +26,7 @@ pub struct BenchArgs {
     /// this file instead of running anything: for one part run on its own.
     #[arg(long)]
     pub rows: Option<std::path::PathBuf>,
-    /// Run only these parts (comma-separated): datapath, flood, scaling, system, agent, vm.
+    /// Run only these parts (comma-separated): datapath, flood, scaling, trace, system, agent, vm.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -451,6 +451,9 @@ fn run_all(args: &BenchArgs) -> Result<Vec<Value>> {
     if part("scaling") {
         rows.extend(cargo_bench("scaling", &[("NATFIX_BENCH_RUNS", args.runs.min(5).to_string())])?);
     }
+    if part("trace") {
+        rows.extend(cargo_bench("trace", &[("NATFIX_TRACE_ROUNDS", (args.runs * 2).min(20).to_string())])?);
+    }
     if part("system") {
         rows.extend(system_benches(args.runs)?);
     }
@@ -491,6 +494,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
         ("scaling", "cargo bench -p natfix-testkit --bench scaling (NATFIX_SCALING_PART=own,conntrack,lru,userspace; test_run with a different flow each packet; the release binary in namespaces)"),
         ("throughput, solicited UDP", "cargo bench -p natfix-testkit --bench flood (same generator; 1,000,000-frame windows, each between two baseline windows: 30 rounds on a bare receiver, 60 each on a Docker node's netfilter with 64 B and 1,400 B frames, 30 on the bare receiver with 1,400 B frames; programs swapped between windows)"),
         ("throughput, TCP bulk", "cargo bench -p natfix-testkit --bench flood (one TCP connection; 60 rounds of 0.5 s windows, each configuration's between two baseline windows, programs swapped between windows)"),
+        ("trace", "cargo bench -p natfix-testkit --bench trace (the flood's XDP live-frames generator; 1,000,000-frame windows, each between two baseline windows; NATFIX_TRACE_ROUNDS rounds per host)"),
         ("memory, latency", "cargo xtask bench (/proc/PID/status, wall clock of the release binary)"),
         ("vm overlay", "cargo xtask vm --scenario esp-nat --mode throughput (iperf3 3 s, 3 alternating rounds)"),
         ("all of it", "cargo xtask bench"),
