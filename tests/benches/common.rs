@@ -129,3 +129,14 @@ pub fn report_flanked_with(
     }
     println!("{row}");
 }
+
+/// The `xdp_md` context of an XDP live-frames test run: a `frame_len`-byte
+/// frame arriving on `ifindex`, as the bytes `ctx_in` takes.
+pub fn xdp_md(frame_len: usize, ifindex: u32) -> [u8; 24] {
+    let data_end = u32::try_from(frame_len).expect("a frame under 4 GiB");
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let mut md = [0u8; 24];
+    md[4..8].copy_from_slice(&data_end.to_ne_bytes());
+    md[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    md
+}

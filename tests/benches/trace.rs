@@ -37,17 +37,6 @@ use natfix::lab::scratch::{ScratchNs, bind_udp, sock, veth};
 use natfix_ebpf::rig;
 use natfix_testkit::{harness::pin_to_cpu, packet};
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
 fn env_u32(name: &str, default: u32) -> u32 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -102,9 +91,8 @@ impl Generator {
                 let mut ebpf = aya::Ebpf::load(rig::OBJECT)?;
                 let p: &mut Xdp = ebpf.program_mut(rig::GEN_XDP).unwrap().try_into()?;
                 p.load()?;
-                let md = XdpMd { data_end: u32::try_from(frame.len())?, ingress_ifindex: ifindex, ..XdpMd::default() };
-                // SAFETY: XdpMd is repr(C) plain integers.
-                let ctx = unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
+                let md = common::xdp_md(frame.len(), ifindex);
+                let ctx = &md[..];
                 for n in jobs {
                     let t = Instant::now();
                     let opts = TestRunOptions { data_in: Some(&frame), ctx_in: Some(ctx), repeat: n, attrs: TestRunAttrs::new().xdp_live_frames(64), ..TestRunOptions::default() };

@@ -13,7 +13,7 @@ use natfix::sys::netns::Netns;
 use natfix_testkit::{
     ScratchNs,
     agent::{AgentProc, records},
-    docker::{Container, docker, ensure_busybox, exclusive, unavailable},
+    docker::{Container, Swarm, ensure_busybox, exclusive, unavailable},
     root_setup, scratch_ns, send_udp, sh, skip,
 };
 
@@ -119,30 +119,6 @@ fn published_ports_stay_open_without_allow_port() {
     drop(before);
 }
 
-/// Leaves the swarm on drop (a failed test must not leave one).
-struct Swarm {
-    service: String,
-}
-
-impl Swarm {
-    fn init(image: &str, service: &str) -> Self {
-        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).unwrap();
-        // The routing mesh's namespace exists once a service publishes a port.
-        docker(&[
-            "service", "create", "--detach", "--name", service, "--publish", "published=25700,target=25700,protocol=udp", image, "sleep", "3000",
-        ])
-        .unwrap();
-        Self { service: service.to_owned() }
-    }
-}
-
-impl Drop for Swarm {
-    fn drop(&mut self) {
-        let _ = docker(&["service", "rm", &self.service]);
-        let _ = docker(&["swarm", "leave", "--force"]);
-    }
-}
-
 const INGRESS: &str = "/var/run/docker/netns/ingress_sbox";
 
 /// The cookie of the namespace mounted on `ingress_sbox`, once there is one
@@ -173,8 +149,8 @@ fn swarm_ingress_is_attached_again_when_recreated() {
         return skip(&why);
     }
     let _turn = exclusive();
-    if docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]).unwrap().trim() != "inactive" {
-        return skip("this engine is already part of a swarm: the test would have to leave it");
+    if let Some(why) = Swarm::unavailable() {
+        return skip(&why);
     }
     let image = ensure_busybox().unwrap();
     let service = format!("natfix-t{}", std::process::id());

@@ -60,19 +60,6 @@ fn compose_run_flags() -> Vec<String> {
     flags
 }
 
-/// Docker refuses rslave binds whose source is on a private mount. systemd
-/// makes / shared at boot; a host without it (this test machine) gets what
-/// systemd would have done. Left in place, like a mounted bpffs.
-fn ensure_shared_root() {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).expect("/ in mountinfo");
-    let optional: Vec<&str> = root.split(" - ").next().unwrap().split_whitespace().skip(6).collect();
-    if !optional.iter().any(|f| f.starts_with("shared:") || f.starts_with("master:")) {
-        eprintln!("making / a shared mount (as systemd does at boot): Docker's rslave binds need it");
-        sh(&["mount", "--make-rshared", "/"]).unwrap();
-    }
-}
-
 /// What the test made on the host, removed on drop.
 struct Setup {
     peer: ScratchNs,
@@ -237,7 +224,7 @@ fn natfix_image_fixes_seed_000_behind_dockers_masquerade() {
         skip(&why);
         return;
     }
-    ensure_shared_root();
+    docker::ensure_shared_root();
     let mut s = Setup::build().expect("veth and peer namespace");
     let client = s.client().expect("client container");
 

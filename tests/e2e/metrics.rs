@@ -2,7 +2,6 @@
 //! linted with `promtool check metrics`, and counting the traffic that passes.
 
 use std::{
-    io::Write as _,
     net::{SocketAddr, TcpListener},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -10,7 +9,7 @@ use std::{
 
 use aya::programs::TcAttachType;
 use natfix_testkit::{
-    Daemon, ensure_bpffs, natfix, natfix_bin, root_setup, scratch_ns, send_udp, stat, tcx_prog_ids, veth, xdp_prog_id,
+    Daemon, ensure_bpffs, natfix, natfix_bin, promtool_check, root_setup, scratch_ns, send_udp, stat, tcx_prog_ids, veth, xdp_prog_id,
 };
 
 fn addr(s: &str) -> SocketAddr {
@@ -60,25 +59,6 @@ fn scrape(url: &str) -> Scrape {
             Err(e) => panic!("cannot scrape {url}: {e}"),
         }
     }
-}
-
-/// Fails (never skips) without promtool: validating the exposition is the point.
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run promtool ({e}): install it with `apt-get install -y prometheus`"));
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics rejects the scrape:\n{}{}\n--- scrape ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// `name{labels} value` samples of `text` whose labels include all of `want`.

@@ -1,6 +1,7 @@
 //! A real Docker engine for the tests that are about Docker's behaviour (its
 //! NAT rules, namespaces, published ports): whether one answers, a tiny
-//! local image to run containers from, and containers removed on drop.
+//! local image to run containers from, containers removed on drop, and a
+//! swarm left on drop.
 
 use std::sync::{Mutex, MutexGuard};
 
@@ -97,5 +98,64 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = docker(&["rm", "-f", "-v", &self.id]);
+    }
+}
+
+/// Docker refuses rslave binds whose source is on a private mount. systemd
+/// makes / shared at boot; a host without it (this test machine) gets what
+/// systemd would have done. Left in place, like a mounted bpffs.
+///
+/// # Panics
+///
+/// When mountinfo cannot be read or the remount fails.
+pub fn ensure_shared_root() {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = mountinfo.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).expect("/ in mountinfo");
+    let optional: Vec<&str> = root.split(" - ").next().unwrap().split_whitespace().skip(6).collect();
+    if !optional.iter().any(|f| f.starts_with("shared:") || f.starts_with("master:")) {
+        eprintln!("making / a shared mount (as systemd does at boot): Docker's rslave binds need it");
+        sh(&["mount", "--make-rshared", "/"]).unwrap();
+    }
+}
+
+/// A single-node swarm made by the test, left on drop (a failed test must
+/// not leave one), with a service publishing 25700/udp (the routing mesh's
+/// `ingress_sbox` exists once a service publishes a port).
+pub struct Swarm {
+    service: String,
+}
+
+impl Swarm {
+    /// Why a test cannot make its own swarm here, if it cannot.
+    #[must_use]
+    pub fn unavailable() -> Option<String> {
+        match docker(&["info", "--format", "{{.Swarm.LocalNodeState}}"]) {
+            Ok(state) if state.trim() == "inactive" => None,
+            Ok(_) => Some("this engine is already part of a swarm: the test would have to leave it".into()),
+            Err(e) => Some(format!("docker info: {e:#}")),
+        }
+    }
+
+    /// `docker swarm init`, then the publishing service from `image`.
+    ///
+    /// # Panics
+    ///
+    /// When Docker refuses either.
+    #[must_use]
+    pub fn init(image: &str, service: &str) -> Self {
+        docker(&["swarm", "init", "--advertise-addr", "127.0.0.1"]).unwrap();
+        let swarm = Self { service: service.to_owned() };
+        docker(&[
+            "service", "create", "--detach", "--name", service, "--publish", "published=25700,target=25700,protocol=udp", image, "sleep", "3000",
+        ])
+        .unwrap();
+        swarm
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        let _ = docker(&["service", "rm", &self.service]);
+        let _ = docker(&["swarm", "leave", "--force"]);
     }
 }

@@ -111,3 +111,27 @@ pub fn skip(reason: &str) {
         file.and_then(|mut f| f.write_all(line.as_bytes())).expect("write NATFIX_SKIP_LOG");
     }
 }
+
+/// `promtool check metrics` on a scrape. Fails (never skips) without
+/// promtool: validating the exposition is the point.
+///
+/// # Panics
+///
+/// When promtool is missing or rejects `text`.
+pub fn promtool_check(text: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run promtool ({e}): install it with `apt-get install -y prometheus`"));
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics rejects the scrape:\n{}{}\n--- scrape ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -82,10 +82,11 @@ pub fn lab() -> Result<()> {
 }
 
 /// The VM scenarios `cargo xtask test` runs, in one boot: the failure, the
-/// known workarounds, and natfix's overlay fix with every backend and mode.
+/// known workarounds, natfix's overlay fix with every backend and mode, and
+/// `natfix trace` showing the drop and the fix.
 const VM_MODES: &str = "cleartext,baseline,noudpcsum,nft,nft-one-side,natfix-auto,natfix-auto-recompute,\
 natfix-tc,natfix-tc-recompute,natfix-nft,natfix-both,natfix-one-side,natfix-cleartext,natfix-wrong-reqid,baseline-4777,\
-natfix-port-4777,lab";
+natfix-port-4777,trace,lab";
 
 /// Runs a command, echoing its stdout, and adds up libtest's and the VM's
 /// "N passed; M failed" summaries.

@@ -82,6 +82,7 @@ pub fn analyze(facts: &Facts) -> Report {
     let guarded = facts.attachments.as_ref().is_ok_and(|l| l.iter().any(|a| a.guard && a.effective));
     findings.extend(guard_findings(t, ns, guarded));
     findings.push(attachments_finding(&facts.attachments));
+    findings.extend(flow_table_findings(&facts.attachments));
     super::trace_hint::with_trace_hints(Report { findings }, facts)
 }
 
@@ -109,6 +110,35 @@ fn attachments_finding(attachments: &Result<Vec<AttachmentFacts>, String>) -> Fi
         list.len()
     );
     Finding::new("natfix.attachments", Severity::Warning, summary).evidence(lines).fix(fix)
+}
+
+/// Own flow tables near their size: past it, LRU evicts live flows and their
+/// replies are dropped as unsolicited (the guard cannot tell them apart).
+fn flow_table_findings(attachments: &Result<Vec<AttachmentFacts>, String>) -> Vec<Finding> {
+    let Ok(list) = attachments else { return Vec::new() };
+    list.iter()
+        .filter_map(|a| {
+            let place = if a.netns == "self" { a.iface.clone() } else { format!("{} (namespace {})", a.iface, a.netns) };
+            match &a.flow_table {
+                Ok(Some(o)) if o.nearly_full() => {
+                    let summary = format!(
+                        "the own flow table on {place} holds {} of {} flows: past its size the kernel evicts the flows used longest ago, and their replies are dropped as unsolicited",
+                        o.entries, o.size
+                    );
+                    let ns = if a.netns == "self" { String::new() } else { format!(" --netns {}", a.netns) };
+                    let fix = format!(
+                        "natfix detach --iface {}{ns}, then attach again with --flow-table-size {} (above the host's concurrent UDP flows)",
+                        a.iface,
+                        o.size.saturating_mul(4).min(*crate::config::FLOW_TABLE_SIZES.end())
+                    );
+                    Some(Finding::new("guard.flow-table", Severity::Warning, summary).fix(Some(fix)))
+                }
+                Ok(Some(o)) => Some(Finding::new("guard.flow-table", Severity::Info, format!("the own flow table on {place} holds {} of {} flows", o.entries, o.size))),
+                Ok(None) => None,
+                Err(why) => Some(Finding::new("guard.flow-table", Severity::Warning, format!("cannot read the own flow table on {place}: {why}"))),
+            }
+        })
+        .collect()
 }
 
 fn kernel_findings(k: &KernelFacts) -> Vec<Finding> {

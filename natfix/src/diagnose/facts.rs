@@ -36,6 +36,8 @@ pub struct AttachmentFacts {
     pub netns: String,
     /// It has a guard (so `natfix reap` knows its ports).
     pub guard: bool,
+    /// Its own flow table's occupancy (`None`: it has none); Err: why it could not be read.
+    pub flow_table: Result<Option<crate::observe::flow_table::Occupancy>, String>,
 }
 
 #[derive(Debug, Clone)]

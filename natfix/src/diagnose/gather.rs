@@ -191,9 +191,10 @@ fn natfix_attachments(inode: u64) -> Result<Vec<AttachmentFacts>, String> {
     Ok(all
         .into_iter()
         .filter(|(_, m)| m.netns_inode == inode)
-        .map(|(_, m)| {
+        .map(|(dir, m)| {
             let s = crate::observe::state::check(&m);
             AttachmentFacts {
+                flow_table: crate::observe::flow_table::read(&dir).map_err(|e| format!("{e:#}")),
                 iface: m.iface,
                 state: s.state.name().to_owned(),
                 effective: s.state.is_effective(),

@@ -342,7 +342,8 @@ fn guard_commands_allow_only_ports_inside_the_range() {
     a.spec().unwrap();
 }
 
-fn kernel() -> KernelFacts {
+/// A kernel with everything natfix uses (shared with `trace_hint`'s tests).
+pub(super) fn kernel() -> KernelFacts {
     KernelFacts {
         release: "6.18.0".into(),
         btf: true,
@@ -373,6 +374,7 @@ fn attachments_that_no_longer_protect_are_a_warning_with_a_fix() {
         problems: problems.iter().map(|p| (*p).to_owned()).collect(),
         netns: "blue".into(),
         guard: true,
+        flow_table: Ok(None),
     };
     let mut f = facts(ns("/run/netns/h"));
     f.attachments = Ok(vec![attachment("eth0", "pinned", true, &[])]);
@@ -389,6 +391,33 @@ fn attachments_that_no_longer_protect_are_a_warning_with_a_fix() {
     assert_eq!(bad.fix.as_deref(), Some("natfix detach --iface eth1 --netns blue (then attach again)"));
     f.attachments = Err("cannot read /sys/fs/bpf/natfix".into());
     assert_eq!(find(&analyze(&f), "natfix.collect").severity, Severity::Warning);
+}
+
+#[test]
+fn an_own_flow_table_near_its_size_is_a_warning_with_a_bigger_size() {
+    use crate::observe::flow_table::Occupancy;
+    let attachment = |flow_table| AttachmentFacts {
+        iface: "eth0".into(),
+        state: "pinned".into(),
+        effective: true,
+        problems: Vec::new(),
+        netns: "self".into(),
+        guard: true,
+        flow_table,
+    };
+    let mut f = facts(ns("/run/netns/h"));
+    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 1200, size: 65536 })))]);
+    let ok = find(&analyze(&f), "guard.flow-table").clone();
+    assert_eq!(ok.severity, Severity::Info, "{ok:?}");
+    assert_eq!(ok.summary, "the own flow table on eth0 holds 1200 of 65536 flows");
+    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 65536, size: 65536 })))]);
+    let full = find(&analyze(&f), "guard.flow-table").clone();
+    assert_eq!(full.severity, Severity::Warning, "{full:?}");
+    assert!(full.summary.contains("their replies are dropped as unsolicited"), "{full:?}");
+    assert!(full.fix.as_deref().is_some_and(|c| c.contains("--flow-table-size 262144")), "{full:?}");
+    // The conntrack flow source has no table of its own: nothing to say.
+    f.attachments = Ok(vec![attachment(Ok(None))]);
+    assert!(analyze(&f).findings.iter().all(|x| x.check != "guard.flow-table"));
 }
 
 fn ns(label: &str) -> NsFacts {
@@ -558,6 +587,7 @@ fn entries_left_under_a_guard_get_the_reap_command() {
         problems: Vec::new(),
         netns: "/run/netns/h".into(),
         guard,
+        flow_table: Ok(None),
     };
     f.attachments = Ok(vec![guard(true, true)]);
     let u = find(&analyze(&f), "guard.unsolicited").clone();

@@ -48,8 +48,7 @@ mod tests {
     use super::*;
     use crate::{
         conntrack::{CtEntry, CtTuple, IPS_CONFIRMED, IPS_SRC_NAT},
-        diagnose::{DropSample, KernelFacts, ModuleState, NsFacts, analyze},
-        sys::features::CtKfuncs,
+        diagnose::{DropSample, NsFacts, analyze},
     };
 
     fn t(s: &str, sport: u16, d: &str, dport: u16) -> CtTuple {
@@ -66,14 +65,7 @@ mod tests {
             entry(t("10.77.0.2", 25000, "198.51.100.20", 7000), t("198.51.100.20", 7000, "198.51.100.10", 41061), IPS_SRC_NAT),
         ]);
         target.window = Duration::from_secs(2);
-        let kernel = KernelFacts {
-            release: "6.18.0".into(),
-            btf: true,
-            tcx: true,
-            xdp: Ok(true),
-            ct_kfuncs: CtKfuncs::Vmlinux,
-            esp_offload: ModuleState::Missing("nowhere".into()),
-        };
+        let kernel = crate::diagnose::tests::kernel();
         let drops = DropSample::Counts(vec![("UDP_CSUM".into(), 7)]);
         Facts { netns_spec: netns.map(str::to_owned), kernel, target, docker: Vec::new(), drops, attachments: Ok(Vec::new()) }
     }

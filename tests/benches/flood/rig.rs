@@ -153,17 +153,6 @@ fn link_field(ns: &ScratchNs, dev: &str, field: &str) -> Result<serde_json::Valu
     Ok(show[0][field].clone())
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct XdpMd {
-    data: u32,
-    data_end: u32,
-    data_meta: u32,
-    ingress_ifindex: u32,
-    rx_queue_index: u32,
-    egress_ifindex: u32,
-}
-
 /// Which program transmits the frames.
 #[derive(Clone, Copy, Debug)]
 pub enum GenProgram {
@@ -237,9 +226,8 @@ impl Generator {
                 let p: &mut Xdp = ebpf.program_mut(name).context("no generator program")?.try_into()?;
                 p.load()?;
                 p.attach("gx0", XdpMode::Driver).context("attaching the generator to its spare veth (keeps it in the XDP dispatcher)")?;
-                let md = XdpMd { data_end: u32::try_from(frame.len())?, ingress_ifindex: ifindex, ..XdpMd::default() };
-                // SAFETY: XdpMd is repr(C) plain integers.
-                let ctx = unsafe { std::slice::from_raw_parts((&raw const md).cast::<u8>(), size_of::<XdpMd>()) };
+                let md = crate::common::xdp_md(frame.len(), ifindex);
+                let ctx = &md[..];
                 for n in jobs {
                     let (t, cpu) = (Instant::now(), thread_cpu_secs());
                     p.test_run(TestRunOptions {
