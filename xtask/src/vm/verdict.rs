@@ -32,6 +32,13 @@ pub(super) fn summarize(item: &Value) -> String {
         let _ = write!(s, " noudpcsum {} Mbit/s, natfix {} Mbit/s", item["noudpcsum_mbps"], item["natfix_mbps"]);
         return s;
     }
+    if item["mode"] == "trace" {
+        for (k, side) in [("without_fix", "without fix"), ("with_fix", "with natfix")] {
+            let t = &item[k];
+            let _ = write!(s, " {side}: exit {} steps {} udp_csum_drop {} natfix_rewrote {} delivered {};", t["exit"], t["steps"], t["udp_csum_drop"], t["natfix_rewrote"], t["delivered"]);
+        }
+        return s;
+    }
     if item["mode"] == "lab" {
         let output = item["output"].as_str().unwrap_or_default();
         let tail: String = output.chars().rev().take(90).collect::<Vec<_>>().into_iter().rev().collect();
@@ -78,6 +85,7 @@ pub(super) fn check(item: &Value) -> Verdict {
                 why.push(format!("natfix lab --scenario overlay did not show the fix: exit {}: {output}", item["exit"]));
             }
         }
+        "trace" => check_trace(item, &mut why),
         "throughput" => {
             for k in ["noudpcsum_mbps", "natfix_mbps"] {
                 let v = item[k].as_array().map_or(0.0, |a| a.iter().filter_map(Value::as_f64).fold(0.0, f64::max));
@@ -89,6 +97,25 @@ pub(super) fn check(item: &Value) -> Verdict {
         other => check_workaround(item, other, &mut why),
     }
     if why.is_empty() { Verdict::Pass } else { Verdict::Fail(why) }
+}
+
+/// Seed 001 traced: without a fix the decrypted VXLAN packet's path ends in
+/// a `UDP_CSUM` drop in B; with natfix's overlay fix, natfix's rewrite shows
+/// and nothing drops it. The trace cleans up after itself.
+fn check_trace(item: &Value, why: &mut Vec<String>) {
+    let (without, with) = (&item["without_fix"], &item["with_fix"]);
+    if num(without, &["exit"]) != 0 || without["udp_csum_drop"] != true {
+        why.push(format!("without a fix the trace did not end in a UDP_CSUM drop: {without}"));
+    }
+    if num(with, &["exit"]) != 0 || with["natfix_rewrote"] != true || with["udp_csum_drop"] != false {
+        why.push(format!("with natfix the trace did not show the rewrite without a drop: {with}"));
+    }
+    if num(&item["natfix"], &["b", "exit"]) != 0 {
+        why.push(format!("natfix attach on B failed: {}", item["natfix"]["b"]));
+    }
+    if num(item, &["trace_tables_left"]) != 0 {
+        why.push(format!("{} natfix_trace tables left in B", item["trace_tables_left"]));
+    }
 }
 
 /// The scenario ran its VXLAN on `port`.
