@@ -83,7 +83,7 @@ enum Mode {
     NatfixPort4777,
     /// Overlay TCP throughput (iperf3): natfix (auto) against the noudpcsum workaround, same boot.
     Throughput,
-    /// `natfix trace` of decrypted VXLAN in B, without a fix (ends in a UDP_CSUM drop) and with natfix's.
+    /// `natfix trace` of decrypted VXLAN in B, without a fix (ends in a `UDP_CSUM` drop) and with natfix's.
     Trace,
     /// `natfix lab --scenario overlay`, the demo's native path (this kernel has ESP).
     Lab,
