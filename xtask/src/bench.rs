@@ -472,7 +472,14 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
             text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
         }
-        None => run_all(args)?,
+        None => {
+            let rows = run_all(args)?;
+            // The raw rows, so that the document can be written again (`--rows`) without rerunning.
+            let raw = workspace().join("target/bench-rows.jsonl");
+            let lines: Vec<String> = rows.iter().map(Value::to_string).collect();
+            std::fs::write(&raw, lines.join("\n") + "\n").with_context(|| format!("cannot write {}", raw.display()))?;
+            rows
+        }
     };
     // What the rows depend on most besides the code: the CPU, and whether
     // every kernel return pays a speculation-mitigation thunk.
