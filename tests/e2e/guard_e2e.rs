@@ -153,6 +153,45 @@ fn own_flow_table_admits_replies_to_flows_older_than_natfix() {
     assert!(d.stop().unwrap().success());
 }
 
+/// The own flow table's `guard.flow-table` finding from `natfix diagnose`.
+fn flow_table_finding(t: &GuardTopology) -> serde_json::Value {
+    let out = natfix_testkit::natfix(&["diagnose", "--netns", &t.host.name, "--json", "--sample", "1"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("diagnose JSON");
+    v["findings"].as_array().unwrap().iter().find(|f| f["check"] == "guard.flow-table").expect("guard.flow-table finding").clone()
+}
+
+#[test]
+#[ignore = "needs root: cargo xtask test"]
+fn a_full_own_flow_table_evicts_live_flows_and_diagnose_counts_them() {
+    root_setup();
+    ensure_bpffs();
+    let t = topology("lru");
+    let d = attach(&t, &["--flow-source", "own", "--flow-table-size", "64"]);
+    let quiet = flow_table_finding(&t);
+    assert_eq!(quiet["severity"], "info", "{quiet}");
+    assert!(quiet["summary"].as_str().unwrap().ends_with("none evicted"), "{quiet}");
+    // 300 flows out of a 64-entry table: the learner creates each one.
+    for p in 0..300u16 {
+        t.host.send_udp(sock(HOST_IP, 21000 + p), sock(REMOTE_IP, 7000), 1).unwrap();
+    }
+    // (A flow the conntrack sync wrote first is refreshed, not learned: rare, the sync follows events.)
+    let learned = stat(&t.host.name, HOST_EXT_IF, "flow", "learned");
+    assert!((250..=300).contains(&learned), "{learned}");
+    let full = flow_table_finding(&t);
+    assert_eq!(full["severity"], "warning", "{full}");
+    let summary = full["summary"].as_str().unwrap();
+    let evicted: u64 = summary.split("at least ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).expect(summary);
+    assert!((learned - 64..=learned).contains(&evicted), "{learned} learned, at most 64 kept: {summary}");
+    assert!(full["fix"].as_str().unwrap().contains("--flow-table-size 256"), "{full}");
+    // The eviction is real: the oldest flow's reply is dropped as unsolicited, the newest's passes.
+    let rx = t.host.recv_udp(sock(HOST_IP, 21299), Duration::from_millis(400)).unwrap();
+    t.remote.send_udp(sock(REMOTE_IP, 7000), sock(HOST_IP, 21000), 1).unwrap();
+    t.remote.send_udp(sock(REMOTE_IP, 7000), sock(HOST_IP, 21299), 1).unwrap();
+    assert_eq!(rx.join().unwrap().unwrap().len(), 1, "the newest flow's reply passes");
+    assert_eq!(stat(&t.host.name, HOST_EXT_IF, "guard", "dropped_unsolicited"), 1, "the evicted flow's reply");
+    assert!(d.stop().unwrap().success());
+}
+
 #[test]
 #[ignore = "needs root: cargo xtask test"]
 fn own_flow_table_follows_conntrack_events() {

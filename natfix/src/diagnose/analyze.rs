@@ -112,17 +112,22 @@ fn attachments_finding(attachments: &Result<Vec<AttachmentFacts>, String>) -> Fi
     Finding::new("natfix.attachments", Severity::Warning, summary).evidence(lines).fix(fix)
 }
 
-/// Own flow tables near their size: past it, LRU evicts live flows and their
-/// replies are dropped as unsolicited (the guard cannot tell them apart).
+/// Own flow tables near their size or past it (flows evicted since attach):
+/// LRU evicts live flows and their replies are dropped as unsolicited (the
+/// guard cannot tell them apart).
 fn flow_table_findings(attachments: &Result<Vec<AttachmentFacts>, String>) -> Vec<Finding> {
     let Ok(list) = attachments else { return Vec::new() };
     list.iter()
         .filter_map(|a| {
             let place = if a.netns == "self" { a.iface.clone() } else { format!("{} (namespace {})", a.iface, a.netns) };
             match &a.flow_table {
-                Ok(Some(o)) if o.nearly_full() => {
+                Ok(Some(o)) if o.nearly_full() || o.evicted_at_least() > 0 => {
+                    let evicted = match o.evicted_at_least() {
+                        0 => String::new(),
+                        n => format!(" (at least {n} evicted since attach)"),
+                    };
                     let summary = format!(
-                        "the own flow table on {place} holds {} of {} flows: past its size the kernel evicts the flows used longest ago, and their replies are dropped as unsolicited",
+                        "the own flow table on {place} holds {} of {} flows{evicted}: past its size the kernel evicts the flows used longest ago, and their replies are dropped as unsolicited",
                         o.entries, o.size
                     );
                     let ns = if a.netns == "self" { String::new() } else { format!(" --netns {}", a.netns) };
@@ -133,7 +138,7 @@ fn flow_table_findings(attachments: &Result<Vec<AttachmentFacts>, String>) -> Ve
                     );
                     Some(Finding::new("guard.flow-table", Severity::Warning, summary).fix(Some(fix)))
                 }
-                Ok(Some(o)) => Some(Finding::new("guard.flow-table", Severity::Info, format!("the own flow table on {place} holds {} of {} flows", o.entries, o.size))),
+                Ok(Some(o)) => Some(Finding::new("guard.flow-table", Severity::Info, format!("the own flow table on {place} holds {} of {} flows, none evicted", o.entries, o.size))),
                 Ok(None) => None,
                 Err(why) => Some(Finding::new("guard.flow-table", Severity::Warning, format!("cannot read the own flow table on {place}: {why}"))),
             }

@@ -406,11 +406,16 @@ fn an_own_flow_table_near_its_size_is_a_warning_with_a_bigger_size() {
         flow_table,
     };
     let mut f = facts(ns("/run/netns/h"));
-    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 1200, size: 65536 })))]);
+    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 1200, size: 65536, learned: Some(1000) })))]);
     let ok = find(&analyze(&f), "guard.flow-table").clone();
     assert_eq!(ok.severity, Severity::Info, "{ok:?}");
-    assert_eq!(ok.summary, "the own flow table on eth0 holds 1200 of 65536 flows");
-    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 65536, size: 65536 })))]);
+    assert_eq!(ok.summary, "the own flow table on eth0 holds 1200 of 65536 flows, none evicted");
+    // Evictions already happened (a burst since gone): a warning though the table is not full now.
+    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 1200, size: 65536, learned: Some(70_000) })))]);
+    let lost = find(&analyze(&f), "guard.flow-table").clone();
+    assert_eq!(lost.severity, Severity::Warning, "{lost:?}");
+    assert!(lost.summary.contains("(at least 68800 evicted since attach)"), "{lost:?}");
+    f.attachments = Ok(vec![attachment(Ok(Some(Occupancy { entries: 65536, size: 65536, learned: None })))]);
     let full = find(&analyze(&f), "guard.flow-table").clone();
     assert_eq!(full.severity, Severity::Warning, "{full:?}");
     assert!(full.summary.contains("their replies are dropped as unsolicited"), "{full:?}");
