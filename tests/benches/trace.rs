@@ -9,6 +9,12 @@
 //! traffic (kernel `bpf_stats`), and the overhead per traced packet (a filter
 //! matching the traffic, against none).
 //!
+//! Where the marking table's cost comes from, as rows of their own: an empty
+//! chain at its hook and priority (the hook), its rules with `counter` in
+//! place of `meta nftrace set 1` (the rules), and one never-matching rule
+//! with `meta nftrace set 1` (the kernel's trace switch: any such rule turns
+//! on nftables tracing's checks in every chain of the host).
+//!
 //! The generator is `BPF_PROG_TEST_RUN` in XDP live-frames mode on CPU 0 (the
 //! receive softirq runs there too, so its time covers the path up to the
 //! socket); the receiving veth carries the rig's counting XDP program (veth
@@ -206,9 +212,16 @@ enum Window {
     Marks,
     /// Empty programs on the same three tracepoints: what a program there costs at all.
     EmptyTp,
+    /// An empty chain at the marking table's hook and priority.
+    NftHook,
+    /// The marking table's rules, `counter` in place of `meta nftrace set 1`.
+    NftRulesNoTrace,
+    /// One never-matching rule with `meta nftrace set 1`: the trace switch alone.
+    NftTraceSwitch,
 }
 
-const SUBJECTS: [Window; 4] = [Window::Trace, Window::Probes, Window::Marks, Window::EmptyTp];
+const SUBJECTS: [Window; 7] =
+    [Window::Trace, Window::Probes, Window::Marks, Window::EmptyTp, Window::NftHook, Window::NftRulesNoTrace, Window::NftTraceSwitch];
 
 /// What a window attached; dropping it detaches.
 #[expect(dead_code, reason = "held for their drop, which detaches")]
@@ -219,6 +232,35 @@ enum Attached {
     Probes(natfix::trace::drops::Probes),
     Marks(natfix::trace::marking::MarkTable),
     EmptyTp(aya::Ebpf),
+    Nft(VariantTable),
+}
+
+/// A variant of the marking table (`nft -f`), deleted on drop.
+struct VariantTable;
+
+const VARIANT_TABLE: &str = "natfix_bench_variant";
+
+impl VariantTable {
+    fn install(w: Window, plan: &natfix::trace::marking::MarkPlan) -> Self {
+        let t = format!("inet {VARIANT_TABLE}");
+        let hook = format!("add table {t}\nadd chain {t} pre {{ type filter hook prerouting priority {}; }}\n", plan.priority());
+        let script = match w {
+            Window::NftHook => hook,
+            // Never matches: the rule's presence is what is measured.
+            Window::NftTraceSwitch => format!("{hook}add rule {t} pre meta mark 0x4e465854 meta nftrace set 1\n"),
+            _ => plan.script().replace(&format!("inet {}", plan.table), &t).replace(" { flags owner; }", "").replace("meta nftrace set 1", "counter"),
+        };
+        let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().expect("nft");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), script.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft refused the variant table:\n{script}");
+        Self
+    }
+}
+
+impl Drop for VariantTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", VARIANT_TABLE]).status();
+    }
 }
 
 fn empty_tp() -> aya::Ebpf {
@@ -241,6 +283,9 @@ fn enter(w: Window, rx: &str, filter: &natfix::trace::Filter, with_ct: bool) -> 
         Window::Probes => Attached::Probes(natfix::trace::drops::Probes::attach(filter).unwrap()),
         Window::Marks => Attached::Marks(MarkTable::install(&MarkPlan::new(filter, None, with_ct)).unwrap()),
         Window::EmptyTp => Attached::EmptyTp(empty_tp()),
+        Window::NftHook | Window::NftRulesNoTrace | Window::NftTraceSwitch => {
+            Attached::Nft(VariantTable::install(w, &MarkPlan::new(filter, None, with_ct)))
+        }
     }
 }
 
@@ -347,6 +392,9 @@ fn window_name(w: Window) -> &'static str {
         Window::Probes => "natfix trace's tracepoint programs alone",
         Window::Marks => "natfix trace's marking table alone",
         Window::EmptyTp => "empty programs on the same tracepoints",
+        Window::NftHook => "an empty nftables chain at the marking table's hook and priority",
+        Window::NftRulesNoTrace => "the marking table's rules with `counter` in place of `meta nftrace set 1`",
+        Window::NftTraceSwitch => "one never-matching rule with `meta nftrace set 1` (the kernel's trace switch alone)",
         Window::Baseline => "no trace",
     }
 }
