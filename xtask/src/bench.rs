@@ -438,6 +438,17 @@ const NOTES: &str = "
   --json` and a foreground attach's RSS; the conntrack sync's CPU at 10^4 new conntrack entries
   per second (a raw socket in the attachment's namespace) against `conntrack -E` reading the
   same events.
+- `trace` rows: 64-byte UDP read by an application while `natfix trace` runs in the receiver's
+  namespace with a filter that matches none of it, each window between two baseline windows
+  (flanked). The trace's cost splits into its tracepoint programs and its nftables marking table,
+  and the table's into rows of their own: an empty chain at its hook (the hook), its rules with
+  `counter` in place of `meta nftrace set 1` (the rules), and one rule that never matches but
+  holds `meta nftrace set 1`. That statement is the only way to mark packets for nftables
+  tracing, and its presence anywhere turns on the kernel's trace switch (a static key), after
+  which every chain of the host, Docker's included, checks each packet for tracing: most of the
+  table's cost, which no rule layout avoids. The target (`>= 97%`) is held on a Docker node.
+  `time per traced packet` (no baseline) is what a traced packet costs beyond an untraced one:
+  the trace messages nftables and the tracepoints send for it.
 ";
 
 /// Every benchmark's rows.
