@@ -25,25 +25,12 @@ use natfix_testkit::{
 };
 use serde_json::Value;
 
-const IMAGE: &str = "natfix:latest";
 /// The address the deploy files' configurations serve, and the image's
 /// `HEALTHCHECK` asks.
 const METRICS: &str = "127.0.0.1:9477";
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// Why these tests cannot run here: no engine, or no natfix image.
-fn unavailable() -> Option<String> {
-    if let Some(why) = docker::unavailable() {
-        return Some(why);
-    }
-    if docker(&["image", "inspect", IMAGE]).is_err() {
-        let why = std::env::var("NATFIX_DOCKER_UNAVAILABLE").unwrap_or_else(|_| "build it with `cargo xtask image`".into());
-        return Some(format!("image {IMAGE} is missing ({why})"));
-    }
-    None
 }
 
 /// `deploy/FILE` copied into a scratch directory, with `config` written
@@ -154,7 +141,7 @@ impl Drop for ComposeDown<'_> {
 #[ignore = "needs root: cargo xtask test"]
 fn compose_up_runs_the_agent_and_down_leaves_nothing() {
     root_setup();
-    if let Some(why) = unavailable() {
+    if let Some(why) = docker::image_unavailable() {
         return skip(&why);
     }
     let Some(compose) = compose() else {
@@ -203,7 +190,7 @@ const INGRESS: &str = "ingress";
 #[ignore = "needs root: cargo xtask test"]
 fn swarm_stack_runs_the_agent_in_ingress_and_its_pins_outlive_stack_rm() {
     root_setup();
-    if let Some(why) = unavailable() {
+    if let Some(why) = docker::image_unavailable() {
         return skip(&why);
     }
     docker::ensure_shared_root();

@@ -22,21 +22,9 @@ use natfix_testkit::{
     natfix, root_setup, scratch_ns, sh, skip, sock,
 };
 
-const IMAGE: &str = "natfix:latest";
+const IMAGE: &str = docker::NATFIX_IMAGE;
 const GUARDED: u16 = 25000;
 const PEER_PORT: u16 = 7000;
-
-/// Why these tests cannot run here: no engine, or no natfix image.
-fn unavailable() -> Option<String> {
-    if let Some(why) = docker::unavailable() {
-        return Some(why);
-    }
-    if docker(&["image", "inspect", IMAGE]).is_err() {
-        let why = std::env::var("NATFIX_DOCKER_UNAVAILABLE").unwrap_or_else(|_| "build it with `cargo xtask image`".into());
-        return Some(format!("image {IMAGE} is missing ({why})"));
-    }
-    None
-}
 
 /// `docker run` flags for deploy/compose.yml's service: its capabilities,
 /// namespaces and host mounts (its natfix.toml aside: `attach` takes flags).
@@ -220,7 +208,7 @@ fn start_natfix(s: &mut Setup) -> Result<String> {
 #[ignore = "needs root: cargo xtask test"]
 fn natfix_image_fixes_seed_000_behind_dockers_masquerade() {
     root_setup();
-    if let Some(why) = unavailable() {
+    if let Some(why) = docker::image_unavailable() {
         skip(&why);
         return;
     }
@@ -273,7 +261,7 @@ fn natfix_image_fixes_seed_000_behind_dockers_masquerade() {
 #[ignore = "needs root: cargo xtask test"]
 fn image_labels_name_the_binarys_version_and_commit() {
     root_setup();
-    if let Some(why) = unavailable() {
+    if let Some(why) = docker::image_unavailable() {
         skip(&why);
         return;
     }

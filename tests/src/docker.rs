@@ -34,6 +34,22 @@ pub fn unavailable() -> Option<String> {
     None
 }
 
+/// natfix's image, built by `cargo xtask image`.
+pub const NATFIX_IMAGE: &str = "natfix:latest";
+
+/// Why the tests of natfix's image cannot run here: no engine, or no image.
+#[must_use]
+pub fn image_unavailable() -> Option<String> {
+    if let Some(why) = unavailable() {
+        return Some(why);
+    }
+    if docker(&["image", "inspect", NATFIX_IMAGE]).is_err() {
+        let why = std::env::var("NATFIX_DOCKER_UNAVAILABLE").unwrap_or_else(|_| "build it with `cargo xtask image`".into());
+        return Some(format!("image {NATFIX_IMAGE} is missing ({why})"));
+    }
+    None
+}
+
 /// Tests of one binary that change Docker's global state (swarm, containers
 /// publishing ports) take turns.
 pub fn exclusive() -> MutexGuard<'static, ()> {
