@@ -114,9 +114,17 @@ fn assert_nothing_left(pid: u32, prog_ids: &[u32], namespaces: &[&ScratchNs]) {
         let tables = ns.exec(&["nft", "list", "tables"]).unwrap();
         assert!(!tables.contains(&table), "{table} left in {}: {tables}", ns.name);
     }
-    let loaded: Vec<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
-    for id in prog_ids {
-        assert!(!loaded.contains(id), "program {id} of trace {pid} is still loaded");
+    // The kernel frees a program after its last reference goes, deferred
+    // (RCU, a work item): give it a moment before calling it left.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let loaded: Vec<u32> = aya::programs::loaded_programs().filter_map(Result::ok).map(|p| p.id()).collect();
+        let left: Vec<&u32> = prog_ids.iter().filter(|id| loaded.contains(id)).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < end, "programs {left:?} of trace {pid} are still loaded 5 s after it exited");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
