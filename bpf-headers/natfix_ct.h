@@ -3,8 +3,9 @@
  * natfix_ct.h - the conntrack lookup kfuncs, for the guard's
  * --flow-source conntrack build (compiled with -DNATFIX_FLOW_CONNTRACK).
  *
- * aya 0.14 cannot relocate kfunc calls; natfix/src/kfunc.rs patches the
- * object before load (see ../shared/notes/kernel-paths.md).
+ * aya 0.14 cannot relocate kfunc calls; natfix/src/loader/kfunc.rs patches
+ * the object before load (its module comment says how, and why kfuncs in
+ * module BTF stay out of reach).
  * A packet is solicited when conntrack has its flow and the packet either
  * travels in the reply direction or the flow has already seen a reply:
  * the seed's `-m state --state ESTABLISHED` for UDP.
