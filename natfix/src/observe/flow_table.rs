@@ -8,10 +8,10 @@
 //! does not count, only make the true number larger).
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 
 use crate::{
-    abi::{Counter, CounterValue, FlowKey, FlowValue},
+    abi::{Counter, FlowKey, FlowValue},
     pins::{self, PinDir},
 };
 
@@ -65,8 +65,7 @@ pub fn read(dir: &PinDir) -> Result<Option<Occupancy>> {
 
 /// The learner's `learned` counter summed over CPUs; `None` without one.
 fn learned(dir: &PinDir) -> Option<u64> {
-    let data = MapData::from_pin(dir.map(pins::GUARD_COUNTERS)).ok()?;
-    let counters: PerCpuArray<MapData, CounterValue> = PerCpuArray::try_from(Map::PerCpuArray(data)).ok()?;
+    let counters = super::stats::open_counters(dir, pins::GUARD_COUNTERS).ok()?;
     let per_cpu = counters.get(&(Counter::FlowLearned as u32), 0).ok()?;
     Some(per_cpu.iter().map(|v| v.packets).sum())
 }

@@ -46,7 +46,7 @@ pub struct AttachmentStats {
     pub conntrack_reaped: Option<u64>,
 }
 
-fn open_counters(dir: &PinDir, file: &str) -> Result<PerCpuArray<MapData, CounterValue>> {
+pub(super) fn open_counters(dir: &PinDir, file: &str) -> Result<PerCpuArray<MapData, CounterValue>> {
     let path = dir.map(file);
     let data = MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
     Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?)
