@@ -27,6 +27,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub rows: Option<std::path::PathBuf>,
     /// Run only these parts (comma-separated): datapath, flood, scaling, trace, system, agent, vm.
+    /// Their rows replace the same rows of the last run's (`target/bench-rows.jsonl`).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
 }
@@ -484,14 +485,36 @@ fn run_all(args: &BenchArgs) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
+/// A part run on its own, merged into the last run's rows: a row of the same
+/// group and name is replaced in place, a new row goes after its group's last.
+fn merge_rows(old: Vec<Value>, fresh: Vec<Value>) -> Vec<Value> {
+    let key = |r: &Value| (r["group"].to_string(), r["name"].to_string());
+    let mut rows = old;
+    for r in fresh {
+        if let Some(i) = rows.iter().position(|o| key(o) == key(&r)) {
+            rows[i] = r;
+        } else {
+            let at = rows.iter().rposition(|o| o["group"] == r["group"]).map_or(rows.len(), |i| i + 1);
+            rows.insert(at, r);
+        }
+    }
+    rows
+}
+
 pub fn bench(args: &BenchArgs) -> Result<()> {
-    let rows = if let Some(file) = &args.rows {
+    let read_rows = |file: &std::path::Path| -> Result<Vec<Value>> {
         let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-        text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    };
+    let rows = if let Some(file) = &args.rows {
+        read_rows(file)?
     } else {
-        let rows = run_all(args)?;
+        let mut rows = run_all(args)?;
         // The raw rows, so that the document can be written again (`--rows`) without rerunning.
         let raw = workspace().join("target/bench-rows.jsonl");
+        if !args.only.is_empty() && raw.exists() {
+            rows = merge_rows(read_rows(&raw)?, rows);
+        }
         let lines: Vec<String> = rows.iter().map(Value::to_string).collect();
         std::fs::write(&raw, lines.join("\n") + "\n").with_context(|| format!("cannot write {}", raw.display()))?;
         rows
@@ -527,4 +550,26 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     std::fs::write(&out, &text).with_context(|| format!("cannot write {}", out.display()))?;
     println!("{text}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn a_part_run_alone_replaces_its_rows_and_keeps_the_rest() {
+        let row = |g: &str, n: &str, v: u32| json!({"group": g, "name": n, "median": v});
+        let old = vec![row("memory", "attach", 1), row("memory", "agent", 2), row("trace", "a", 3), row("vm", "x", 4)];
+        let fresh = vec![row("trace", "a", 30), row("trace", "b", 31), row("memory", "attach", 10), row("new", "n", 5)];
+        let merged = super::merge_rows(old, fresh);
+        let want = vec![
+            row("memory", "attach", 10),
+            row("memory", "agent", 2),
+            row("trace", "a", 30),
+            row("trace", "b", 31),
+            row("vm", "x", 4),
+            row("new", "n", 5),
+        ];
+        assert_eq!(merged, want);
+    }
 }
